@@ -1,0 +1,48 @@
+"""A bounded LRU cache of decoded block plaintext, shared by all readers of a store.
+
+Reads arrive in pieces smaller than a block (256 KiB from `cp`, 128 KiB from many tools), so
+each block would be decoded several times without it; read-ahead fills it before the reader
+asks. Keyed by block id, so identical blocks of different snapshots share one entry.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, block_id: bytes) -> bool:
+        return block_id in self._entries
+
+    def get(self, block_id: bytes) -> bytes | None:
+        plain = self._entries.get(block_id)
+        if plain is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(block_id)
+        self.hits += 1
+        return plain
+
+    def put(self, block_id: bytes, plain: bytes) -> None:
+        if len(plain) > self.max_bytes:
+            return
+        old = self._entries.pop(block_id, None)
+        if old is not None:
+            self.size -= len(old)
+        self._entries[block_id] = plain
+        self.size += len(plain)
+        while self.size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= len(evicted)
+
+    def discard(self, block_id: bytes) -> None:
+        old = self._entries.pop(block_id, None)
+        if old is not None:
+            self.size -= len(old)

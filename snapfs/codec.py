@@ -1,0 +1,153 @@
+"""The block codec: content ids, compression, and the versioned header of every stored block.
+
+A stored block object is a fixed 44-byte header followed by the payload:
+
+    offset size field
+    0      4    magic  b"SNFB"
+    4      1    format version (1)
+    5      1    codec: 0 raw, 1 zstd
+    6      1    flags: bit 0 = payload is AEAD-encrypted (reserved for encrypted regions)
+    7      1    reserved, 0
+    8      4    plaintext length, little endian
+    12     4    payload length, little endian
+    16     16   key id (UUID bytes of the CMK), zero when not encrypted
+    32     12   nonce, zero when not encrypted
+
+The header makes every object self-describing: a reader needs nothing from the index to
+decode it, and `snapfs check` can verify objects on their own. The block id is not in the
+header; the object is stored under its id and verified against it on every read, so a block
+that was swapped, truncated or bit-flipped is never returned as data.
+
+Functions here are pure and thread-safe; they are called from worker threads.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import blake3
+import zstandard
+
+from .errors import BlockCorrupt
+
+MAGIC = b"SNFB"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBBxII16s12s")
+assert HEADER.size == 44
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+
+FLAG_ENCRYPTED = 0x01
+
+# zstd level 1: 0.75 GB/s on mixed data here with ratio 0.43 on text, versus lz4 at 0.78
+# (scripts/bench-codec prints the comparison). Higher levels cost 40% more time for 10% less.
+ZSTD_LEVEL = 1
+# A payload must save at least this share to be worth decompressing on every read.
+MIN_SAVING = 0.03
+
+ID_SIZE = 32
+_NO_KEY = bytes(16)
+_NO_NONCE = bytes(12)
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "comp", None)
+    if comp is None:
+        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
+
+
+def content_id(plain: bytes | memoryview) -> bytes:
+    """The block id of plaintext in an unencrypted region: BLAKE3-256 of the content."""
+    return blake3.blake3(plain).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBlock:
+    """A block ready to be stored: its id, the object bytes and what the index records."""
+
+    block_id: bytes
+    data: bytes
+    plain_size: int
+    codec: int
+
+    @property
+    def stored_size(self) -> int:
+        return len(self.data)
+
+
+def encode(plain: bytes, block_id: bytes | None = None) -> EncodedBlock:
+    """Compress `plain` (unless it does not pay) and frame it with the header."""
+    if block_id is None:
+        block_id = content_id(plain)
+    payload = _compressor().compress(plain)
+    codec = CODEC_ZSTD
+    if len(payload) > len(plain) * (1 - MIN_SAVING):
+        payload, codec = plain, CODEC_RAW
+    header = HEADER.pack(
+        MAGIC, FORMAT_VERSION, codec, 0, len(plain), len(payload), _NO_KEY, _NO_NONCE
+    )
+    return EncodedBlock(block_id, header + payload, len(plain), codec)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    version: int
+    codec: int
+    flags: int
+    plain_size: int
+    payload_size: int
+    key_id: bytes
+    nonce: bytes
+
+
+def parse_header(data: bytes) -> BlockHeader:
+    if len(data) < HEADER.size:
+        raise BlockCorrupt(f"block object is {len(data)} bytes, shorter than its header")
+    magic, version, codec, flags, plain, payload, key_id, nonce = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise BlockCorrupt("block object has no snapfs header (bad magic)")
+    if version != FORMAT_VERSION:
+        raise BlockCorrupt(f"block format version {version} is not supported")
+    if codec not in CODEC_NAMES:
+        raise BlockCorrupt(f"unknown block codec {codec}")
+    if len(data) != HEADER.size + payload:
+        raise BlockCorrupt(
+            f"block object is {len(data)} bytes, its header says {HEADER.size + payload}"
+        )
+    return BlockHeader(version, codec, flags, plain, payload, key_id, nonce)
+
+
+def decode(data: bytes, block_id: bytes) -> bytes:
+    """Return the plaintext of a stored object, or raise BlockCorrupt; never wrong bytes."""
+    header = parse_header(data)
+    if header.flags & FLAG_ENCRYPTED:
+        raise BlockCorrupt("block is encrypted but no key was given")
+    payload = memoryview(data)[HEADER.size :]
+    if header.codec == CODEC_ZSTD:
+        try:
+            plain = _decompressor().decompress(payload, max_output_size=header.plain_size)
+        except zstandard.ZstdError as exc:
+            raise BlockCorrupt(f"block does not decompress: {exc}") from None
+    else:
+        plain = bytes(payload)
+    if len(plain) != header.plain_size:
+        raise BlockCorrupt(
+            f"block decodes to {len(plain)} bytes, its header says {header.plain_size}"
+        )
+    if content_id(plain) != block_id:
+        raise BlockCorrupt("block content does not match its id")
+    return plain

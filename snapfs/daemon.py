@@ -1,0 +1,137 @@
+"""The mount daemon: opens the store, mounts, serves FUSE requests until unmounted.
+
+`snapfs mount` without `--foreground` starts this same code in a new session and waits on a
+pipe for one line: `ok` once the mount is ready, or the error that stopped it. The daemon
+stops cleanly on `snapfs umount`, `fusermount3 -u`, SIGTERM, SIGINT or SIGHUP: pending
+writes are stored, the index is closed and the store marked clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import mounts
+from .errors import SnapfsError
+from .fs import Operations
+from .store import Store
+
+log = logging.getLogger("snapfs")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(store_path: Path, *, to_stderr: bool, debug: bool = False) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handler = logging.handlers.RotatingFileHandler(
+        store_path / "snapfs.log", maxBytes=32 << 20, backupCount=3
+    )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    if to_stderr:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(stream)
+
+
+def fuse_options(store_path: Path, allow_other: bool) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    # df and the mount table show the store; option syntax cannot carry a comma in it.
+    source = str(store_path) if "," not in str(store_path) else "snapfs"
+    options.add(f"fsname={source}")
+    options.add("subtype=snapfs")
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(
+    store: Store, mountpoint: Path, options: set[str], ready: Callable[[], None]
+) -> None:
+    await store.recover()
+    async with trio.open_nursery() as nursery:
+        store.start(nursery)
+        operations = Operations(store, nursery)
+        pyfuse3.init(operations, str(mountpoint), options)
+        log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
+        try:
+            mounts.register(mountpoint, store.path)
+            ready()
+            nursery.start_soon(_stop_on_signal)
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            mounts.unregister(mountpoint)
+            log.info("unmounted %s", mountpoint)
+        await store.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+def run(
+    mountpoint: Path,
+    store_path: Path,
+    *,
+    allow_other: bool = False,
+    to_stderr: bool = True,
+    ready_fd: int | None = None,
+    block_size: int | None = None,
+    debug: bool = False,
+) -> int:
+    """Run the daemon in this process; returns the exit status."""
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (line + "\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    setup_logging(store_path, to_stderr=to_stderr, debug=debug)
+    mountpoint = Path(os.path.abspath(mountpoint))
+    try:
+        if mounts.clear_stale_mount(mountpoint):
+            log.warning("cleared a stale mount left at %s by a daemon that died", mountpoint)
+        if mounts.mount_fstype(mountpoint) is not None:
+            raise SnapfsError(
+                f"{mountpoint} is already a mountpoint", code="MountPoint.InUse", errno=16
+            )
+        if not mountpoint.is_dir():
+            raise SnapfsError(
+                f"mountpoint {mountpoint} is not a directory", code="MountPoint.NotFound", errno=2
+            )
+        store = Store(store_path, block_size=block_size)
+    except SnapfsError as exc:
+        log.error("%s", exc)
+        report(f"error {exc}")
+        return 1
+    if not store.was_clean:
+        log.warning("store %s was not closed cleanly; recovering", store.path)
+    try:
+        options = fuse_options(store.path, allow_other)
+        trio.run(serve, store, mountpoint, options, lambda: report("ok"))
+    except Exception as exc:
+        log.exception("daemon failed")
+        report(f"error InternalError: {exc}")
+        return 1
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,108 @@
+"""Errors that carry a cloud-style code, a one-line message and the errno for the caller.
+
+Every refusal snapfs makes is a `SnapfsError`: the FUSE layer turns it into the errno, the
+command line prints `code: message`, and both log it. Anything else that escapes is a bug and
+surfaces as `EIO`.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+
+
+class SnapfsError(Exception):
+    """A refusal with a cloud error code, a message for people and an errno for syscalls."""
+
+    code: str = "InternalError"
+    errno: int = errno_mod.EIO
+
+    def __init__(self, message: str, *, code: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if errno is not None:
+            self.errno = errno
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class NotFound(SnapfsError):
+    code = "InvalidSnapshotId.NotFound"
+    errno = errno_mod.ENOENT
+
+
+class RegionNotFound(SnapfsError):
+    code = "InvalidRegionId.NotFound"
+    errno = errno_mod.ENOENT
+
+
+class AlreadyExists(SnapfsError):
+    code = "InvalidSnapshotName.Duplicate"
+    errno = errno_mod.EEXIST
+
+
+class InvalidName(SnapfsError):
+    code = "InvalidSnapshotName.Malformed"
+    errno = errno_mod.EINVAL
+
+
+class InvalidRegionName(SnapfsError):
+    code = "InvalidRegionId.Malformed"
+    errno = errno_mod.EINVAL
+
+
+class InvalidParameter(SnapfsError):
+    code = "InvalidParameter"
+    errno = errno_mod.EINVAL
+
+
+class NotReady(SnapfsError):
+    code = "InvalidSnapshotId.NotReady"
+    errno = errno_mod.EBUSY
+
+
+class Sealed(SnapfsError):
+    code = "InvalidSnapshot.Sealed"
+    errno = errno_mod.EPERM
+
+
+class NotPermitted(SnapfsError):
+    code = "OperationDenied"
+    errno = errno_mod.EPERM
+
+
+class RegionNotEmpty(SnapfsError):
+    code = "InvalidRegion.NotEmpty"
+    errno = errno_mod.ENOTEMPTY
+
+
+class StoreFull(SnapfsError):
+    code = "StoreFull"
+    errno = errno_mod.ENOSPC
+
+
+class BlockCorrupt(SnapfsError):
+    code = "BlockCorrupt"
+    errno = errno_mod.EIO
+
+
+class StoreBusy(SnapfsError):
+    code = "StoreBusy"
+    errno = errno_mod.EBUSY
+
+
+class StoreFormat(SnapfsError):
+    code = "StoreFormat.Unsupported"
+    errno = errno_mod.EINVAL
+
+
+class NoSuchAttribute(SnapfsError):
+    code = "InvalidAttribute.NotFound"
+    errno = errno_mod.ENODATA
+
+
+class AttributeNotSupported(SnapfsError):
+    code = "InvalidAttribute.NotSupported"
+    errno = errno_mod.ENOTSUP

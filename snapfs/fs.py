@@ -1,0 +1,322 @@
+"""FUSE translation: pyfuse3 requests in, Store calls out, errnos back.
+
+Nothing here decides anything about storage; each handler finds the node, calls the store,
+and turns the answer into attributes. `SnapfsError`s become their errno and a log line with
+the cloud code; anything else is a bug, logged with its traceback and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from . import xattrs
+from .errors import NotPermitted, SnapfsError
+from .region import Region
+from .snapshots import Snapshot
+from .store import ROOT_INO, OpenFile, Store
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def translate_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except SnapfsError as exc:
+            level = logging.DEBUG if exc.errno in (errno.ENOENT, errno.ENODATA) else logging.WARNING
+            log.log(level, "%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, nursery: trio.Nursery):
+        super().__init__()
+        self.store = store
+        self.nursery = nursery
+        self.handles: dict[int, OpenFile] = {}
+        self._next_fh = itertools.count(1)
+        self.root_uid = os.getuid()
+        self.root_gid = os.getgid()
+
+    # --- attributes ------------------------------------------------------------------------
+
+    def _attrs(self, node: Region | Snapshot | None) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_blksize = self.store.block_size
+        if node is None:
+            attr.st_ino = ROOT_INO
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2 + len(self.store.regions)
+            attr.st_uid, attr.st_gid = self.root_uid, self.root_gid
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = 0
+        elif isinstance(node, Region):
+            attr.st_ino = node.ino
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.st_uid, attr.st_gid = self.root_uid, self.root_gid
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.created_ns
+        else:
+            attr.st_ino = node.ino
+            attr.st_mode = stat.S_IFREG | node.mode
+            attr.st_nlink = 0 if node.deleted else 1
+            attr.st_uid, attr.st_gid = node.uid, node.gid
+            attr.st_size = node.size
+            attr.st_blocks = node.allocated_bytes // 512
+            attr.st_atime_ns = node.atime_ns
+            attr.st_mtime_ns = node.mtime_ns
+            attr.st_ctime_ns = node.ctime_ns
+        return attr
+
+    def _node(self, ino: int) -> Region | Snapshot | None:
+        if ino == ROOT_INO:
+            return None
+        node = self.store.by_ino.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @translate_errors
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    @translate_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        text = _name(name)
+        if parent_inode == ROOT_INO:
+            node: Region | Snapshot | None = self.store.regions.get(text)
+        else:
+            node = self.store.region_by_ino(parent_inode).snapshots.get(text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(node)
+
+    @translate_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if not isinstance(node, Snapshot):
+            raise NotPermitted("region directories have fixed attributes")
+        if fields.update_size:
+            await self.store.set_size(node, attr.st_size)
+        self.store.set_attrs(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._attrs(node)
+
+    # --- directories -----------------------------------------------------------------------
+
+    @translate_errors
+    async def opendir(self, inode: int, ctx) -> int:
+        self._node(inode)
+        if inode != ROOT_INO:
+            self.store.region_by_ino(inode)
+        return inode
+
+    @translate_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh == ROOT_INO:
+            entries: list[Region | Snapshot] = sorted(
+                self.store.regions.values(), key=lambda r: r.ino
+            )
+        else:
+            entries = sorted(self.store.region_by_ino(fh).snapshots.values(), key=lambda s: s.ino)
+        # The entry's inode is its offset cookie: stable while entries come and go.
+        for node in entries:
+            if node.ino <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(node.name), self._attrs(node), node.ino
+            ):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @translate_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INO:
+            raise NotPermitted("a region holds snapshot files only, not directories")
+        return self._attrs(self.store.create_region(_name(name)))
+
+    @translate_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        if parent_inode != ROOT_INO:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.store.remove_region(_name(name))
+
+    # --- snapshot files --------------------------------------------------------------------
+
+    def _open_file(self, snap: Snapshot, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        handle = self.store.open(snap, writable)
+        fh = next(self._next_fh)
+        self.handles[fh] = handle
+        # direct_io: requests reach us in up to 1 MiB pieces, without page-cache copies
+        # (measured here: writes 0.25 -> 1.6 GB/s, reads 0.6 -> 2.7 GB/s on a no-op fs).
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    @translate_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode == ROOT_INO:
+            raise NotPermitted("snapshots live in region directories; mkdir a region first")
+        if not stat.S_ISREG(mode) and stat.S_IFMT(mode):
+            raise NotPermitted("a region holds regular files (snapshots) only")
+        region = self.store.region_by_ino(parent_inode)
+        snap = self.store.create_snapshot(region, _name(name), mode, ctx.uid, ctx.gid)
+        return self._open_file(snap, flags), self._attrs(snap)
+
+    @translate_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO or not stat.S_ISREG(mode):
+            raise NotPermitted("a region holds regular files (snapshots) only")
+        region = self.store.region_by_ino(parent_inode)
+        snap = await self.store.create_empty_snapshot(region, _name(name), mode, ctx.uid, ctx.gid)
+        return self._attrs(snap)
+
+    @translate_errors
+    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        return self._open_file(self.store.snapshot_by_ino(inode), flags)
+
+    @translate_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.handles[fh].snap.read(off, size, self.nursery)
+
+    @translate_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if handle.snap.writer is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await handle.snap.writer.write(off, buf)
+
+    @translate_errors
+    async def flush(self, fh: int) -> None:
+        await self.store.flush(self.handles[fh])
+
+    @translate_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.store.flush(self.handles[fh])
+
+    @translate_errors
+    async def release(self, fh: int) -> None:
+        await self.store.release(self.handles.pop(fh))
+
+    @translate_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        if parent_inode == ROOT_INO:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self.store.unlink(self.store.region_by_ino(parent_inode), _name(name))
+
+    @translate_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx,
+    ) -> None:
+        if ROOT_INO in (parent_inode_old, parent_inode_new):
+            raise NotPermitted("regions cannot be renamed, and snapshots live inside them")
+        await self.store.rename(
+            self.store.region_by_ino(parent_inode_old),
+            _name(name_old),
+            self.store.region_by_ino(parent_inode_new),
+            _name(name_new),
+            flags,
+        )
+
+    @translate_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("snapshots cannot have hard links")
+
+    @translate_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("a region holds regular files (snapshots) only")
+
+    @translate_errors
+    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+        st = self.store.statvfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = st.f_bsize
+        data.f_frsize = st.f_frsize
+        data.f_blocks = st.f_blocks
+        data.f_bfree = st.f_bfree
+        data.f_bavail = st.f_bavail
+        data.f_files = st.f_files
+        data.f_ffree = st.f_ffree
+        data.f_favail = st.f_favail
+        data.f_namemax = 255
+        return data
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    @translate_errors
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        return xattrs.get(self._node(inode), _name(name))
+
+    @translate_errors
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        return [os.fsencode(n) for n in xattrs.names(self._node(inode))]
+
+    @translate_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        xattrs.set(self.store, self._node(inode), _name(name), value)
+
+    @translate_errors
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        xattrs.remove(self.store, self._node(inode), _name(name))

@@ -1,0 +1,299 @@
+"""A region's block index: one SQLite database per region, beside its block objects.
+
+Design notes (schema version 1)
+-------------------------------
+- `blocks` has one row per stored block object, keyed by its 32-byte content id. A row is
+  only ever inserted after the object is durable (see `Region.commit`), so a row never points
+  at missing data. `refcount` counts the `snapshot_blocks` rows that name the block.
+- `snapshot_blocks` maps (snapshot, block number) to a block id; a block number with no row
+  is a hole (all zeros, costs nothing).
+- Triggers on `snapshot_blocks` keep `blocks.refcount` and `snapshots.allocated_blocks` right
+  by construction: no code path adjusts a count by hand, so no code path can forget to.
+- A block whose refcount reaches 0 stays until garbage collection deletes the row and then
+  the object (row first: a crash in between leaves an orphan object, which is harmless and
+  collected, never a row without data).
+- `snapshots` keeps every snapshot of the region with its metadata, so a region directory
+  (index + objects) is self-contained and could be moved or rebuilt on its own.
+
+All methods run on the trio thread that owns the connection; each is short.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from . import db as dbutil
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE blocks (
+            id BLOB PRIMARY KEY,
+            refcount INTEGER NOT NULL DEFAULT 0,
+            plain_size INTEGER NOT NULL,
+            stored_size INTEGER NOT NULL,
+            codec INTEGER NOT NULL,
+            key_id TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX blocks_unreferenced ON blocks(refcount) WHERE refcount <= 0;
+        CREATE TABLE snapshots (
+            id TEXT PRIMARY KEY,
+            name TEXT,
+            status TEXT NOT NULL,
+            size INTEGER NOT NULL DEFAULT 0,
+            mode INTEGER NOT NULL,
+            uid INTEGER NOT NULL,
+            gid INTEGER NOT NULL,
+            atime_ns INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            sealed_at REAL,
+            allocated_blocks INTEGER NOT NULL DEFAULT 0,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            source_snapshot_id TEXT,
+            source_region TEXT,
+            description TEXT,
+            retention_days INTEGER,
+            encrypted INTEGER NOT NULL DEFAULT 0,
+            kms_key_id TEXT,
+            error TEXT,
+            transferred_bytes INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE UNIQUE INDEX snapshots_name ON snapshots(name) WHERE deleted = 0;
+        CREATE TABLE snapshot_blocks (
+            snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
+            block_no INTEGER NOT NULL,
+            block_id BLOB NOT NULL REFERENCES blocks(id),
+            PRIMARY KEY (snapshot_id, block_no)
+        ) WITHOUT ROWID;
+        CREATE TRIGGER snapshot_blocks_insert AFTER INSERT ON snapshot_blocks BEGIN
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.block_id;
+            UPDATE snapshots SET allocated_blocks = allocated_blocks + 1
+                WHERE id = NEW.snapshot_id;
+        END;
+        CREATE TRIGGER snapshot_blocks_delete AFTER DELETE ON snapshot_blocks BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.block_id;
+            UPDATE snapshots SET allocated_blocks = allocated_blocks - 1
+                WHERE id = OLD.snapshot_id;
+        END;
+        CREATE TRIGGER snapshot_blocks_update AFTER UPDATE OF block_id ON snapshot_blocks
+        WHEN OLD.block_id != NEW.block_id BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.block_id;
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.block_id;
+        END;
+        """
+    )
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1]
+
+SNAPSHOT_COLUMNS = (
+    "id", "name", "status", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
+    "created_at", "sealed_at", "allocated_blocks", "deleted", "source_snapshot_id",
+    "source_region", "description", "retention_days", "encrypted", "kms_key_id", "error",
+    "transferred_bytes",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NewBlock:
+    """A block object that is durable and needs its index row (if not already there)."""
+
+    block_id: bytes
+    plain_size: int
+    stored_size: int
+    codec: int
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegionStats:
+    blocks: int
+    plain_bytes: int
+    stored_bytes: int
+    referenced_plain_bytes: int
+    unreferenced_blocks: int
+
+
+class RegionIndex:
+    def __init__(self, path: Path, *, readonly: bool = False):
+        self.path = path
+        self.db = dbutil.connect(path, readonly=readonly)
+        if not readonly:
+            dbutil.migrate(self.db, MIGRATIONS, f"region index {path}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- region settings -------------------------------------------------------------------
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        return dbutil.get_meta(self.db, key, default)
+
+    def set_setting(self, key: str, value: str) -> None:
+        with dbutil.transaction(self.db) as conn:
+            dbutil.set_meta(conn, key, value)
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def snapshots(self, *, include_deleted: bool = False) -> list[dict[str, Any]]:
+        where = None if include_deleted else "deleted = 0"
+        return list(self.db["snapshots"].rows_where(where, order_by="created_at"))
+
+    def snapshot_row(self, snapshot_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["snapshots"].rows_where("id = ?", [snapshot_id]))
+        return rows[0] if rows else None
+
+    def insert_snapshot(self, row: dict[str, Any]) -> None:
+        cols = [c for c in SNAPSHOT_COLUMNS if c in row]
+        sql = f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        with dbutil.transaction(self.db) as conn:
+            conn.execute(sql, [row[c] for c in cols])
+
+    def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
+        with dbutil.transaction(self.db) as conn:
+            self._update_snapshot(conn, snapshot_id, fields)
+
+    @staticmethod
+    def _update_snapshot(conn: sqlite3.Connection, snapshot_id: str, fields: dict) -> None:
+        if not fields:
+            return
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        conn.execute(
+            f"UPDATE snapshots SET {assignments} WHERE id = ?", [*fields.values(), snapshot_id]
+        )
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Drop a snapshot and its block map; its blocks' refcounts fall by the triggers."""
+        with dbutil.transaction(self.db) as conn:
+            conn.execute("DELETE FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id])
+            conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
+
+    def rename_snapshot(self, snapshot_id: str, name: str, *, displaced_id: str | None) -> None:
+        """Rename; a snapshot already holding `name` is marked deleted in the same commit."""
+        with dbutil.transaction(self.db) as conn:
+            if displaced_id is not None:
+                conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
+            conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name, snapshot_id])
+
+    def exchange_names(self, id_a: str, id_b: str, name_a: str, name_b: str) -> None:
+        with dbutil.transaction(self.db) as conn:
+            conn.execute("UPDATE snapshots SET name = NULL WHERE id = ?", [id_a])
+            conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_a, id_b])
+            conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_b, id_a])
+
+    def allocated_blocks(self, snapshot_id: str) -> int:
+        row = self.db.execute(
+            "SELECT allocated_blocks FROM snapshots WHERE id = ?", [snapshot_id]
+        ).fetchone()
+        return row[0] if row else 0
+
+    # --- block map -------------------------------------------------------------------------
+
+    def block_id(self, snapshot_id: str, block_no: int) -> bytes | None:
+        row = self.db.execute(
+            "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?",
+            [snapshot_id, block_no],
+        ).fetchone()
+        return row[0] if row else None
+
+    def block_map(self, snapshot_id: str, first: int, last: int) -> dict[int, bytes]:
+        """Block ids of block numbers first..last inclusive; holes are absent."""
+        rows = self.db.execute(
+            "SELECT block_no, block_id FROM snapshot_blocks "
+            "WHERE snapshot_id = ? AND block_no BETWEEN ? AND ?",
+            [snapshot_id, first, last],
+        )
+        return dict(rows.fetchall())
+
+    def commit_blocks(
+        self,
+        snapshot_id: str,
+        new_blocks: Iterable[NewBlock],
+        mapping: Sequence[tuple[int, bytes | None]],
+        snapshot_fields: dict[str, Any],
+    ) -> None:
+        """One transaction: block rows for new objects, the map changes, snapshot fields.
+
+        The objects named in `new_blocks` must already be durable.
+        """
+        upserts = [(snapshot_id, no, bid) for no, bid in mapping if bid is not None]
+        holes = [(snapshot_id, no) for no, bid in mapping if bid is None]
+        with dbutil.transaction(self.db) as conn:
+            conn.executemany(
+                "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                [(b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id) for b in new_blocks],
+            )
+            conn.executemany(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", holes
+            )
+            conn.executemany(
+                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(snapshot_id, block_no) DO UPDATE SET block_id = excluded.block_id",
+                upserts,
+            )
+            self._update_snapshot(conn, snapshot_id, snapshot_fields)
+
+    def truncate_map(self, snapshot_id: str, first_dropped: int, fields: dict[str, Any]) -> None:
+        with dbutil.transaction(self.db) as conn:
+            conn.execute(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ?",
+                [snapshot_id, first_dropped],
+            )
+            self._update_snapshot(conn, snapshot_id, fields)
+
+    # --- blocks ----------------------------------------------------------------------------
+
+    def has_block(self, block_id: bytes) -> bool:
+        row = self.db.execute("SELECT 1 FROM blocks WHERE id = ?", [block_id]).fetchone()
+        return row is not None
+
+    def unreferenced_blocks(self, limit: int = 10_000) -> list[bytes]:
+        rows = self.db.execute(
+            "SELECT id FROM blocks WHERE refcount <= 0 LIMIT ?", [limit]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def drop_unreferenced(self, block_ids: Iterable[bytes]) -> list[bytes]:
+        """Delete the rows of blocks still unreferenced; returns the ids actually dropped."""
+        dropped = []
+        with dbutil.transaction(self.db) as conn:
+            for block_id in block_ids:
+                cur = conn.execute("DELETE FROM blocks WHERE id = ? AND refcount <= 0", [block_id])
+                if cur.rowcount:
+                    dropped.append(block_id)
+        return dropped
+
+    def all_block_ids(self) -> set[bytes]:
+        return {r[0] for r in self.db.execute("SELECT id FROM blocks")}
+
+    def stats(self) -> RegionStats:
+        blocks, plain, stored = self.db.execute(
+            "SELECT count(*), coalesce(sum(plain_size), 0), coalesce(sum(stored_size), 0) "
+            "FROM blocks WHERE refcount > 0"
+        ).fetchone()
+        (referenced,) = self.db.execute(
+            "SELECT coalesce(sum(b.plain_size), 0) FROM snapshot_blocks m "
+            "JOIN blocks b ON b.id = m.block_id"
+        ).fetchone()
+        (garbage,) = self.db.execute("SELECT count(*) FROM blocks WHERE refcount <= 0").fetchone()
+        return RegionStats(blocks, plain, stored, referenced, garbage)
+
+    def snapshot_stored_bytes(self) -> dict[str, int]:
+        """Per snapshot: stored bytes of the distinct blocks it references (shared counted)."""
+        rows = self.db.execute(
+            "SELECT m.snapshot_id, sum(b.stored_size) FROM "
+            "(SELECT DISTINCT snapshot_id, block_id FROM snapshot_blocks) m "
+            "JOIN blocks b ON b.id = m.block_id GROUP BY m.snapshot_id"
+        )
+        return dict(rows.fetchall())

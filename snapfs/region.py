@@ -1,0 +1,325 @@
+"""A region: its block index, its backend, and the snapshot names it holds.
+
+This is the repository layer (backend -> region -> snapshots): it turns plaintext blocks into
+durable, deduplicated objects and back, and owns the invariants between the objects and the
+index:
+
+- an object is written (and synced) before any index row names it;
+- dedup is decided here, on the trio thread, so two writers of the same new content write
+  one object and wait for each other rather than race;
+- garbage collection drops rows first, then objects, and never an object that an uncommitted
+  batch has pinned.
+
+CPU and disk work (hashing, compression, object I/O) runs in worker threads limited by a
+shared `trio.CapacityLimiter`, which is the backpressure for every writer and reader.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import codec
+from .backend import LocalBackend
+from .cache import BlockCache
+from .errors import AlreadyExists, BlockCorrupt, NotFound, NotPermitted
+from .index import NewBlock, RegionIndex
+from .names import check_snapshot_filename
+
+if TYPE_CHECKING:
+    from .snapshots import Snapshot
+
+log = logging.getLogger(__name__)
+
+GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass(slots=True)
+class StoredBlock:
+    """Where a block of plaintext went: its id, and the row to insert if it is new."""
+
+    block_id: bytes
+    new: NewBlock | None
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(size: int) -> bytes:
+    return bytes(size)
+
+
+def _hash_unless_zero(plain: bytes) -> bytes | None:
+    """None for an all-zero block (a hole), else its content id. Runs in a worker thread."""
+    if plain == _zeros(len(plain)):  # memcmp, ~10 GB/s
+        return None
+    return codec.content_id(plain)
+
+
+class Region:
+    def __init__(
+        self,
+        name: str,
+        ino: int,
+        directory: Path,
+        block_size: int,
+        limiter: trio.CapacityLimiter,
+        cache: BlockCache,
+    ):
+        self.name = name
+        self.ino = ino
+        self.directory = directory
+        self.block_size = block_size
+        self.limiter = limiter
+        self.cache = cache
+        self.index = RegionIndex(directory / "index.db")
+        self.backend = LocalBackend(directory / "blocks")
+        self.snapshots: dict[str, Snapshot] = {}
+        self.created_ns = time.time_ns()
+        # Objects some writer is putting right now; others wanting the same id wait.
+        self._writing: dict[bytes, trio.Event] = {}
+        # Objects written whose index row is not committed yet, with the row to insert.
+        self._uncommitted: dict[bytes, NewBlock] = {}
+        # Ids named by uncommitted batches: garbage collection must not take them.
+        self._pins: collections.Counter[bytes] = collections.Counter()
+        self._unlinking: set[bytes] = set()
+        self._gc_done = trio.Event()
+        self._gc_done.set()
+        self._gc_lock = trio.Lock()
+        self._loading: dict[bytes, trio.Event] = {}
+        self._gc_wanted = trio.Event()
+
+    def close(self) -> None:
+        self.index.close()
+
+    # --- writing blocks --------------------------------------------------------------------
+
+    async def store_block(self, plain: bytes) -> StoredBlock | None:
+        """Make `plain` durable-to-be in this region; None if it is all zeros (a hole).
+
+        The returned id is pinned until the caller passes it to `committed()`.
+        """
+        block_id = await trio.to_thread.run_sync(_hash_unless_zero, plain, limiter=self.limiter)
+        if block_id is None:
+            return None
+        while True:
+            if block_id in self._unlinking:
+                await self._gc_done.wait()
+                continue
+            writing = self._writing.get(block_id)
+            if writing is not None:
+                await writing.wait()
+                continue
+            break
+        self._pins[block_id] += 1
+        known = self._uncommitted.get(block_id)
+        if known is not None or self.index.has_block(block_id):
+            return StoredBlock(block_id, known)
+        done = self._writing[block_id] = trio.Event()
+        try:
+            encoded = await trio.to_thread.run_sync(
+                self._encode_and_put, plain, block_id, limiter=self.limiter
+            )
+        except BaseException:
+            self._pins[block_id] -= 1
+            raise
+        finally:
+            del self._writing[block_id]
+            done.set()
+        new = NewBlock(block_id, encoded.plain_size, encoded.stored_size, encoded.codec)
+        self._uncommitted[block_id] = new
+        self.cache.put(block_id, plain)
+        return StoredBlock(block_id, new)
+
+    def _encode_and_put(self, plain: bytes, block_id: bytes) -> codec.EncodedBlock:
+        encoded = codec.encode(plain, block_id)
+        self.backend.put(block_id.hex(), encoded.data)
+        return encoded
+
+    async def sync(self) -> None:
+        """Make every object written so far durable (before committing rows that name them)."""
+        await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
+
+    def committed(self, block_ids: list[bytes]) -> None:
+        """Release the pins of a batch whose rows are now in the index."""
+        for block_id in block_ids:
+            self._uncommitted.pop(block_id, None)
+            self._pins[block_id] -= 1
+            if self._pins[block_id] <= 0:
+                del self._pins[block_id]
+
+    # --- reading blocks --------------------------------------------------------------------
+
+    async def read_block(self, block_id: bytes) -> bytes:
+        """Plaintext of a block, verified against its id; BlockCorrupt (EIO) otherwise."""
+        while True:
+            plain = self.cache.get(block_id)
+            if plain is not None:
+                return plain
+            loading = self._loading.get(block_id)
+            if loading is None:
+                break
+            await loading.wait()
+            if block_id not in self._loading and self.cache.get(block_id) is None:
+                # The load we waited for failed or was evicted at once: load it ourselves.
+                break
+        done = self._loading[block_id] = trio.Event()
+        try:
+            plain = await trio.to_thread.run_sync(
+                self._get_and_decode, block_id, limiter=self.limiter
+            )
+        finally:
+            del self._loading[block_id]
+            done.set()
+        self.cache.put(block_id, plain)
+        return plain
+
+    def _get_and_decode(self, block_id: bytes) -> bytes:
+        key = block_id.hex()
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError:
+            raise BlockCorrupt(f"block object {key} is missing from region {self.name}") from None
+        try:
+            return codec.decode(data, block_id)
+        except BlockCorrupt as exc:
+            exc.message = f"block {key} in region {self.name}: {exc.message}"
+            raise
+
+    async def prefetch(self, block_id: bytes) -> None:
+        """Read a block into the cache ahead of need; failures wait for the real read."""
+        if block_id in self.cache or block_id in self._loading:
+            return
+        # A failure here is seen and reported by the reader that needs the block.
+        with contextlib.suppress(Exception):
+            await self.read_block(block_id)
+
+    # --- garbage ---------------------------------------------------------------------------
+
+    def request_gc(self) -> None:
+        """Ask the region's collector task to run soon (deletes and rewrites call this)."""
+        self._gc_wanted.set()
+
+    async def gc_loop(self) -> None:
+        """Runs for the life of the mount: collects garbage shortly after it is made."""
+        while True:
+            await self._gc_wanted.wait()
+            self._gc_wanted = trio.Event()
+            await trio.sleep(GC_DELAY)
+            try:
+                await self.collect_garbage()
+            except Exception:
+                log.exception("region %s: garbage collection failed; will retry", self.name)
+                self.request_gc()
+                await trio.sleep(10)
+
+    async def collect_garbage(self) -> int:
+        """Delete unreferenced blocks: rows first (one transaction), then their objects."""
+        freed = 0
+        async with self._gc_lock:
+            while True:
+                candidates = [b for b in self.index.unreferenced_blocks() if b not in self._pins]
+                if not candidates:
+                    break
+                dropped = self.index.drop_unreferenced(candidates)
+                if not dropped:
+                    break
+                self._unlinking.update(dropped)
+                self._gc_done = trio.Event()
+                for block_id in dropped:
+                    self.cache.discard(block_id)
+                try:
+                    await trio.to_thread.run_sync(
+                        self._delete_objects, dropped, limiter=self.limiter
+                    )
+                finally:
+                    self._unlinking.difference_update(dropped)
+                    self._gc_done.set()
+                freed += len(dropped)
+                if len(candidates) == len(dropped) and len(dropped) < 10_000:
+                    break
+        if freed:
+            log.info("region %s: freed %d unreferenced blocks", self.name, freed)
+        return freed
+
+    def _delete_objects(self, block_ids: list[bytes]) -> None:
+        for block_id in block_ids:
+            self.backend.delete(block_id.hex())
+
+    async def collect_orphans(self) -> int:
+        """Delete objects that no index row names (left by a crash between write and commit).
+
+        Only safe while no writer is active: it runs at mount, before serving requests.
+        """
+        known = self.index.all_block_ids()
+
+        def scan_and_delete() -> int:
+            removed = 0
+            for key in list(self.backend.keys()):
+                try:
+                    block_id = bytes.fromhex(key)
+                except ValueError:
+                    continue
+                if block_id not in known:
+                    self.backend.delete(key)
+                    removed += 1
+            return removed
+
+        removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.limiter)
+        if removed:
+            log.warning("region %s: removed %d orphaned block objects", self.name, removed)
+        return removed
+
+    # --- snapshot names --------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Snapshot:
+        try:
+            return self.snapshots[name]
+        except KeyError:
+            raise NotFound(f"snapshot {name!r} does not exist in region {self.name}") from None
+
+    def check_new_name(self, name: str) -> None:
+        check_snapshot_filename(name)
+        if name in self.snapshots:
+            raise AlreadyExists(f"snapshot {name!r} already exists in region {self.name}")
+
+    def rename(self, old: str, new: str, flags: int) -> Snapshot | None:
+        """Rename within the region; returns a snapshot displaced from `new`, if any.
+
+        One index transaction per case, so a crash leaves the old or the new names, never a
+        mix. The displaced snapshot is the caller's to delete (now or at its last close).
+        """
+        snap = self.lookup(old)
+        check_snapshot_filename(new)
+        target = self.snapshots.get(new)
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise NotFound(f"snapshot {new!r} does not exist in region {self.name}")
+            self.index.exchange_names(snap.id, target.id, old, new)
+            snap.name, target.name = new, old
+            self.snapshots[new], self.snapshots[old] = snap, target
+            snap.touch_ctime()
+            target.touch_ctime()
+            return None
+        if target is snap:
+            return None
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise AlreadyExists(f"snapshot {new!r} already exists in region {self.name}")
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise NotPermitted(f"rename flags {flags:#x} are not supported")
+        self.index.rename_snapshot(snap.id, new, displaced_id=target.id if target else None)
+        del self.snapshots[old]
+        if target is not None:
+            target.deleted = True
+        snap.name = new
+        self.snapshots[new] = snap
+        snap.touch_ctime()
+        return target

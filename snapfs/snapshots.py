@@ -1,0 +1,360 @@
+"""Snapshots: their metadata, the writer of a `creating` snapshot, and the block reader.
+
+A snapshot's content is a map from block number to block id (absent = hole). While it is
+`creating`, a `SnapshotWriter` collects writes into block-sized buffers and hands each full
+buffer to the region to be stored, in the background, so the next write can arrive while the
+last block is hashed and compressed. Finished blocks wait in `pending` until a batch commit
+makes them part of the index: every `COMMIT_EVERY` blocks, on fsync, on close, and on seal.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import SnapfsError
+from .index import NewBlock
+from .names import snapshot_ino
+
+if TYPE_CHECKING:
+    from .region import Region
+
+log = logging.getLogger(__name__)
+
+CREATING = "creating"
+AVAILABLE = "available"
+COPYING = "copying"
+FAILED = "failed"
+
+COMMIT_EVERY = 256  # blocks per index transaction while writing
+ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
+DIRTY_BLOCKS_MAX = 16  # partly written blocks a writer keeps before storing the oldest
+READ_AHEAD = 4  # blocks fetched ahead of a sequential reader
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """A snapshot's metadata (mirroring its `snapshots` row) and its runtime state."""
+
+    id: str
+    name: str
+    region: Region
+    status: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    created_at: float
+    sealed_at: float | None = None
+    allocated_blocks: int = 0
+    source_snapshot_id: str | None = None
+    source_region: str | None = None
+    description: str | None = None
+    retention_days: int | None = None
+    encrypted: bool = False
+    kms_key_id: str | None = None
+    error: str | None = None
+    transferred_bytes: int = 0
+    deleted: bool = False
+    open_handles: int = 0
+    writer: SnapshotWriter | None = field(default=None, repr=False)
+    last_read_block: int = -2
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:
+        return cls(
+            id=row["id"], name=row["name"], region=region, status=row["status"],
+            size=row["size"], mode=row["mode"], uid=row["uid"], gid=row["gid"],
+            atime_ns=row["atime_ns"], mtime_ns=row["mtime_ns"], ctime_ns=row["ctime_ns"],
+            created_at=row["created_at"], sealed_at=row["sealed_at"],
+            allocated_blocks=row["allocated_blocks"],
+            source_snapshot_id=row["source_snapshot_id"], source_region=row["source_region"],
+            description=row["description"], retention_days=row["retention_days"],
+            encrypted=bool(row["encrypted"]), kms_key_id=row["kms_key_id"],
+            error=row["error"], transferred_bytes=row["transferred_bytes"],
+            deleted=bool(row["deleted"]),
+        )  # fmt: skip
+
+    @classmethod
+    def new(cls, snapshot_id: str, name: str, region: Region, mode: int, uid: int, gid: int):
+        now = time.time_ns()
+        return cls(
+            id=snapshot_id, name=name, region=region, status=CREATING, size=0,
+            mode=stat.S_IMODE(mode), uid=uid, gid=gid, atime_ns=now, mtime_ns=now,
+            ctime_ns=now, created_at=now / 1e9,
+        )  # fmt: skip
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "status": self.status, "size": self.size,
+            "mode": self.mode, "uid": self.uid, "gid": self.gid, "atime_ns": self.atime_ns,
+            "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns,
+            "created_at": self.created_at, "sealed_at": self.sealed_at,
+            "source_snapshot_id": self.source_snapshot_id,
+            "source_region": self.source_region, "description": self.description,
+            "retention_days": self.retention_days, "encrypted": int(self.encrypted),
+            "kms_key_id": self.kms_key_id, "error": self.error,
+            "transferred_bytes": self.transferred_bytes,
+        }  # fmt: skip
+
+    @property
+    def ino(self) -> int:
+        return snapshot_ino(self.id)
+
+    @property
+    def sealed(self) -> bool:
+        return self.status != CREATING
+
+    @property
+    def progress(self) -> float:
+        return 100.0 if self.status == AVAILABLE else 0.0
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of non-hole blocks, what `du` shows (like a sparse file's allocation)."""
+        return min(self.allocated_blocks * self.region.block_size, _round_up(self.size, 512))
+
+    def touch_ctime(self) -> None:
+        self.ctime_ns = time.time_ns()
+
+    async def read(self, offset: int, length: int, nursery: trio.Nursery | None = None) -> bytes:
+        """Bytes [offset, offset+length) clipped to the size; holes read as zeros."""
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        bs = self.region.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        ids = self.region.index.block_map(self.id, first, last)
+        parts = []
+        for block_no in range(first, last + 1):
+            if self.writer is not None:
+                plain = await self.writer.current_content(block_no)
+            else:
+                block_id = ids.get(block_no)
+                plain = await self.region.read_block(block_id) if block_id else b""
+            start = offset - block_no * bs if block_no == first else 0
+            end = offset + length - block_no * bs if block_no == last else bs
+            piece = plain[start:end]
+            if len(piece) < end - start:
+                piece += bytes(end - start - len(piece))
+            parts.append(piece)
+        if nursery is not None and self.writer is None:
+            self._read_ahead(first, last, nursery)
+        self.last_read_block = last
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_ahead(self, first: int, last: int, nursery: trio.Nursery) -> None:
+        if first not in (self.last_read_block, self.last_read_block + 1):
+            return
+        bs = self.region.block_size
+        end = min(last + READ_AHEAD, (self.size - 1) // bs)
+        if end <= last:
+            return
+        for block_no, block_id in self.region.index.block_map(self.id, last + 1, end).items():
+            if block_no > last and block_id not in self.region.cache:
+                nursery.start_soon(self.region.prefetch, block_id)
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+class SnapshotWriter:
+    """Buffers, stores and commits the writes to one `creating` snapshot.
+
+    Errors of background stores (a full disk) are kept and raised by the next write, flush
+    or fsync, like writeback errors on any Linux filesystem; the block's data stays buffered,
+    so a retry after space is freed loses nothing.
+    """
+
+    def __init__(self, snap: Snapshot, nursery: trio.Nursery):
+        self.snap = snap
+        self.region = snap.region
+        self.nursery = nursery
+        self.block_size = self.region.block_size
+        self.dirty: dict[int, bytearray] = {}
+        self.inflight: dict[int, trio.Event] = {}
+        self.pending: dict[int, bytes | None] = {}
+        self.new_blocks: dict[bytes, NewBlock] = {}
+        self.pinned: list[bytes] = []
+        self.error: SnapfsError | None = None
+        self.handles = 0
+        self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
+        self._commit_lock = trio.Lock()
+        self._meta_dirty = False
+
+    # --- the write path --------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        self._raise_deferred()
+        bs = self.block_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            block_no, start = divmod(offset + pos, bs)
+            count = min(bs - start, len(data) - pos)
+            buf = await self._buffer(block_no)
+            buf[start : start + count] = view[pos : pos + count]
+            pos += count
+            self.snap.size = max(self.snap.size, offset + pos)
+            if start + count == bs:
+                await self._store(block_no)
+        self.snap.mtime_ns = self.snap.ctime_ns = time.time_ns()
+        self._meta_dirty = True
+        if len(self.dirty) > DIRTY_BLOCKS_MAX:
+            await self._store(next(iter(self.dirty)))
+        return len(data)
+
+    async def _buffer(self, block_no: int) -> bytearray:
+        """The writable buffer of a block, filled with its current content."""
+        buf = self.dirty.get(block_no)
+        if buf is not None:
+            return buf
+        content = await self.current_content(block_no)
+        buf = self.dirty.get(block_no)  # another request may have made it meanwhile
+        if buf is None:
+            buf = bytearray(self.block_size)
+            buf[: len(content)] = content
+            self.dirty[block_no] = buf
+        return buf
+
+    async def current_content(self, block_no: int) -> bytes:
+        """The newest content of a block: buffered, being stored, pending or committed."""
+        while (event := self.inflight.get(block_no)) is not None:
+            await event.wait()
+        buf = self.dirty.get(block_no)
+        if buf is not None:
+            return bytes(buf)
+        if block_no in self.pending:
+            block_id = self.pending[block_no]
+        else:
+            block_id = self.region.index.block_id(self.snap.id, block_no)
+        if block_id is None:
+            return b""
+        return await self.region.read_block(block_id)
+
+    async def _store(self, block_no: int) -> None:
+        """Hand a block's buffer to a background task that stores it."""
+        buf = self.dirty.pop(block_no, None)
+        if buf is None:
+            return
+        done = self.inflight[block_no] = trio.Event()
+        await self._slots.acquire()
+        self.nursery.start_soon(self._store_task, block_no, buf, done)
+
+    async def _store_task(self, block_no: int, buf: bytearray, done: trio.Event) -> None:
+        try:
+            length = min(self.block_size, self.snap.size - block_no * self.block_size)
+            plain = bytes(memoryview(buf)[: max(length, 0)])
+            try:
+                stored = await self.region.store_block(plain)
+            except SnapfsError as exc:
+                log.error(
+                    "snapshot %s (%s) block %d not stored: %s",
+                    self.snap.name,
+                    self.snap.id,
+                    block_no,
+                    exc,
+                )
+                self.error = exc
+                self.dirty.setdefault(block_no, buf)
+                return
+            if stored is None:
+                self.pending[block_no] = None
+            else:
+                self.pending[block_no] = stored.block_id
+                self.pinned.append(stored.block_id)
+                if stored.new is not None:
+                    self.new_blocks[stored.block_id] = stored.new
+        finally:
+            del self.inflight[block_no]
+            done.set()
+            self._slots.release()
+        if len(self.pending) >= COMMIT_EVERY and not self._commit_lock.locked():
+            try:
+                await self.commit()
+            except SnapfsError as exc:
+                self.error = exc
+
+    def _raise_deferred(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    # --- making it durable -----------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Store every buffered block and commit: after this, the data survives a crash."""
+        for block_no in list(self.dirty):
+            await self._store(block_no)
+        while self.inflight:
+            await next(iter(self.inflight.values())).wait()
+        self._raise_deferred()
+        await self.commit()
+        self._raise_deferred()
+
+    async def commit(self, **fields: Any) -> None:
+        """Sync the objects of the pending blocks, then commit them in one transaction."""
+        async with self._commit_lock:
+            if not self.pending and not self.new_blocks and not self._meta_dirty and not fields:
+                return
+            mapping = list(self.pending.items())
+            new_blocks = list(self.new_blocks.values())
+            pinned, self.pinned = self.pinned, []
+            try:
+                if new_blocks:
+                    await self.region.sync()
+                fields = {
+                    "size": self.snap.size,
+                    "mtime_ns": self.snap.mtime_ns,
+                    "ctime_ns": self.snap.ctime_ns,
+                    **fields,
+                }
+                self.region.index.commit_blocks(self.snap.id, new_blocks, mapping, fields)
+            except BaseException:
+                self.pinned[:0] = pinned
+                raise
+            self._meta_dirty = False
+            for block_no, block_id in mapping:
+                if self.pending.get(block_no, b"") == block_id:
+                    del self.pending[block_no]
+            for block in new_blocks:
+                self.new_blocks.pop(block.block_id, None)
+            self.region.committed(pinned)
+            self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
+            if any(block_id is not None for _, block_id in mapping):
+                self.region.request_gc()
+
+    async def truncate(self, size: int) -> None:
+        """Shrink or grow; bytes past a shrink read as zeros if the file grows again."""
+        await self.flush()
+        bs = self.block_size
+        if size < self.snap.size:
+            self.region.index.truncate_map(self.snap.id, -(-size // bs), {"size": size})
+            self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
+            self.region.request_gc()
+            tail = size % bs
+            if tail:
+                buf = await self._buffer(size // bs)
+                buf[tail:] = bytes(bs - tail)
+        self.snap.size = size
+        self.snap.mtime_ns = self.snap.ctime_ns = time.time_ns()
+        await self.flush()
+
+    async def discard(self) -> None:
+        """Drop everything not committed (the snapshot is being deleted)."""
+        while self.inflight:
+            await next(iter(self.inflight.values())).wait()
+        self.dirty.clear()
+        self.pending.clear()
+        self.new_blocks.clear()
+        pinned, self.pinned = self.pinned, []
+        self.region.committed(pinned)

@@ -1,0 +1,160 @@
+"""`snapfs status`: what a store holds, read straight from its indexes.
+
+It opens the databases read-only (WAL lets it read while the daemon writes), so it works
+whether or not the store is mounted. The JSON form is a stable interface for scripts:
+
+    {"store": PATH, "block_size": N, "regions": [
+        {"name": R, "snapshots": [
+            {"name", "id", "status", "progress", "size", "allocated_bytes", "stored_bytes",
+             "encrypted", "kms_key_id", "source_snapshot_id", "source_region",
+             "created_at", "sealed_at"}, ...],
+         "totals": {"snapshots", "logical_bytes", "allocated_bytes", "unique_bytes",
+                    "stored_bytes", "dedup_ratio", "compression_ratio"}}]}
+
+`allocated_bytes` counts non-hole blocks as written (what `du` shows); `unique_bytes` is the
+plaintext of the distinct blocks kept; `dedup_ratio` = allocated / unique and
+`compression_ratio` = unique / stored. A snapshot's `stored_bytes` counts every block it
+references, including blocks it shares with others.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import db as dbutil
+from .errors import NotFound, RegionNotFound, SnapfsError
+from .index import RegionIndex
+
+
+def _ratio(num: int, den: int) -> float:
+    return round(num / den, 3) if den else 1.0
+
+
+def collect(
+    store_path: Path, region: str | None = None, snapshot: str | None = None
+) -> dict[str, Any]:
+    store_db = store_path / "store.db"
+    if not store_db.exists():
+        raise SnapfsError(f"no snapfs store at {store_path}", code="StoreNotFound", errno=2)
+    catalogue = dbutil.connect(store_db, readonly=True)
+    try:
+        block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
+        names = [r["name"] for r in catalogue["regions"].rows_where(order_by="id")]
+    finally:
+        catalogue.close()
+    if region is not None:
+        if region not in names:
+            raise RegionNotFound(f"region {region!r} does not exist")
+        names = [region]
+    regions = []
+    for name in names:
+        regions.append(_region(store_path / "regions" / name, name, block_size, snapshot))
+    if snapshot is not None and not regions[0]["snapshots"]:
+        raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
+    return {"store": str(store_path), "block_size": block_size, "regions": regions}
+
+
+def _region(directory: Path, name: str, block_size: int, only: str | None) -> dict[str, Any]:
+    try:
+        index = RegionIndex(directory / "index.db", readonly=True)
+    except sqlite3.Error as exc:
+        raise SnapfsError(
+            f"region {name}: index unreadable: {exc}", code="RegionIndex.Damaged", errno=5
+        ) from None
+    try:
+        stored = index.snapshot_stored_bytes()
+        stats = index.stats()
+        snapshots = []
+        for row in index.snapshots():
+            if only is not None and row["name"] != only:
+                continue
+            allocated = min(row["allocated_blocks"] * block_size, row["size"])
+            snapshots.append(
+                {
+                    "name": row["name"],
+                    "id": row["id"],
+                    "status": row["status"],
+                    "progress": 100.0 if row["status"] == "available" else 0.0,
+                    "size": row["size"],
+                    "allocated_bytes": allocated,
+                    "stored_bytes": stored.get(row["id"], 0),
+                    "encrypted": bool(row["encrypted"]),
+                    "kms_key_id": row["kms_key_id"],
+                    "source_snapshot_id": row["source_snapshot_id"],
+                    "source_region": row["source_region"],
+                    "created_at": row["created_at"],
+                    "sealed_at": row["sealed_at"],
+                }
+            )
+        all_rows = index.snapshots()
+        totals = {
+            "snapshots": len(all_rows),
+            "logical_bytes": sum(r["size"] for r in all_rows),
+            "allocated_bytes": stats.referenced_plain_bytes,
+            "unique_bytes": stats.plain_bytes,
+            "stored_bytes": stats.stored_bytes,
+            "dedup_ratio": _ratio(stats.referenced_plain_bytes, stats.plain_bytes),
+            "compression_ratio": _ratio(stats.plain_bytes, stats.stored_bytes),
+        }
+    finally:
+        index.close()
+    return {"name": name, "snapshots": snapshots, "totals": totals}
+
+
+def human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def render(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(f"store {data['store']} (block size {human(data['block_size'])})")
+    if not data["regions"]:
+        console.print("no regions yet: mkdir MOUNTPOINT/<region> creates one")
+    for region in data["regions"]:
+        table = Table(title=f"region {region['name']}", title_justify="left")
+        for column in (
+            "snapshot",
+            "id",
+            "status",
+            "progress",
+            "size",
+            "allocated",
+            "stored",
+            "encrypted",
+        ):
+            table.add_column(
+                column,
+                justify="right"
+                if column in ("progress", "size", "allocated", "stored")
+                else "left",
+            )
+        for snap in region["snapshots"]:
+            table.add_row(
+                snap["name"],
+                snap["id"],
+                snap["status"],
+                f"{snap['progress']:g}%",
+                human(snap["size"]),
+                human(snap["allocated_bytes"]),
+                human(snap["stored_bytes"]),
+                "yes" if snap["encrypted"] else "no",
+            )
+        console.print(table)
+        t = region["totals"]
+        console.print(
+            f"  {t['snapshots']} snapshots, {human(t['logical_bytes'])} logical, "
+            f"{human(t['allocated_bytes'])} allocated, {human(t['unique_bytes'])} unique, "
+            f"{human(t['stored_bytes'])} stored; dedup {t['dedup_ratio']:g}x, "
+            f"compression {t['compression_ratio']:g}x\n"
+        )
