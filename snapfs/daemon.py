@@ -134,4 +134,5 @@ def run(
         return 1
     finally:
         store.close()
+        log.info("store %s closed", store.path)
     return 0

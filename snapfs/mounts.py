@@ -53,9 +53,12 @@ def mount_fstype(path: Path) -> str | None:
 
 
 def is_stale(path: Path) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN to everything."""
+    """A FUSE mount whose daemon is gone answers ENOTCONN to every request.
+
+    statvfs() always reaches the daemon; stat() may be answered from the kernel's cache.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -84,13 +87,17 @@ class MountRecord:
 
     @property
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(self.pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _record_path(mountpoint: Path) -> Path:

@@ -1,0 +1,129 @@
+"""Fixtures that mount a real snapfs: the CLI daemonises it on a temp store and mountpoint.
+
+Teardown always unmounts: `snapfs umount`, and if that fails a lazy `fusermount3 -u -z` and
+SIGKILL of the daemon, so a failing test never leaves a mount behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapfs import mounts
+
+SNAPFS = [sys.executable, "-m", "snapfs"]
+
+
+def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True,
+                          text=True, **kw)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class SnapfsMount:
+    def __init__(self, store: Path, mountpoint: Path, block_size: int | None = None):
+        self.store = store
+        self.path = mountpoint
+        self.block_size = block_size
+        mountpoint.mkdir(parents=True, exist_ok=True)
+
+    def cli(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
+        return run(*SNAPFS, *args, check=check)
+
+    def mount(self) -> None:
+        args = ["mount", self.path, "--store", self.store]
+        if self.block_size:
+            args += ["--block-size", str(self.block_size)]
+        result = self.cli(*args, check=False)
+        assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
+
+    def umount(self) -> None:
+        result = self.cli("umount", self.path, check=False)
+        assert result.returncode == 0, f"umount failed: {result.stderr}"
+
+    @property
+    def pid(self) -> int | None:
+        record = mounts.lookup(self.path)
+        return record.pid if record else None
+
+    def is_mounted(self) -> bool:
+        return mounts.mount_fstype(self.path) is not None
+
+    def kill9(self) -> None:
+        pid = self.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), 10)
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def log(self) -> str:
+        path = self.store / "snapfs.log"
+        return path.read_text() if path.exists() else ""
+
+    def status(self, *args: str) -> dict:
+        return json.loads(self.cli("status", "--store", self.store, "--json", *args).stdout)
+
+    def region_status(self, region: str) -> dict:
+        return next(r for r in self.status()["regions"] if r["name"] == region)
+
+    def objects(self, region: str) -> list[Path]:
+        root = self.store / "regions" / region / "blocks"
+        return [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+
+    def teardown(self) -> None:
+        pid = self.pid
+        if self.is_mounted():
+            if run(*SNAPFS, "umount", self.path, check=False).returncode != 0:
+                run("fusermount3", "-u", "-z", self.path, check=False)
+        if pid is not None and _alive(pid) and not wait_for(lambda: not _alive(pid), 30):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_alive = mounts.pid_alive
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
+    m.mount()
+    try:
+        yield m
+    finally:
+        m.teardown()
+
+
+@pytest.fixture
+def region(mnt: SnapfsMount) -> Path:
+    path = mnt.path / "us-east-1"
+    path.mkdir()
+    return path

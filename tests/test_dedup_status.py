@@ -1,0 +1,83 @@
+"""Dedup through the mount, and `snapfs status`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from snapfs import diskimage
+
+from .conftest import SnapfsMount, run, wait_for
+
+MiB = 1 << 20
+
+
+def test_second_snapshot_with_5_percent_changed_adds_only_those_blocks(
+    tmp_path: Path, region: Path, mnt: SnapfsMount
+) -> None:
+    base = tmp_path / "base.img"
+    diskimage.create(base, 64 * MiB, seed=11, zeros=0.0)  # every block holds data
+    run("cp", base, region / "monday.img")
+    before = mnt.region_status("us-east-1")["totals"]
+    objects_before = len(mnt.objects("us-east-1"))
+    assert objects_before == 64
+
+    changed = tmp_path / "changed.img"
+    shutil.copy(base, changed)
+    changed_bytes = diskimage.mutate(changed, 0.05, block_size=MiB, seed=12)
+    assert changed_bytes == 3 * MiB
+    run("cp", changed, region / "tuesday.img")
+    after = mnt.region_status("us-east-1")["totals"]
+    assert len(mnt.objects("us-east-1")) == objects_before + 3
+    assert after["unique_bytes"] - before["unique_bytes"] == changed_bytes
+    assert after["dedup_ratio"] > 1.9
+
+    # An identical third copy adds nothing at all.
+    run("cp", base, region / "copy-of-monday.img")
+    assert len(mnt.objects("us-east-1")) == objects_before + 3
+
+    # Deleting frees exactly the blocks nobody else uses.
+    run("rm", region / "monday.img", region / "copy-of-monday.img")
+    assert wait_for(lambda: len(mnt.objects("us-east-1")) == 64)
+    run("rm", region / "tuesday.img")
+    assert wait_for(lambda: len(mnt.objects("us-east-1")) == 0)
+    assert mnt.region_status("us-east-1")["totals"]["stored_bytes"] == 0
+
+
+def test_zero_blocks_cost_nothing(region: Path, mnt: SnapfsMount) -> None:
+    run("dd", "if=/dev/zero", f"of={region / 'zeros.img'}", "bs=1M", "count=32")
+    assert mnt.objects("us-east-1") == []
+    assert (region / "zeros.img").stat().st_blocks == 0
+    assert (region / "zeros.img").read_bytes() == bytes(32 * MiB)
+
+
+def test_status_table_and_json(tmp_path: Path, region: Path, mnt: SnapfsMount) -> None:
+    image = tmp_path / "a.img"
+    diskimage.create(image, 8 * MiB, seed=5)
+    run("cp", image, region / "a.img")
+    run("cp", image, region / "b.img")
+    (mnt.path / "eu-west-1").mkdir()
+
+    data = mnt.status()
+    assert [r["name"] for r in data["regions"]] == ["us-east-1", "eu-west-1"]
+    us = data["regions"][0]
+    snaps = {s["name"]: s for s in us["snapshots"]}
+    assert set(snaps) == {"a.img", "b.img"}
+    for snap in snaps.values():
+        assert snap["status"] == "available" and snap["progress"] == 100
+        assert snap["size"] == 8 * MiB
+        assert snap["id"].startswith("s-")
+        assert 0 < snap["stored_bytes"] <= snap["allocated_bytes"] + 4096
+    assert us["totals"]["dedup_ratio"] == 2.0
+    assert us["totals"]["snapshots"] == 2
+
+    # PATH forms: a region directory and a snapshot file inside the mount.
+    by_region = mnt.cli("status", region, "--json").stdout
+    assert '"us-east-1"' in by_region and '"eu-west-1"' not in by_region
+    one = mnt.cli("status", region / "a.img", "--json").stdout
+    assert '"a.img"' in one and '"b.img"' not in one
+
+    table = mnt.cli("status", mnt.path).stdout
+    assert "a.img" in table and "dedup 2x" in table and "eu-west-1" in table
+    missing = mnt.cli("status", region / "nope", check=False)
+    assert missing.returncode != 0 and "InvalidSnapshotId.NotFound" in missing.stderr

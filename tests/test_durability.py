@@ -1,0 +1,149 @@
+"""Crash safety and clean stops: kill -9, SIGTERM, fusermount3 -u, stale mounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from snapfs import diskimage, mounts
+
+from .conftest import SnapfsMount, run, sha256, wait_for
+
+MiB = 1 << 20
+
+
+def assert_index_consistent(mnt: SnapfsMount, region: str) -> None:
+    """No dangling rows, refcounts equal to the map, every row's object present."""
+    directory = mnt.store / "regions" / region
+    conn = sqlite3.connect(directory / "index.db")
+    try:
+        dangling = conn.execute(
+            "SELECT count(*) FROM snapshot_blocks m LEFT JOIN blocks b ON b.id = m.block_id "
+            "WHERE b.id IS NULL"
+        ).fetchone()[0]
+        assert dangling == 0
+        orphan_maps = conn.execute(
+            "SELECT count(*) FROM snapshot_blocks m LEFT JOIN snapshots s "
+            "ON s.id = m.snapshot_id WHERE s.id IS NULL"
+        ).fetchone()[0]
+        assert orphan_maps == 0
+        wrong_counts = conn.execute(
+            "SELECT count(*) FROM blocks b WHERE refcount != "
+            "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id)"
+        ).fetchone()[0]
+        assert wrong_counts == 0
+        for (block_id,) in conn.execute("SELECT id FROM blocks"):
+            key = block_id.hex()
+            assert (directory / "blocks" / key[:2] / key[2:4] / key).is_file()
+        statuses = {s for (s,) in conn.execute("SELECT status FROM snapshots")}
+        assert statuses <= {"available"}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"img{seed}.img"
+        diskimage.create(path, 16 * MiB + seed, seed=seed)
+        paths.append(path)
+    return paths
+
+
+def test_kill9_keeps_sealed_snapshots_and_drops_unsealed(
+    images: list[Path], region: Path, mnt: SnapfsMount
+) -> None:
+    for image in images:
+        run("cp", image, region)
+    sealed = {image.name: sha256(image) for image in images}
+    writer = open(region / "half-written.img", "wb")  # noqa: SIM115 - left open across the kill
+    writer.write(os.urandom(5 * MiB))
+    writer.flush()
+    time.sleep(0.3)
+    mnt.kill9()
+    with pytest.raises(OSError):
+        writer.close()
+    assert mounts.is_stale(mnt.path)
+    mnt.mount()  # clears the stale mount the dead daemon left
+    assert sorted(os.listdir(region)) == sorted(sealed)
+    for name, digest in sealed.items():
+        assert sha256(region / name) == digest
+    assert "was still being written" in mnt.log()
+    mnt.umount()
+    assert_index_consistent(mnt, "us-east-1")
+    mnt.mount()
+
+
+def test_kill9_during_ingest_repeatedly(tmp_path: Path, region: Path, mnt: SnapfsMount) -> None:
+    image = tmp_path / "big.img"
+    diskimage.create(image, 64 * MiB, seed=3, zeros=0.2)
+    run("cp", image, region / "done.img")
+    digest = sha256(image)
+    for delay in (0.05, 0.2, 0.5):
+        proc = run_bg("cp", image, region / "partial.img")
+        time.sleep(delay)
+        mnt.kill9()
+        proc.wait()
+        mnt.mount()
+        assert sha256(region / "done.img") == digest
+        assert "partial.img" not in os.listdir(region) or (
+            os.getxattr(region / "partial.img", "user.snapfs.status") == b"available"
+            and sha256(region / "partial.img") == digest
+        )
+        if (region / "partial.img").exists():
+            os.unlink(region / "partial.img")
+    mnt.umount()
+    assert_index_consistent(mnt, "us-east-1")
+    mnt.mount()
+
+
+def run_bg(*args):
+    import subprocess
+
+    return subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_sigterm_unmounts_cleanly(images: list[Path], region: Path, mnt: SnapfsMount) -> None:
+    run("cp", images[0], region)
+    pid = mnt.pid
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not mounts.pid_alive(pid), 20)
+    assert not mnt.is_mounted()
+    assert "store" in mnt.log().splitlines()[-1] and "closed" in mnt.log().splitlines()[-1]
+    mnt.mount()
+    assert sha256(region / images[0].name) == sha256(images[0])
+    assert "not closed cleanly" not in mnt.log()
+
+
+def test_fusermount_unmounts_cleanly(images: list[Path], region: Path, mnt: SnapfsMount) -> None:
+    run("cp", images[1], region)
+    pid = mnt.pid
+    run("fusermount3", "-u", mnt.path)
+    assert wait_for(lambda: not mounts.pid_alive(pid), 20)
+    mnt.mount()
+    assert sha256(region / images[1].name) == sha256(images[1])
+    assert "not closed cleanly" not in mnt.log()
+
+
+def test_second_mount_of_same_store_is_refused(mnt: SnapfsMount, tmp_path: Path) -> None:
+    other = tmp_path / "mnt2"
+    other.mkdir()
+    result = mnt.cli("mount", other, "--store", mnt.store, check=False)
+    assert result.returncode != 0
+    assert "StoreBusy" in result.stderr
+    assert not mounts.mount_fstype(other)
+
+
+def test_umount_of_unmounted_path_fails_clearly(tmp_path: Path) -> None:
+    from .conftest import SNAPFS
+
+    result = run(*SNAPFS, "umount", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "MountPoint.NotMounted" in result.stderr
