@@ -40,8 +40,9 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def create(path: Path, size: int, *, seed: int = 1, zeros: float = 0.6,
-           random_share: float = 0.5) -> None:
+def create(
+    path: Path, size: int, *, seed: int = 1, zeros: float = 0.6, random_share: float = 0.5
+) -> None:
     """Write a disk-like image of `size` bytes; non-zero extents are half random, half text."""
     rng = random.Random(seed)
     pool = _text_pool(rng)
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "create":
         create(args.path, parse_size(args.size), seed=args.seed, zeros=args.zeros)
     else:
-        changed = mutate(args.path, args.fraction, block_size=parse_size(args.block_size),
-                         seed=args.seed)
+        changed = mutate(
+            args.path, args.fraction, block_size=parse_size(args.block_size), seed=args.seed
+        )
         print(changed)
 
 

@@ -25,8 +25,7 @@ SNAPFS = [sys.executable, "-m", "snapfs"]
 
 
 def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], check=check, capture_output=True,
-                          text=True, **kw)
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
 
 
 def sha256(path: Path) -> str:
@@ -101,9 +100,9 @@ class SnapfsMount:
 
     def teardown(self) -> None:
         pid = self.pid
-        if self.is_mounted():
-            if run(*SNAPFS, "umount", self.path, check=False).returncode != 0:
-                run("fusermount3", "-u", "-z", self.path, check=False)
+        umounted = self.is_mounted() and run(*SNAPFS, "umount", self.path, check=False)
+        if umounted and umounted.returncode != 0:
+            run("fusermount3", "-u", "-z", self.path, check=False)
         if pid is not None and _alive(pid) and not wait_for(lambda: not _alive(pid), 30):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

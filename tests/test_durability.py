@@ -106,8 +106,9 @@ def test_kill9_during_ingest_repeatedly(tmp_path: Path, region: Path, mnt: Snapf
 def run_bg(*args):
     import subprocess
 
-    return subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def test_sigterm_unmounts_cleanly(images: list[Path], region: Path, mnt: SnapfsMount) -> None:

@@ -1,0 +1,236 @@
+"""Unit tests without FUSE: block codec, index triggers, dedup accounting, GC, migrations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapfs import codec, db
+from snapfs.errors import BlockCorrupt, StoreBusy, StoreFormat
+from snapfs.index import NewBlock, RegionIndex
+from snapfs.snapshots import SnapshotWriter
+from snapfs.store import Store
+
+MiB = 1 << 20
+
+
+# --- codec -----------------------------------------------------------------------------------
+
+
+def test_codec_compresses_text_and_keeps_random_raw() -> None:
+    text = b"snapshot block log line 42\n" * 40_000
+    enc = codec.encode(text)
+    assert enc.codec == codec.CODEC_ZSTD and enc.stored_size < len(text) / 10
+    assert codec.decode(enc.data, enc.block_id) == text
+    noise = os.urandom(MiB)
+    enc = codec.encode(noise)
+    assert enc.codec == codec.CODEC_RAW
+    assert enc.stored_size == len(noise) + codec.HEADER.size
+    assert codec.decode(enc.data, enc.block_id) == noise
+
+
+def test_codec_header_is_versioned() -> None:
+    enc = codec.encode(b"abc" * 1000)
+    header = codec.parse_header(enc.data)
+    assert header.version == codec.FORMAT_VERSION == 1
+    assert enc.data[:4] == b"SNFB"
+    assert header.key_id == bytes(16) and header.nonce == bytes(12)
+    assert header.plain_size == 3000
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "version", "wrong-id"])
+def test_codec_never_returns_damaged_data(damage: str) -> None:
+    plain = os.urandom(1000) + b"x" * 5000
+    enc = codec.encode(plain)
+    data, block_id = bytearray(enc.data), enc.block_id
+    if damage == "flip":
+        data[-10] ^= 0x01
+    elif damage == "truncate":
+        del data[-1]
+    elif damage == "magic":
+        data[0:4] = b"XXXX"
+    elif damage == "version":
+        data[4] = 99
+    else:
+        block_id = codec.content_id(b"other")
+    with pytest.raises(BlockCorrupt):
+        codec.decode(bytes(data), block_id)
+
+
+# --- index -----------------------------------------------------------------------------------
+
+
+def _snapshot_row(snapshot_id: str, name: str) -> dict:
+    return {
+        "id": snapshot_id,
+        "name": name,
+        "status": "creating",
+        "size": 0,
+        "mode": 0o644,
+        "uid": 0,
+        "gid": 0,
+        "atime_ns": 0,
+        "mtime_ns": 0,
+        "ctime_ns": 0,
+        "created_at": 0.0,
+    }
+
+
+def _refcounts(index: RegionIndex) -> dict[bytes, int]:
+    return dict(index.db.execute("SELECT id, refcount FROM blocks").fetchall())
+
+
+def test_index_triggers_keep_refcounts(tmp_path: Path) -> None:
+    index = RegionIndex(tmp_path / "index.db")
+    a, b = b"a" * 32, b"b" * 32
+    index.insert_snapshot(_snapshot_row("s-1", "one"))
+    index.insert_snapshot(_snapshot_row("s-2", "two"))
+    blocks = [NewBlock(a, 10, 20, 1), NewBlock(b, 10, 20, 1)]
+    index.commit_blocks("s-1", blocks, [(0, a), (1, a), (2, b)], {"size": 30})
+    index.commit_blocks("s-2", blocks, [(0, a)], {})
+    assert _refcounts(index) == {a: 3, b: 1}
+    assert index.allocated_blocks("s-1") == 3
+    index.commit_blocks("s-1", [], [(1, b), (2, None)], {})  # overwrite, then a hole
+    assert _refcounts(index) == {a: 2, b: 1}
+    assert index.allocated_blocks("s-1") == 2
+    index.truncate_map("s-1", 1, {"size": 10})
+    assert _refcounts(index) == {a: 2, b: 0}
+    index.delete_snapshot("s-1")
+    assert _refcounts(index) == {a: 1, b: 0}
+    assert index.drop_unreferenced([a, b]) == [b]
+    assert _refcounts(index) == {a: 1}
+
+
+def test_index_refuses_row_without_block(tmp_path: Path) -> None:
+    index = RegionIndex(tmp_path / "index.db")
+    index.insert_snapshot(_snapshot_row("s-1", "one"))
+    with pytest.raises(sqlite3.IntegrityError):
+        index.commit_blocks("s-1", [], [(0, b"z" * 32)], {})
+    assert index.block_map("s-1", 0, 10) == {}
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    RegionIndex(tmp_path / "index.db").close()
+    conn = sqlite3.connect(tmp_path / "index.db")
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreFormat):
+        RegionIndex(tmp_path / "index.db")
+
+
+def test_migrations_run_once_in_order(tmp_path: Path) -> None:
+    calls = []
+    steps = [
+        lambda d: (
+            calls.append(1) or d.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        ),
+        lambda d: calls.append(2),
+    ]
+    database = db.connect(tmp_path / "x.db")
+    assert db.migrate(database, steps, "x") == 2
+    assert db.migrate(database, steps, "x") == 2
+    assert calls == [1, 2]
+
+
+# --- store, region, writer -------------------------------------------------------------------
+
+
+def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    try:
+        with pytest.raises(StoreBusy):
+            Store(tmp_path / "store")
+    finally:
+        store.close()
+
+
+async def _write_snapshot(store: Store, nursery, region, name: str, data: bytes):
+    snap = store.create_snapshot(region, name, 0o644, 0, 0)
+    handle = store.open(snap, True)
+    assert isinstance(snap.writer, SnapshotWriter)
+    for off in range(0, len(data), 128 * 1024):
+        await snap.writer.write(off, data[off : off + 128 * 1024])
+    await store.flush(handle)
+    await store.release(handle)
+    return snap
+
+
+async def test_dedup_accounting_and_gc(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    try:
+        async with trio.open_nursery() as nursery:
+            store.start(nursery)
+            region = store.create_region("us-east-1")
+            blocks = [os.urandom(MiB) for _ in range(4)]
+            data_a = blocks[0] + blocks[1] + bytes(MiB) + blocks[2] + blocks[0]
+            data_b = blocks[0] + blocks[1] + bytes(MiB) + blocks[3] + blocks[0]
+            a = await _write_snapshot(store, nursery, region, "a", data_a)
+            b = await _write_snapshot(store, nursery, region, "b", data_b)
+            assert a.status == b.status == "available"
+            assert await a.read(0, len(data_a)) == data_a
+            assert await b.read(0, len(data_b)) == data_b
+            assert a.allocated_blocks == 4  # the zero block is a hole
+            assert len(list(region.backend.keys())) == 4  # 0, 1, 2, 3 once each
+            stats = region.index.stats()
+            assert stats.blocks == 4 and stats.referenced_plain_bytes == 8 * MiB
+            await store.unlink(region, "a")
+            await region.collect_garbage()
+            assert len(list(region.backend.keys())) == 3  # block 2 was only in a
+            await store.unlink(region, "b")
+            await region.collect_garbage()
+            assert list(region.backend.keys()) == []
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_concurrent_writers_of_same_block_store_it_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    try:
+        async with trio.open_nursery() as nursery:
+            store.start(nursery)
+            region = store.create_region("us-east-1")
+            data = os.urandom(3 * MiB)
+            async with trio.open_nursery() as writers:
+                for i in range(5):
+                    writers.start_soon(_write_snapshot, store, nursery, region, f"s{i}", data)
+            assert len(list(region.backend.keys())) == 3
+            refs = _refcounts(region.index)
+            assert sorted(refs.values()) == [5, 5, 5]
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    region = store.create_region("us-east-1")
+    async with trio.open_nursery() as nursery:
+        store.start(nursery)
+        snap = store.create_snapshot(region, "unsealed", 0o644, 0, 0)
+        store.open(snap, True)
+        await snap.writer.write(0, os.urandom(2 * MiB))
+        await snap.writer.flush()
+        nursery.cancel_scope.cancel()
+    region.backend.put("ab" * 32, b"orphan object")
+    # Simulate a crash: no close(), the lock released as the process would on death.
+    store._unlock()
+    for r in store.regions.values():
+        r.close()
+    store.db.close()
+
+    again = Store(tmp_path / "store")
+    try:
+        assert not again.was_clean
+        await again.recover()
+        region = again.region("us-east-1")
+        assert region.snapshots == {}
+        assert list(region.backend.keys()) == []
+        assert region.index.stats().blocks == 0
+    finally:
+        again.close()
