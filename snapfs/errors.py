@@ -106,3 +106,14 @@ class NoSuchAttribute(SnapfsError):
 class AttributeNotSupported(SnapfsError):
     code = "InvalidAttribute.NotSupported"
     errno = errno_mod.ENOTSUP
+
+
+def as_snapfs_error(exc: BaseException) -> SnapfsError:
+    """Any failure as a SnapfsError, keeping the errno of an OSError (ENOSPC stays ENOSPC)."""
+    if isinstance(exc, SnapfsError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno:
+        if exc.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+            return StoreFull(f"no space left for new blocks: {exc}")
+        return SnapfsError(str(exc), code="StoreIOError", errno=exc.errno)
+    return SnapfsError(f"{type(exc).__name__}: {exc}", code="InternalError")

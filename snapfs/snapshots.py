@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import SnapfsError
+from .errors import SnapfsError, as_snapfs_error
 from .index import NewBlock
 from .names import snapshot_ino
 
@@ -256,15 +256,15 @@ class SnapshotWriter:
             plain = bytes(memoryview(buf)[: max(length, 0)])
             try:
                 stored = await self.region.store_block(plain)
-            except SnapfsError as exc:
+            except Exception as exc:  # a background task must not end the mount
+                self.error = as_snapfs_error(exc)
                 log.error(
                     "snapshot %s (%s) block %d not stored: %s",
                     self.snap.name,
                     self.snap.id,
                     block_no,
-                    exc,
+                    self.error,
                 )
-                self.error = exc
                 self.dirty.setdefault(block_no, buf)
                 return
             if stored is None:
@@ -281,8 +281,11 @@ class SnapshotWriter:
         if len(self.pending) >= COMMIT_EVERY and not self._commit_lock.locked():
             try:
                 await self.commit()
-            except SnapfsError as exc:
-                self.error = exc
+            except Exception as exc:  # reported by the next write or close
+                self.error = as_snapfs_error(exc)
+                log.error(
+                    "snapshot %s (%s): commit failed: %s", self.snap.name, self.snap.id, self.error
+                )
 
     def _raise_deferred(self) -> None:
         if self.error is not None:
@@ -290,6 +293,17 @@ class SnapshotWriter:
             raise error
 
     # --- making it durable -----------------------------------------------------------------
+
+    def is_flushed(self) -> bool:
+        """Everything written is committed to the index (nothing buffered or pending)."""
+        return not (
+            self.dirty
+            or self.inflight
+            or self.pending
+            or self.new_blocks
+            or self.error
+            or self._commit_lock.locked()
+        )
 
     async def flush(self) -> None:
         """Store every buffered block and commit: after this, the data survives a crash."""

@@ -18,27 +18,29 @@ def test_second_snapshot_with_5_percent_changed_adds_only_those_blocks(
     base = tmp_path / "base.img"
     diskimage.create(base, 64 * MiB, seed=11, zeros=0.0)  # every block holds data
     run("cp", base, region / "monday.img")
+    block = mnt.status()["block_size"]
     before = mnt.region_status("us-east-1")["totals"]
     objects_before = len(mnt.objects("us-east-1"))
-    assert objects_before == 64
+    assert objects_before == 64 * MiB // block
 
     changed = tmp_path / "changed.img"
     shutil.copy(base, changed)
-    changed_bytes = diskimage.mutate(changed, 0.05, block_size=MiB, seed=12)
-    assert changed_bytes == 3 * MiB
+    changed_bytes = diskimage.mutate(changed, 0.05, block_size=block, seed=12)
+    changed_blocks = changed_bytes // block
+    assert changed_blocks == round(0.05 * 64 * MiB / block)
     run("cp", changed, region / "tuesday.img")
     after = mnt.region_status("us-east-1")["totals"]
-    assert len(mnt.objects("us-east-1")) == objects_before + 3
+    assert len(mnt.objects("us-east-1")) == objects_before + changed_blocks
     assert after["unique_bytes"] - before["unique_bytes"] == changed_bytes
     assert after["dedup_ratio"] > 1.9
 
     # An identical third copy adds nothing at all.
     run("cp", base, region / "copy-of-monday.img")
-    assert len(mnt.objects("us-east-1")) == objects_before + 3
+    assert len(mnt.objects("us-east-1")) == objects_before + changed_blocks
 
     # Deleting frees exactly the blocks nobody else uses.
     run("rm", region / "monday.img", region / "copy-of-monday.img")
-    assert wait_for(lambda: len(mnt.objects("us-east-1")) == 64)
+    assert wait_for(lambda: len(mnt.objects("us-east-1")) == objects_before)
     run("rm", region / "tuesday.img")
     assert wait_for(lambda: len(mnt.objects("us-east-1")) == 0)
     assert mnt.region_status("us-east-1")["totals"]["stored_bytes"] == 0

@@ -141,10 +141,10 @@ def test_migrations_run_once_in_order(tmp_path: Path) -> None:
 
 
 def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
+    store = Store(tmp_path / "store", block_size=MiB)
     try:
         with pytest.raises(StoreBusy):
-            Store(tmp_path / "store")
+            Store(tmp_path / "store", block_size=MiB)
     finally:
         store.close()
 
@@ -161,7 +161,7 @@ async def _write_snapshot(store: Store, nursery, region, name: str, data: bytes)
 
 
 async def test_dedup_accounting_and_gc(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
+    store = Store(tmp_path / "store", block_size=MiB)
     try:
         async with trio.open_nursery() as nursery:
             store.start(nursery)
@@ -190,7 +190,7 @@ async def test_dedup_accounting_and_gc(tmp_path: Path) -> None:
 
 
 async def test_concurrent_writers_of_same_block_store_it_once(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
+    store = Store(tmp_path / "store", block_size=MiB)
     try:
         async with trio.open_nursery() as nursery:
             store.start(nursery)
@@ -208,7 +208,7 @@ async def test_concurrent_writers_of_same_block_store_it_once(tmp_path: Path) ->
 
 
 async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
+    store = Store(tmp_path / "store", block_size=MiB)
     region = store.create_region("us-east-1")
     async with trio.open_nursery() as nursery:
         store.start(nursery)
@@ -224,7 +224,7 @@ async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> N
         r.close()
     store.db.close()
 
-    again = Store(tmp_path / "store")
+    again = Store(tmp_path / "store", block_size=MiB)
     try:
         assert not again.was_clean
         await again.recover()
