@@ -7,6 +7,7 @@ exits non-zero; no traceback reaches the user for a refusal.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import mounts, status
+from . import mounts, params, status
 from .errors import SnapfsError
 from .store import default_store_path
 
@@ -40,6 +41,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             to_stderr=not args.quiet,
             ready_fd=args.ready_fd,
             block_size=args.block_size,
+            copy_bandwidth_limit=args.copy_bwlimit,
             debug=args.debug,
         )
     return _spawn_daemon(args, store)
@@ -66,6 +68,8 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
         cmd.append("--allow-other")
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    if args.copy_bwlimit:
+        cmd += ["--copy-bwlimit", str(args.copy_bwlimit)]
     if args.debug:
         cmd.append("--debug")
     with open(store / "daemon.err", "ab") as err:
@@ -147,6 +151,123 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    from .diskimage import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 50M")
+    return value
+
+
+# What the daemon's errno means for the CopySnapshot API (the reason is in its log).
+_COPY_ERRORS = {
+    errno.ENOENT: ("InvalidSnapshotId.NotFound", "the source snapshot does not exist"),
+    errno.EBUSY: (
+        "InvalidSnapshotId.NotReady",
+        "the source snapshot is still being created or copied",
+    ),
+    errno.EDQUOT: ("QuotaExceed.SnapshotQuota", "the destination region is at its snapshot quota"),
+    errno.EEXIST: (
+        "InvalidSnapshotName.Duplicate",
+        "a snapshot of that name already exists in the destination region",
+    ),
+    errno.EINVAL: ("InvalidParameter", "a parameter was refused"),
+}
+
+
+def _resolve(path: str, what: str) -> tuple[mounts.MountRecord, list[str]]:
+    found = mounts.find_mount_root(Path(path))
+    if found is None:
+        raise SnapfsError(f"{what} {path} is not inside a snapfs mount", code="InvalidParameter")
+    return found
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    # Validate everything before touching the mount: a refusal changes nothing.
+    if args.name is not None:
+        params.check_cloud_snapshot_name(args.name)
+    if args.description is not None:
+        params.check_description(args.description)
+    if args.retention_days is not None:
+        params.check_retention_days(args.retention_days)
+    tags = params.check_tags([params.parse_tag(t) for t in args.tag])
+    src_mount, src_parts = _resolve(args.source, "source")
+    if len(src_parts) != 2:
+        return _fail(
+            "InvalidSnapshotId.Malformed",
+            f"{args.source} is not a snapshot file (MOUNTPOINT/REGION/SNAPSHOT)",
+        )
+    dst_mount, dst_parts = _resolve(args.destination, "destination")
+    if dst_mount.mountpoint != src_mount.mountpoint:
+        return _fail("InvalidParameter", "source and destination must be in the same mount")
+    if not 1 <= len(dst_parts) <= 2:
+        return _fail("InvalidParameter", f"{args.destination} is not a region directory")
+    if len(dst_parts) == 2 and args.name and args.name != dst_parts[1]:
+        return _fail("InvalidParameter", "give the new name either in DST or with --name")
+    name = args.name or (dst_parts[1] if len(dst_parts) == 2 else src_parts[1])
+    region_dir = Path(dst_mount.mountpoint) / dst_parts[0]
+    if not region_dir.is_dir():
+        return _fail("InvalidRegionId.NotFound", f"region {dst_parts[0]} does not exist")
+    if not (Path(src_mount.mountpoint) / src_parts[0] / src_parts[1]).exists():
+        return _fail("InvalidSnapshotId.NotFound", f"{args.source} does not exist")
+    request = {
+        "source": f"{src_parts[0]}/{src_parts[1]}",
+        "name": name,
+        "description": args.description,
+        "retention_days": args.retention_days,
+        "tags": tags,
+    }
+    try:
+        os.setxattr(region_dir, "user.snapfs.copy", json.dumps(request).encode())
+    except OSError as exc:
+        code, message = _COPY_ERRORS.get(exc.errno or 0, ("InternalError", str(exc)))
+        return _fail(code, f"{message} (see the daemon log in {dst_mount.store})")
+    target = region_dir / name
+    snapshot_id = os.getxattr(target, "user.snapfs.id").decode()
+    if args.wait and not _wait_for_copy(target):
+        error = os.getxattr(target, "user.snapfs.error").decode()
+        code, _, message = error.partition(": ")
+        print(snapshot_id)
+        return _fail(code, message)
+    print(snapshot_id)
+    return 0
+
+
+def _wait_for_copy(target: Path) -> bool:
+    """A progress bar (percent, bytes, rate, ETA) until the copy ends; True if it succeeded."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    size = target.stat().st_size
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(target.name, total=max(size, 1))
+        while True:
+            status = os.getxattr(target, "user.snapfs.status").decode()
+            percent = float(os.getxattr(target, "user.snapfs.progress"))
+            bar.update(task, completed=max(size, 1) * percent / 100)
+            if status in ("available", "failed"):
+                return status == "available"
+            time.sleep(0.2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapfs",
@@ -163,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--block-size", type=int, help="block size of a new store, in bytes")
+    p.add_argument(
+        "--copy-bwlimit",
+        type=_size,
+        metavar="RATE",
+        help="limit each copy to RATE bytes/s of snapshot data (e.g. 50M)",
+    )
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -171,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="flush and unmount")
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("copy", help="copy a snapshot to a region (the CopySnapshot API)")
+    p.add_argument("source", help="the snapshot: MOUNTPOINT/REGION/NAME")
+    p.add_argument("destination", help="the region directory (or REGION/NEWNAME)")
+    p.add_argument("--name", help="name of the new snapshot (2-128 chars, letter first)")
+    p.add_argument("--description", help="2-256 chars, not starting with http(s)://")
+    p.add_argument("--retention-days", help="release the copy after 1-65536 days")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tag for the new snapshot (tags are not copied from the source)",
+    )
+    p.add_argument("--wait", action="store_true", help="show progress until the copy is done")
+    p.set_defaults(func=cmd_copy)
 
     p = sub.add_parser("status", help="snapshots with size, stored bytes, status, progress")
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")

@@ -112,6 +112,7 @@ def run(
     to_stderr: bool = True,
     ready_fd: int | None = None,
     block_size: int | None = None,
+    copy_bandwidth_limit: int | None = None,
     debug: bool = False,
 ) -> int:
     """Run the daemon in this process; returns the exit status."""
@@ -138,7 +139,7 @@ def run(
             raise SnapfsError(
                 f"mountpoint {mountpoint} is not a directory", code="MountPoint.NotFound", errno=2
             )
-        store = Store(store_path, block_size=block_size)
+        store = Store(store_path, block_size=block_size, copy_bandwidth_limit=copy_bandwidth_limit)
     except SnapfsError as exc:
         log.error("%s", exc)
         report(f"error {exc}")

@@ -80,6 +80,6 @@ def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration], what: st
         with transaction(db) as conn:
             migrations[version](db)
             set_meta(conn, "schema_version", str(version + 1))
-        if version:
+        if current:
             log.info("migrated %s from schema %d to %d", what, version, version + 1)
     return target

@@ -63,6 +63,11 @@ class NotReady(SnapfsError):
     errno = errno_mod.EBUSY
 
 
+class QuotaExceeded(SnapfsError):
+    code = "QuotaExceed.SnapshotQuota"
+    errno = errno_mod.EDQUOT
+
+
 class Sealed(SnapfsError):
     code = "InvalidSnapshot.Sealed"
     errno = errno_mod.EPERM
@@ -88,6 +93,10 @@ class BlockCorrupt(SnapfsError):
     errno = errno_mod.EIO
 
 
+class ObjectMissing(BlockCorrupt):
+    """A block object that the index names is not in the backend at all."""
+
+
 class StoreBusy(SnapfsError):
     code = "StoreBusy"
     errno = errno_mod.EBUSY
@@ -110,6 +119,8 @@ class AttributeNotSupported(SnapfsError):
 
 def as_snapfs_error(exc: BaseException) -> SnapfsError:
     """Any failure as a SnapfsError, keeping the errno of an OSError (ENOSPC stays ENOSPC)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # a nursery wraps its one failed child
     if isinstance(exc, SnapfsError):
         return exc
     if isinstance(exc, OSError) and exc.errno:

@@ -192,9 +192,9 @@ class Operations(pyfuse3.Operations):
 
     # --- snapshot files --------------------------------------------------------------------
 
-    def _open_file(self, snap: Snapshot, flags: int) -> pyfuse3.FileInfo:
+    def _open_file(self, snap: Snapshot, flags: int, pid: int) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        handle = self.store.open(snap, writable)
+        handle = self.store.open(snap, writable, pid)
         fh = next(self._next_fh)
         self.handles[fh] = handle
         # direct_io: requests reach us in up to 1 MiB pieces, without page-cache copies
@@ -210,8 +210,8 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(mode) and stat.S_IFMT(mode):
             raise NotPermitted("a region holds regular files (snapshots) only")
         region = self.store.region_by_ino(parent_inode)
-        snap = self.store.create_snapshot(region, _name(name), mode, ctx.uid, ctx.gid)
-        return self._open_file(snap, flags), self._attrs(snap)
+        snap = self.store.create_snapshot(region, _name(name), mode, ctx.uid, ctx.gid, ctx.pid)
+        return self._open_file(snap, flags, ctx.pid), self._attrs(snap)
 
     @translate_errors
     async def mknod(
@@ -225,7 +225,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
-        return self._open_file(self.store.snapshot_by_ino(inode), flags)
+        return self._open_file(self.store.snapshot_by_ino(inode), flags, ctx.pid)
 
     @translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -307,11 +307,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
-        return xattrs.get(self._node(inode), _name(name))
+        return xattrs.get(self.store, self._node(inode), _name(name))
 
     @translate_errors
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
-        return [os.fsencode(n) for n in xattrs.names(self._node(inode))]
+        return [os.fsencode(n) for n in xattrs.names(self.store, self._node(inode))]
 
     @translate_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:

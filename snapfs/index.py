@@ -94,7 +94,31 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Copy jobs (durable, resumable) and snapshot tags."""
+    db.executescript(
+        """
+        CREATE TABLE copy_jobs (
+            dst_snapshot_id TEXT PRIMARY KEY REFERENCES snapshots(id),
+            src_region TEXT NOT NULL,
+            src_snapshot_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            next_block INTEGER NOT NULL DEFAULT 0,
+            done_blocks INTEGER NOT NULL DEFAULT 0,
+            total_blocks INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE snapshot_tags (
+            snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (snapshot_id, key)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2]
 
 SNAPSHOT_COLUMNS = (
     "id", "name", "status", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
@@ -153,11 +177,75 @@ class RegionIndex:
         rows = list(self.db["snapshots"].rows_where("id = ?", [snapshot_id]))
         return rows[0] if rows else None
 
-    def insert_snapshot(self, row: dict[str, Any]) -> None:
+    def insert_snapshot(
+        self,
+        row: dict[str, Any],
+        *,
+        tags: dict[str, str] | None = None,
+        job: dict[str, Any] | None = None,
+        displaced_id: str | None = None,
+    ) -> None:
+        """A new snapshot row with its tags and copy job, and the snapshot it replaces
+        marked deleted, in one transaction."""
         cols = [c for c in SNAPSHOT_COLUMNS if c in row]
         sql = f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
         with dbutil.transaction(self.db) as conn:
+            if displaced_id is not None:
+                conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
             conn.execute(sql, [row[c] for c in cols])
+            conn.executemany(
+                "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
+                [(row["id"], k, v) for k, v in (tags or {}).items()],
+            )
+            if job is not None:
+                conn.execute(
+                    "INSERT INTO copy_jobs (dst_snapshot_id, src_region, src_snapshot_id, kind, "
+                    "total_blocks, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        row["id"],
+                        job["src_region"],
+                        job["src_snapshot_id"],
+                        job["kind"],
+                        job["total_blocks"],
+                        job["created_at"],
+                    ],
+                )
+
+    # --- tags and copy jobs ----------------------------------------------------------------
+
+    def tags(self, snapshot_id: str) -> dict[str, str]:
+        rows = self.db.execute(
+            "SELECT key, value FROM snapshot_tags WHERE snapshot_id = ? ORDER BY key",
+            [snapshot_id],
+        )
+        return dict(rows.fetchall())
+
+    def set_tag(self, snapshot_id: str, key: str, value: str | None) -> None:
+        """Set a tag, or remove it when `value` is None."""
+        with dbutil.transaction(self.db) as conn:
+            if value is None:
+                conn.execute(
+                    "DELETE FROM snapshot_tags WHERE snapshot_id = ? AND key = ?",
+                    [snapshot_id, key],
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT(snapshot_id, key) DO UPDATE SET value = excluded.value",
+                    [snapshot_id, key, value],
+                )
+
+    def copy_jobs(self) -> list[dict[str, Any]]:
+        return list(self.db["copy_jobs"].rows_where(order_by="created_at"))
+
+    def block_map_from(self, snapshot_id: str, first: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` (block number, id) pairs from block `first` on, in order."""
+        rows = self.db.execute(
+            "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+            "AND block_no >= ? ORDER BY block_no LIMIT ?",
+            [snapshot_id, first, limit],
+        )
+        return rows.fetchall()
 
     def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
         with dbutil.transaction(self.db) as conn:
@@ -176,6 +264,8 @@ class RegionIndex:
         """Drop a snapshot and its block map; its blocks' refcounts fall by the triggers."""
         with dbutil.transaction(self.db) as conn:
             conn.execute("DELETE FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id])
+            conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
+            conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
             conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
 
     def rename_snapshot(self, snapshot_id: str, name: str, *, displaced_id: str | None) -> None:
@@ -221,8 +311,10 @@ class RegionIndex:
         new_blocks: Iterable[NewBlock],
         mapping: Sequence[tuple[int, bytes | None]],
         snapshot_fields: dict[str, Any],
+        job_fields: dict[str, Any] | None = None,
     ) -> None:
-        """One transaction: block rows for new objects, the map changes, snapshot fields.
+        """One transaction: block rows for new objects, the map changes, snapshot fields
+        and (for a copy) the job's resume point.
 
         The objects named in `new_blocks` must already be durable.
         """
@@ -243,6 +335,18 @@ class RegionIndex:
                 upserts,
             )
             self._update_snapshot(conn, snapshot_id, snapshot_fields)
+            if job_fields:
+                assignments = ", ".join(f"{name} = ?" for name in job_fields)
+                conn.execute(
+                    f"UPDATE copy_jobs SET {assignments} WHERE dst_snapshot_id = ?",
+                    [*job_fields.values(), snapshot_id],
+                )
+
+    def finish_copy(self, snapshot_id: str, fields: dict[str, Any]) -> None:
+        """The job's last step: the snapshot's final state and the job row gone, atomically."""
+        with dbutil.transaction(self.db) as conn:
+            conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
+            self._update_snapshot(conn, snapshot_id, fields)
 
     def truncate_map(self, snapshot_id: str, first_dropped: int, fields: dict[str, Any]) -> None:
         with dbutil.transaction(self.db) as conn:

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,14 @@ import trio
 from . import codec
 from .backend import LocalBackend
 from .cache import BlockCache
-from .errors import AlreadyExists, BlockCorrupt, NotFound, NotPermitted
+from .errors import (
+    AlreadyExists,
+    BlockCorrupt,
+    NotFound,
+    NotPermitted,
+    ObjectMissing,
+    QuotaExceeded,
+)
 from .index import NewBlock, RegionIndex
 from .names import check_snapshot_filename
 
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -50,6 +59,7 @@ class StoredBlock:
 
     block_id: bytes
     new: NewBlock | None
+    written: bool = False  # this call wrote the object (the data had to be transferred)
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,6 +120,21 @@ class Region:
         block_id = await trio.to_thread.run_sync(_hash_unless_zero, plain, limiter=self.limiter)
         if block_id is None:
             return None
+        stored = await self.put_block(block_id, functools.partial(codec.encode, plain, block_id))
+        if stored.written:
+            self.cache.put(block_id, plain)
+        return stored
+
+    async def put_block(
+        self, block_id: bytes, make_object: Callable[[], codec.EncodedBlock]
+    ) -> StoredBlock:
+        """Ensure the region holds block `block_id`, calling `make_object` (in a worker
+        thread) only if it does not; pins the id until `committed()`.
+
+        Dedup happens here: a block in the index, or written and awaiting its commit, is
+        reused; a block another task is writing right now is waited for, so two writers or
+        copy jobs needing the same new block store it once.
+        """
         while True:
             if block_id in self._unlinking:
                 await self._gc_done.wait()
@@ -122,27 +147,38 @@ class Region:
         self._pins[block_id] += 1
         known = self._uncommitted.get(block_id)
         if known is not None or self.index.has_block(block_id):
-            return StoredBlock(block_id, known)
+            return StoredBlock(block_id, known, written=False)
         done = self._writing[block_id] = trio.Event()
         try:
             encoded = await trio.to_thread.run_sync(
-                self._encode_and_put, plain, block_id, limiter=self.limiter
+                self._make_and_put, make_object, limiter=self.limiter
             )
         except BaseException:
-            self._pins[block_id] -= 1
+            self._unpin(block_id)
             raise
         finally:
             del self._writing[block_id]
             done.set()
         new = NewBlock(block_id, encoded.plain_size, encoded.stored_size, encoded.codec)
         self._uncommitted[block_id] = new
-        self.cache.put(block_id, plain)
-        return StoredBlock(block_id, new)
+        return StoredBlock(block_id, new, written=True)
 
-    def _encode_and_put(self, plain: bytes, block_id: bytes) -> codec.EncodedBlock:
-        encoded = codec.encode(plain, block_id)
-        self.backend.put(block_id.hex(), encoded.data)
+    def _make_and_put(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
+        encoded = make_object()
+        self.backend.put(encoded.block_id.hex(), encoded.data)
         return encoded
+
+    def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
+        """A stored object as it is, verified, for copying to another region without
+        recompressing. Runs in a worker thread."""
+        key = block_id.hex()
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError:
+            raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
+        codec.decode(data, block_id)
+        header = codec.parse_header(data)
+        return codec.EncodedBlock(block_id, data, header.plain_size, header.codec)
 
     async def sync(self) -> None:
         """Make every object written so far durable (before committing rows that name them)."""
@@ -152,9 +188,17 @@ class Region:
         """Release the pins of a batch whose rows are now in the index."""
         for block_id in block_ids:
             self._uncommitted.pop(block_id, None)
-            self._pins[block_id] -= 1
-            if self._pins[block_id] <= 0:
-                del self._pins[block_id]
+            self._unpin(block_id)
+
+    def released(self, block_ids: list[bytes]) -> None:
+        """Release the pins of a batch that will never be committed (its snapshot is gone)."""
+        for block_id in block_ids:
+            self._unpin(block_id)
+
+    def _unpin(self, block_id: bytes) -> None:
+        self._pins[block_id] -= 1
+        if self._pins[block_id] <= 0:
+            del self._pins[block_id]
 
     # --- reading blocks --------------------------------------------------------------------
 
@@ -187,7 +231,7 @@ class Region:
         try:
             data = self.backend.get(key)
         except FileNotFoundError:
-            raise BlockCorrupt(f"block object {key} is missing from region {self.name}") from None
+            raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
         try:
             return codec.decode(data, block_id)
         except BlockCorrupt as exc:
@@ -277,6 +321,24 @@ class Region:
         if removed:
             log.warning("region %s: removed %d orphaned block objects", self.name, removed)
         return removed
+
+    # --- settings (region xattrs) ----------------------------------------------------------
+
+    @property
+    def max_parallel_copies(self) -> int:
+        return int(self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES)))
+
+    @property
+    def snapshot_quota(self) -> int | None:
+        value = self.index.get_setting("snapshot_quota")
+        return int(value) if value else None
+
+    def check_quota(self) -> None:
+        quota = self.snapshot_quota
+        if quota is not None and len(self.snapshots) >= quota:
+            raise QuotaExceeded(
+                f"region {self.name} holds {len(self.snapshots)} snapshots, its quota is {quota}"
+            )
 
     # --- snapshot names --------------------------------------------------------------------
 

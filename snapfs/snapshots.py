@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ from .index import NewBlock
 from .names import snapshot_ino
 
 if TYPE_CHECKING:
-    from .region import Region
+    from .copyjobs import CopyJob
+    from .region import Region, StoredBlock
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ class Snapshot:
     open_handles: int = 0
     writer: SnapshotWriter | None = field(default=None, repr=False)
     last_read_block: int = -2
+    # Copies: the job filling this snapshot (mv, snapfs copy), the source a `cp` is
+    # recognised to be copying, and how many jobs or copies are reading this one.
+    copy_job: CopyJob | None = field(default=None, repr=False)
+    copy_source: Snapshot | None = field(default=None, repr=False)
+    copy_matched_blocks: int = 0
+    copy_readers: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:
@@ -111,11 +119,24 @@ class Snapshot:
 
     @property
     def sealed(self) -> bool:
-        return self.status != CREATING
+        """Content can no longer change (a `cp` copy is written until its last close)."""
+        return self.writer is None and self.status != CREATING and self.copy_source is None
 
     @property
     def progress(self) -> float:
-        return 100.0 if self.status == AVAILABLE else 0.0
+        if self.status == AVAILABLE:
+            return 100.0
+        if self.copy_job is not None:
+            return self.copy_job.progress
+        if self.status == COPYING and self.copy_source is not None:
+            total = self.copy_source.allocated_blocks
+            return 100.0 * min(1.0, self.copy_matched_blocks / total) if total else 0.0
+        return 0.0
+
+    @property
+    def in_use(self) -> bool:
+        """Open, or read by a copy: a deleted snapshot's data must stay until neither."""
+        return self.open_handles > 0 or self.copy_readers > 0
 
     @property
     def allocated_bytes(self) -> int:
@@ -137,6 +158,8 @@ class Snapshot:
         for block_no in range(first, last + 1):
             if self.writer is not None:
                 plain = await self.writer.current_content(block_no)
+            elif block_no not in ids and self.copy_job is not None:
+                plain = await self._read_from_copy_source(block_no)
             else:
                 block_id = ids.get(block_no)
                 plain = await self.region.read_block(block_id) if block_id else b""
@@ -150,6 +173,21 @@ class Snapshot:
             self._read_ahead(first, last, nursery)
         self.last_read_block = last
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_from_copy_source(self, block_no: int) -> bytes:
+        """A block the copy job has not transferred yet: served from the source at once."""
+        job = self.copy_job
+        assert job is not None
+        source = job.source
+        if source is None:
+            return b""
+        block_id = source.region.index.block_id(source.id, block_no)
+        if block_id is None:  # the source has a hole here, or the block just arrived
+            block_id = self.region.index.block_id(self.id, block_no)
+            region = self.region
+        else:
+            region = source.region
+        return await region.read_block(block_id) if block_id else b""
 
     def _read_ahead(self, first: int, last: int, nursery: trio.Nursery) -> None:
         if first not in (self.last_read_block, self.last_read_block + 1):
@@ -175,8 +213,18 @@ class SnapshotWriter:
     so a retry after space is freed loses nothing.
     """
 
-    def __init__(self, snap: Snapshot, nursery: trio.Nursery):
+    def __init__(
+        self,
+        snap: Snapshot,
+        nursery: trio.Nursery,
+        not_a_copy: Callable[[Snapshot, str], None] | None = None,
+        copy_bandwidth_limit: int | None = None,
+    ):
         self.snap = snap
+        self._not_a_copy = not_a_copy
+        self._copy_bandwidth_limit = copy_bandwidth_limit
+        self._copy_started: float | None = None
+        self._copy_written = 0
         self.region = snap.region
         self.nursery = nursery
         self.block_size = self.region.block_size
@@ -211,7 +259,17 @@ class SnapshotWriter:
         self._meta_dirty = True
         if len(self.dirty) > DIRTY_BLOCKS_MAX:
             await self._store(next(iter(self.dirty)))
+        if self.snap.copy_source is not None and self._copy_bandwidth_limit:
+            await self._throttle(len(data))
         return len(data)
+
+    async def _throttle(self, nbytes: int) -> None:
+        """`cp` copies honour the copy bandwidth limit too (`snapfs mount --copy-bwlimit`)."""
+        if self._copy_started is None:
+            self._copy_started = trio.current_time()
+        self._copy_written += nbytes
+        assert self._copy_bandwidth_limit
+        await trio.sleep_until(self._copy_started + self._copy_written / self._copy_bandwidth_limit)
 
     async def _buffer(self, block_no: int) -> bytearray:
         """The writable buffer of a block, filled with its current content."""
@@ -274,6 +332,8 @@ class SnapshotWriter:
                 self.pinned.append(stored.block_id)
                 if stored.new is not None:
                     self.new_blocks[stored.block_id] = stored.new
+            if self.snap.copy_source is not None:
+                self._check_copy(block_no, stored)
         finally:
             del self.inflight[block_no]
             done.set()
@@ -286,6 +346,21 @@ class SnapshotWriter:
                 log.error(
                     "snapshot %s (%s): commit failed: %s", self.snap.name, self.snap.id, self.error
                 )
+
+    def _check_copy(self, block_no: int, stored: StoredBlock | None) -> None:
+        """A `cp` copy stays one while each block it writes is the source's block."""
+        source = self.snap.copy_source
+        assert source is not None
+        block_id = None if stored is None else stored.block_id
+        if source.region.index.block_id(source.id, block_no) != block_id:
+            self._meta_dirty = True
+            if self._not_a_copy is not None:
+                self._not_a_copy(self.snap, f"block {block_no} differs")
+            return
+        if stored is not None:
+            self.snap.copy_matched_blocks += 1
+            if stored.written and stored.new is not None:
+                self.snap.transferred_bytes += stored.new.plain_size
 
     def _raise_deferred(self) -> None:
         if self.error is not None:
@@ -326,12 +401,13 @@ class SnapshotWriter:
             try:
                 if new_blocks:
                     await self.region.sync()
+                snap = self.snap
                 fields = {
-                    "size": self.snap.size,
-                    "mtime_ns": self.snap.mtime_ns,
-                    "ctime_ns": self.snap.ctime_ns,
-                    **fields,
-                }
+                    "size": snap.size, "mtime_ns": snap.mtime_ns, "ctime_ns": snap.ctime_ns,
+                    "status": snap.status, "source_snapshot_id": snap.source_snapshot_id,
+                    "source_region": snap.source_region, "description": snap.description,
+                    "transferred_bytes": snap.transferred_bytes, **fields,
+                }  # fmt: skip
                 self.region.index.commit_blocks(self.snap.id, new_blocks, mapping, fields)
             except BaseException:
                 self.pinned[:0] = pinned

@@ -32,9 +32,12 @@ import trio
 
 from . import db as dbutil
 from .cache import BlockCache
+from .copyjobs import CopyEngine, CopyJob
 from .errors import (
+    AlreadyExists,
     InvalidParameter,
     NotPermitted,
+    NotReady,
     RegionNotEmpty,
     RegionNotFound,
     Sealed,
@@ -42,9 +45,9 @@ from .errors import (
     StoreBusy,
     StoreFormat,
 )
-from .names import check_region_name, new_snapshot_id
-from .region import Region
-from .snapshots import AVAILABLE, CREATING, Snapshot, SnapshotWriter
+from .names import check_region_name, check_snapshot_filename, new_snapshot_id
+from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
+from .snapshots import AVAILABLE, COPYING, CREATING, Snapshot, SnapshotWriter
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +88,26 @@ MIGRATIONS: list[dbutil.Migration] = [_v1]
 class OpenFile:
     snap: Snapshot
     writable: bool
+    pid: int = 0
 
 
 class Store:
-    def __init__(self, path: Path, *, block_size: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        block_size: int | None = None,
+        copy_bandwidth_limit: int | None = None,
+    ):
         self.path = path.resolve()
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
         self.regions: dict[str, Region] = {}
         self.by_ino: dict[int, Region | Snapshot] = {}
+        # Every snapshot by id, including deleted ones kept while open or read by a copy.
+        self.by_id: dict[str, Snapshot] = {}
+        self.copies = CopyEngine(self, copy_bandwidth_limit)
+        self._readers: dict[int, list[OpenFile]] = {}  # pid -> its read-only handles
         self.nursery: trio.Nursery | None = None
         self.was_clean = True
         self._lock_fd: int | None = None
@@ -167,47 +181,86 @@ class Store:
         self.by_ino[region.ino] = region
         for row in region.index.snapshots(include_deleted=True):
             snap = Snapshot.from_row(row, region)
+            self.by_id[snap.id] = snap
             if not snap.deleted:
                 region.snapshots[snap.name] = snap
                 self.by_ino[snap.ino] = snap
         return region
 
     async def recover(self) -> None:
-        """Make the store consistent before serving: drop what an unclean stop left behind.
+        """Make the store consistent before serving, and queue the copy jobs to resume.
 
         - snapshots deleted while open, and snapshots still `creating` (their writers are
-          gone; an unsealed snapshot never becomes visible as complete), are removed;
+          gone; an unsealed snapshot never becomes visible as complete), are removed, as
+          are `cp` copies that were still being written; a deleted snapshot that an
+          unfinished copy job reads from is kept until the job is done;
         - after an unclean stop, objects no index row names are deleted;
         - unreferenced blocks are collected.
         """
+        jobs = [
+            (region, row) for region in self.regions.values() for row in region.index.copy_jobs()
+        ]
+        job_targets = {row["dst_snapshot_id"] for _, row in jobs}
+        job_sources = {row["src_snapshot_id"] for _, row in jobs}
         for region in self.regions.values():
             for row in region.index.snapshots(include_deleted=True):
-                if row["deleted"] or row["status"] == CREATING:
-                    reason = "deleted while open" if row["deleted"] else "was still being written"
-                    log.warning(
-                        "region %s: removing snapshot %s (%s): it %s when snapfs stopped",
-                        region.name,
-                        row["name"],
-                        row["id"],
-                        reason,
-                    )
-                    region.index.delete_snapshot(row["id"])
-                    snap = region.snapshots.get(row["name"])
-                    if snap is not None and snap.id == row["id"]:
-                        del region.snapshots[row["name"]]
-                        self.by_ino.pop(snap.ino, None)
+                if row["id"] in job_targets or (row["deleted"] and row["id"] in job_sources):
+                    continue
+                if row["deleted"]:
+                    reason = "was deleted while open"
+                elif row["status"] in (CREATING, COPYING):
+                    reason = "was still being written"
+                else:
+                    continue
+                log.warning(
+                    "region %s: removing snapshot %s (%s): it %s when snapfs stopped",
+                    region.name,
+                    row["name"],
+                    row["id"],
+                    reason,
+                )
+                region.index.delete_snapshot(row["id"])
+                snap = self.by_id.pop(row["id"], None)
+                if snap is not None and not snap.deleted:
+                    del region.snapshots[snap.name]
+                    self.by_ino.pop(snap.ino, None)
+        for region, row in jobs:
+            self._resume_job(region, row)
+        for region in self.regions.values():
             if not self.was_clean:
                 await region.collect_orphans()
             await region.collect_garbage()
 
+    def _resume_job(self, region: Region, row: dict) -> None:
+        source = self.by_id.get(row["src_snapshot_id"])
+        if source is not None and row["kind"] == "move" and not source.deleted:
+            self._hide(source)  # the stop came between the job's commit and hiding the source
+        job = CopyJob(
+            dst=self.by_id[row["dst_snapshot_id"]],
+            src_region=row["src_region"],
+            src_snapshot_id=row["src_snapshot_id"],
+            kind=row["kind"],
+            next_block=row["next_block"],
+            done_blocks=row["done_blocks"],
+            total_blocks=row["total_blocks"],
+            created_at=row["created_at"],
+            source=source,
+        )
+        if source is not None:
+            source.copy_readers += 1
+        self.copies.add(job)
+
     def start(self, nursery: trio.Nursery) -> None:
-        """Start background work (garbage collectors) that lives as long as the mount."""
+        """Start background work (garbage collectors, copy jobs) that lives with the mount."""
         self.nursery = nursery
         for region in self.regions.values():
             nursery.start_soon(region.gc_loop)
+        self.copies.start(nursery)
 
     async def shutdown(self) -> None:
-        """Store what open writers buffered; their snapshots stay `creating` (see recover)."""
+        """Stop copy jobs where they are (they resume at the next mount) and store what open
+        writers buffered; their snapshots stay `creating` (see recover)."""
+        await self.copies.stop_all()
         for region in self.regions.values():
             for snap in list(region.snapshots.values()):
                 if snap.writer is not None:
@@ -283,14 +336,48 @@ class Store:
 
     # --- snapshot lifecycle ----------------------------------------------------------------
 
-    def create_snapshot(self, region: Region, name: str, mode: int, uid: int, gid: int) -> Snapshot:
+    def create_snapshot(
+        self, region: Region, name: str, mode: int, uid: int, gid: int, pid: int = 0
+    ) -> Snapshot:
+        """A new `creating` snapshot. If the creating process has a sealed snapshot open for
+        reading (`cp SRC DST`), the new one is provisionally a copy of it (`copying`); the
+        written blocks must then match the source's, or it becomes an ordinary snapshot."""
         region.check_new_name(name)
+        region.check_quota()
         snap = Snapshot.new(new_snapshot_id(), name, region, mode, uid, gid)
+        source = self._source_read_by(pid)
+        if source is not None:
+            snap.status = COPYING
+            snap.copy_source = source
+            snap.source_snapshot_id, snap.source_region = source.id, source.region.name
+            snap.description = source.description
+            source.copy_readers += 1
         region.index.insert_snapshot(snap.to_row())
-        region.snapshots[name] = snap
-        self.by_ino[snap.ino] = snap
-        log.info("region %s: creating snapshot %s (%s)", region.name, name, snap.id)
+        self._add(snap)
+        if source is not None:
+            log.info(
+                "region %s: snapshot %s (%s) is being written as a copy of %s/%s (%s)",
+                region.name,
+                name,
+                snap.id,
+                source.region.name,
+                source.name,
+                source.id,
+            )
+        else:
+            log.info("region %s: creating snapshot %s (%s)", region.name, name, snap.id)
         return snap
+
+    def _add(self, snap: Snapshot) -> None:
+        snap.region.snapshots[snap.name] = snap
+        self.by_ino[snap.ino] = snap
+        self.by_id[snap.id] = snap
+
+    def _source_read_by(self, pid: int) -> Snapshot | None:
+        for handle in reversed(self._readers.get(pid, [])):
+            if handle.snap.status == AVAILABLE and not handle.snap.deleted:
+                return handle.snap
+        return None
 
     async def create_empty_snapshot(
         self, region: Region, name: str, mode: int, uid: int, gid: int
@@ -300,7 +387,7 @@ class Store:
         await self.release(self.open(snap, True))
         return snap
 
-    def open(self, snap: Snapshot, writable: bool) -> OpenFile:
+    def open(self, snap: Snapshot, writable: bool, pid: int = 0) -> OpenFile:
         if writable:
             if snap.sealed:
                 raise Sealed(
@@ -309,10 +396,15 @@ class Store:
                 )
             if snap.writer is None:
                 assert self.nursery is not None
-                snap.writer = SnapshotWriter(snap, self.nursery)
+                snap.writer = SnapshotWriter(
+                    snap, self.nursery, self.not_a_copy, self.copies.bandwidth_limit
+                )
             snap.writer.handles += 1
         snap.open_handles += 1
-        return OpenFile(snap, writable)
+        handle = OpenFile(snap, writable, pid)
+        if not writable and pid:
+            self._readers.setdefault(pid, []).append(handle)
+        return handle
 
     async def flush(self, handle: OpenFile) -> None:
         if handle.writable and handle.snap.writer is not None:
@@ -321,72 +413,134 @@ class Store:
     async def release(self, handle: OpenFile) -> None:
         snap = handle.snap
         snap.open_handles -= 1
+        if not handle.writable and handle.pid:
+            readers = self._readers.get(handle.pid, [])
+            if handle in readers:
+                readers.remove(handle)
+            if not readers:
+                self._readers.pop(handle.pid, None)
         writer = snap.writer
         if handle.writable and writer is not None:
             writer.handles -= 1
             if writer.handles == 0 and not snap.deleted:
                 await self._seal(snap)
-        if snap.deleted and snap.open_handles == 0:
+        if snap.deleted and not snap.in_use:
             await self._destroy(snap)
 
     async def _seal(self, snap: Snapshot) -> None:
         writer = snap.writer
         assert writer is not None
-        if writer.is_flushed():
-            # The close() before this release already stored everything (FUSE sends FLUSH on
-            # every close). Seal without yielding, so that a request the kernel queued after
-            # the release, like a getfattr right after `cp` returns, already sees `available`.
-            snap.sealed_at = time.time()
-            snap.region.index.update_snapshot(
-                snap.id,
-                status=AVAILABLE,
-                sealed_at=snap.sealed_at,
-                size=snap.size,
-                mtime_ns=snap.mtime_ns,
-                ctime_ns=snap.ctime_ns,
-            )
-            self._sealed(snap)
-            return
-        try:
-            await writer.flush()
-        except SnapfsError as exc:
-            # The writer's close() already reported this; keep the snapshot writable-free but
-            # unsealed so that it is removed at the next mount rather than sealed incomplete.
-            log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, exc)
-            await writer.discard()
-            snap.writer = None
-            return
+        if not writer.is_flushed():
+            try:
+                await writer.flush()
+            except SnapfsError as exc:
+                # close() already reported this. The snapshot stays unsealed, so it is
+                # removed at the next mount rather than sealed incomplete.
+                log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, exc)
+                await writer.discard()
+                snap.writer = None
+                self._end_cp_copy(snap, keep_lineage=False)
+                return
+        # Everything is committed: seal without yielding, so that a request the kernel
+        # queued after this release (a getfattr right after `cp` returns) sees `available`.
+        self._end_cp_copy(snap, keep_lineage=self._is_exact_copy(snap))
         snap.sealed_at = time.time()
-        await writer.commit(status=AVAILABLE, sealed_at=snap.sealed_at)
-        self._sealed(snap)
-
-    def _sealed(self, snap: Snapshot) -> None:
         snap.status = AVAILABLE
         snap.writer = None
+        snap.region.index.update_snapshot(
+            snap.id,
+            status=AVAILABLE,
+            sealed_at=snap.sealed_at,
+            size=snap.size,
+            mtime_ns=snap.mtime_ns,
+            ctime_ns=snap.ctime_ns,
+            **_lineage(snap),
+        )
         log.info(
-            "region %s: sealed snapshot %s (%s), %d bytes",
+            "region %s: sealed snapshot %s (%s), %d bytes%s",
             snap.region.name,
             snap.name,
             snap.id,
             snap.size,
+            f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
         )
+
+    def _is_exact_copy(self, snap: Snapshot) -> bool:
+        source = snap.copy_source
+        if source is None or snap.status != COPYING or source.size != snap.size:
+            return False
+        return maps_equal(source, snap)
+
+    def _end_cp_copy(self, snap: Snapshot, *, keep_lineage: bool) -> None:
+        """A `cp` copy is over: keep its lineage if it matched, release the source."""
+        source = snap.copy_source
+        if source is None:
+            return
+        snap.copy_source = None
+        if not keep_lineage:
+            snap.source_snapshot_id = snap.source_region = snap.description = None
+            snap.transferred_bytes = 0
+        self._release_source(source)
+
+    def not_a_copy(self, snap: Snapshot, reason: str) -> None:
+        """The writer found a block that differs from the source: an ordinary snapshot."""
+        log.info(
+            "region %s: %s (%s) is not a copy of %s: %s",
+            snap.region.name,
+            snap.name,
+            snap.id,
+            snap.source_snapshot_id,
+            reason,
+        )
+        snap.status = CREATING
+        self._end_cp_copy(snap, keep_lineage=False)
+
+    def _release_source(self, source: Snapshot) -> None:
+        source.copy_readers -= 1
+        if source.deleted and not source.in_use:
+            self._drop(source)
+
+    # --- deleting and renaming -------------------------------------------------------------
+
+    def _hide(self, snap: Snapshot) -> None:
+        """Take a snapshot out of its region's namespace; its data stays while in use."""
+        if snap.region.snapshots.get(snap.name) is snap:
+            del snap.region.snapshots[snap.name]
+        snap.deleted = True
+        snap.region.index.update_snapshot(snap.id, deleted=1)
+        if not snap.open_handles and self.by_ino.get(snap.ino) is snap:
+            del self.by_ino[snap.ino]
 
     async def unlink(self, region: Region, name: str) -> None:
         snap = region.lookup(name)
-        del region.snapshots[name]
-        snap.deleted = True
-        if snap.open_handles:
-            region.index.update_snapshot(snap.id, deleted=1)
+        job = snap.copy_job
+        if job is not None:  # deleting a copy's destination cancels the copy
+            await self.copies.cancel(job)
+            log.info(
+                "region %s: copy into %s (%s) cancelled by its deletion", region.name, name, snap.id
+            )
+            if job.source is not None:
+                self._release_source(job.source)
+        if snap.in_use:
+            self._hide(snap)
         else:
+            del region.snapshots[name]
+            snap.deleted = True
             await self._destroy(snap)
 
     async def _destroy(self, snap: Snapshot) -> None:
         if snap.writer is not None:
             await snap.writer.discard()
             snap.writer = None
+        self._end_cp_copy(snap, keep_lineage=False)
+        self._drop(snap)
+
+    def _drop(self, snap: Snapshot) -> None:
+        """Delete a snapshot that nothing uses any more; its unshared blocks are collected."""
         snap.region.index.delete_snapshot(snap.id)
         if self.by_ino.get(snap.ino) is snap:
             del self.by_ino[snap.ino]
+        self.by_id.pop(snap.id, None)
         snap.region.request_gc()
         log.info("region %s: deleted snapshot %s (%s)", snap.region.name, snap.name, snap.id)
 
@@ -394,14 +548,148 @@ class Store:
         self, old_region: Region, old: str, new_region: Region, new: str, flags: int
     ) -> None:
         if old_region is not new_region:
-            raise SnapfsError(
-                "moving a snapshot between regions is a copy, not supported by rename yet",
-                code="OperationDenied.CrossRegion",
-                errno=errno.EXDEV,
-            )
+            await self.move_snapshot(old_region, old, new_region, new, flags)
+            return
         displaced = old_region.rename(old, new, flags)
-        if displaced is not None and displaced.open_handles == 0:
-            await self._destroy(displaced)
+        if displaced is not None:
+            await self._displaced(displaced)
+
+    async def _displaced(self, snap: Snapshot) -> None:
+        """A snapshot replaced by a rename: gone from the namespace, deleted when unused."""
+        if snap.copy_job is not None:
+            await self.copies.cancel(snap.copy_job)
+        if not snap.in_use:
+            await self._destroy(snap)
+
+    # --- copies ----------------------------------------------------------------------------
+
+    async def move_snapshot(
+        self, src_region: Region, name: str, dst_region: Region, new_name: str, flags: int
+    ) -> Snapshot:
+        """`mv` across regions: the destination appears at once as `copying`, the source
+        name disappears at once, a job transfers the missing blocks in the background."""
+        if flags & RENAME_EXCHANGE:
+            raise InvalidParameter("snapshots in different regions cannot be exchanged")
+        source = src_region.lookup(name)
+        displaced = dst_region.snapshots.get(new_name)
+        if displaced is not None and flags & RENAME_NOREPLACE:
+            raise AlreadyExists(f"snapshot {new_name!r} already exists in region {dst_region.name}")
+        dst = self._start_copy(
+            source,
+            dst_region,
+            new_name,
+            kind="move",
+            replace=displaced,
+            description=source.description,
+            retention_days=source.retention_days,
+            tags={},
+        )
+        self._hide(source)
+        if displaced is not None:
+            displaced.deleted = True
+            await self._displaced(displaced)
+        return dst
+
+    def copy_snapshot(
+        self,
+        src_region: Region,
+        name: str,
+        dst_region: Region,
+        new_name: str,
+        *,
+        description: str | None = None,
+        retention_days: int | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Snapshot:
+        """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job."""
+        source = src_region.lookup(name)
+        return self._start_copy(
+            source,
+            dst_region,
+            new_name,
+            kind="copy",
+            replace=None,
+            description=description,
+            retention_days=retention_days,
+            tags=tags or {},
+        )
+
+    def _start_copy(
+        self,
+        source: Snapshot,
+        dst_region: Region,
+        name: str,
+        *,
+        kind: str,
+        replace: Snapshot | None,
+        description: str | None,
+        retention_days: int | None,
+        tags: dict[str, str],
+    ) -> Snapshot:
+        if source.status != AVAILABLE or not source.sealed:
+            raise NotReady(
+                f"snapshot {source.name} ({source.id}) is {source.status}; only "
+                "available snapshots can be copied"
+            )
+        check_snapshot_filename(name)
+        if replace is None:
+            dst_region.check_new_name(name)
+            dst_region.check_quota()
+        dst = Snapshot.new(new_snapshot_id(), name, dst_region, source.mode, source.uid, source.gid)
+        dst.status = COPYING
+        dst.size = source.size
+        dst.atime_ns, dst.mtime_ns = source.atime_ns, source.mtime_ns
+        dst.source_snapshot_id, dst.source_region = source.id, source.region.name
+        dst.description, dst.retention_days = description, retention_days
+        job = CopyJob(
+            dst=dst,
+            src_region=source.region.name,
+            src_snapshot_id=source.id,
+            kind=kind,
+            next_block=0,
+            done_blocks=0,
+            total_blocks=source.allocated_blocks,
+            created_at=time.time(),
+            source=source,
+        )
+        dst_region.index.insert_snapshot(
+            dst.to_row(),
+            tags=tags,
+            displaced_id=replace.id if replace else None,
+            job={
+                "src_region": job.src_region,
+                "src_snapshot_id": job.src_snapshot_id,
+                "kind": kind,
+                "total_blocks": job.total_blocks,
+                "created_at": job.created_at,
+            },
+        )
+        if replace is not None:
+            del dst_region.snapshots[name]
+        self._add(dst)
+        source.copy_readers += 1
+        self.copies.add(job)
+        log.info(
+            "region %s: %s of %s/%s (%s) started as %s (%s)%s",
+            dst_region.name,
+            kind,
+            source.region.name,
+            source.name,
+            source.id,
+            name,
+            dst.id,
+            ""
+            if job.dst.copy_job is None
+            or self.copies.running(dst_region) <= dst_region.max_parallel_copies
+            else ", queued",
+        )
+        return dst
+
+    def copy_finished(self, job: CopyJob) -> None:
+        """Called by the engine when a job has succeeded or failed: release its source."""
+        if job.source is not None:
+            self._release_source(job.source)
+            job.source = None
 
     async def set_size(self, snap: Snapshot, size: int) -> None:
         if size < 0:
@@ -442,3 +730,25 @@ class Store:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.path)
+
+
+def _lineage(snap: Snapshot) -> dict[str, object]:
+    return {
+        "source_snapshot_id": snap.source_snapshot_id,
+        "source_region": snap.source_region,
+        "description": snap.description,
+        "transferred_bytes": snap.transferred_bytes,
+    }
+
+
+def maps_equal(a: Snapshot, b: Snapshot, chunk: int = 4096) -> bool:
+    """Two snapshots, possibly in different regions, map every block to the same id."""
+    next_a = next_b = 0
+    while True:
+        rows_a = a.region.index.block_map_from(a.id, next_a, chunk)
+        rows_b = b.region.index.block_map_from(b.id, next_b, chunk)
+        if rows_a != rows_b:
+            return False
+        if not rows_a:
+            return True
+        next_a = next_b = rows_a[-1][0] + 1

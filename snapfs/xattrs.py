@@ -1,30 +1,33 @@
-"""Extended attributes: the metadata and progress interface of snapshots and regions.
+"""Extended attributes: the metadata, progress and control interface of snapshots and regions.
 
-`getfattr -d -m - FILE` lists what `names()` returns. Read-only attributes refuse writes
-with EPERM; names snapfs does not know are ENOTSUP to set and ENODATA to read (so tools
-probing `security.capability` before every write get a cheap answer).
+`getfattr -d -m - FILE` lists what `names()` returns. Read-only attributes refuse writes with
+EPERM; invalid values are refused with EINVAL and change nothing; names snapfs does not know
+are ENOTSUP to set and ENODATA to read (so the kernel's `security.capability` probe before
+every write gets a cheap answer).
+
+Setting `user.snapfs.copy` on a region directory is the CopySnapshot API that `snapfs copy`
+uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
+"retention_days": R, "tags": {K: V}}; the new snapshot appears in the region as `copying`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
-from .errors import AttributeNotSupported, NoSuchAttribute, NotPermitted
+from . import params
+from .errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
 from .region import Region
 from .snapshots import FAILED, Snapshot
 from .store import Store
 
 PREFIX = "user.snapfs."
-
-
-def _fmt_progress(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
+TAG_PREFIX = "user.tag."
 
 _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
     "id": lambda s: s.id,
     "status": lambda s: s.status,
-    "progress": lambda s: _fmt_progress(s.progress),
+    "progress": lambda s: f"{s.progress:.2f}".rstrip("0").rstrip("."),
     "error": lambda s: s.error if s.status == FAILED else None,
     "source_snapshot_id": lambda s: s.source_snapshot_id,
     "source_region": lambda s: s.source_region,
@@ -35,27 +38,135 @@ _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
     "retention_days": lambda s: None if s.retention_days is None else str(s.retention_days),
 }
 
-
-def names(node: Region | Snapshot | None) -> list[str]:
-    if not isinstance(node, Snapshot):
-        return []
-    return [PREFIX + key for key, read in _SNAPSHOT_READERS.items() if read(node) is not None]
-
-
-def get(node: Region | Snapshot | None, name: str) -> bytes:
-    if isinstance(node, Snapshot) and name.startswith(PREFIX):
-        read = _SNAPSHOT_READERS.get(name[len(PREFIX) :])
-        value = read(node) if read else None
-        if value is not None:
-            return value.encode()
-    raise NoSuchAttribute(f"no attribute {name}")
+_REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
+    "encrypt_by_default": lambda st, r: "false",
+    "default_kms_key_id": lambda st, r: "",
+    "max_parallel_copies": lambda st, r: str(r.max_parallel_copies),
+    "snapshot_quota": lambda st, r: None if r.snapshot_quota is None else str(r.snapshot_quota),
+    "copies_running": lambda st, r: str(st.copies.running(r)),
+    "copies_queued": lambda st, r: str(st.copies.queued(r)),
+}
 
 
-def set(store: Store, node: Region | Snapshot | None, name: str, value: bytes) -> None:  # noqa: A001
-    if isinstance(node, Snapshot) and name[len(PREFIX) :] in _SNAPSHOT_READERS:
-        raise NotPermitted(f"{name} is read-only")
-    raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
+def names(store: Store, node: Region | Snapshot | None) -> list[str]:
+    if isinstance(node, Snapshot):
+        found = [PREFIX + k for k, read in _SNAPSHOT_READERS.items() if read(node) is not None]
+        return found + [TAG_PREFIX + key for key in node.region.index.tags(node.id)]
+    if isinstance(node, Region):
+        return [PREFIX + k for k, read in _REGION_READERS.items() if read(store, node) is not None]
+    return []
+
+
+def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
+    value: str | None = None
+    if isinstance(node, Snapshot):
+        if name.startswith(PREFIX) and (read := _SNAPSHOT_READERS.get(name[len(PREFIX) :])):
+            value = read(node)
+        elif name.startswith(TAG_PREFIX):
+            value = node.region.index.tags(node.id).get(name[len(TAG_PREFIX) :])
+    elif isinstance(node, Region) and name.startswith(PREFIX):
+        read_region = _REGION_READERS.get(name[len(PREFIX) :])
+        value = read_region(store, node) if read_region else None
+    if value is None:
+        raise NoSuchAttribute(f"no attribute {name}")
+    return value.encode()
+
+
+def set(store: Store, node: Region | Snapshot | None, name: str, raw: bytes) -> None:  # noqa: A001
+    value = _text(raw)
+    if isinstance(node, Snapshot):
+        _set_snapshot(node, name, value)
+    elif isinstance(node, Region):
+        _set_region(store, node, name, value)
+    else:
+        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
 
 
 def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
+    if isinstance(node, Snapshot):
+        if name.startswith(TAG_PREFIX):
+            key = name[len(TAG_PREFIX) :]
+            if key not in node.region.index.tags(node.id):
+                raise NoSuchAttribute(f"no attribute {name}")
+            node.region.index.set_tag(node.id, key, None)
+            return
+        if name in (PREFIX + "description", PREFIX + "retention_days"):
+            field = name[len(PREFIX) :]
+            setattr(node, field, None)
+            node.region.index.update_snapshot(node.id, **{field: None})
+            return
+    if isinstance(node, Region) and name == PREFIX + "snapshot_quota":
+        node.index.set_setting("snapshot_quota", "")
+        return
     set(store, node, name, b"")
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidParameter("attribute values must be UTF-8 text") from None
+
+
+def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
+    if name == PREFIX + "description":
+        snap.description = params.check_description(value)
+        snap.region.index.update_snapshot(snap.id, description=snap.description)
+    elif name == PREFIX + "retention_days":
+        snap.retention_days = params.check_retention_days(value)
+        snap.region.index.update_snapshot(snap.id, retention_days=snap.retention_days)
+    elif name.startswith(TAG_PREFIX):
+        key = params.check_tag_key(name[len(TAG_PREFIX) :])
+        params.check_tag_value(value)
+        tags = snap.region.index.tags(snap.id)
+        if key not in tags and len(tags) >= params.MAX_TAGS:
+            raise InvalidParameter(
+                f"a snapshot has at most {params.MAX_TAGS} tags", code="InvalidTagCount"
+            )
+        snap.region.index.set_tag(snap.id, key, value)
+    elif name.startswith(PREFIX) and name[len(PREFIX) :] in _SNAPSHOT_READERS:
+        raise NotPermitted(f"{name} is read-only")
+    else:
+        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
+
+
+def _positive(value: str, name: str, limit: int) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= limit:
+        raise InvalidParameter(f"{name} must be a whole number from 1 to {limit}, got {value!r}")
+    return int(value)
+
+
+def _set_region(store: Store, region: Region, name: str, value: str) -> None:
+    key = name[len(PREFIX) :] if name.startswith(PREFIX) else None
+    if key == "max_parallel_copies":
+        region.index.set_setting(key, str(_positive(value, name, 100_000)))
+        store.copies.reschedule(region)
+    elif key == "snapshot_quota":
+        region.index.set_setting(key, str(_positive(value, name, 1 << 40)))
+    elif key == "copy":
+        _copy_request(store, region, value)
+    elif key in _REGION_READERS:
+        raise NotPermitted(f"{name} is read-only")
+    else:
+        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
+
+
+def _copy_request(store: Store, dst_region: Region, value: str) -> None:
+    try:
+        request = json.loads(value)
+        source = str(request["source"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}') from None
+    src_region_name, _, src_name = source.partition("/")
+    name = request.get("name") or src_name
+    description = request.get("description")
+    retention = request.get("retention_days")
+    tags = params.check_tags([(str(k), str(v)) for k, v in (request.get("tags") or {}).items()])
+    if request.get("name"):
+        params.check_cloud_snapshot_name(name)
+    store.copy_snapshot(
+        store.region(src_region_name), src_name, dst_region, name,
+        description=None if description is None else params.check_description(description),
+        retention_days=None if retention is None else params.check_retention_days(retention),
+        tags=tags,
+    )  # fmt: skip

@@ -1,0 +1,280 @@
+"""Copy jobs: the background transfer behind `mv` across regions and `snapfs copy`.
+
+A job copies the block map of a source snapshot into a destination snapshot of another (or
+the same) region, transferring only the blocks the destination region lacks:
+
+    for each batch of the source's blocks, in block order, from the job's resume point:
+        a block id the destination already holds (any snapshot, any earlier copy) -> map it;
+        else fetch the source object, verify it, write it to the destination unchanged;
+        sync the destination's objects, then ONE transaction: block rows, map rows, the
+        destination's transferred_bytes and the job's resume point.
+
+So a job killed at any moment resumes at the first batch that did not commit, and a block
+two jobs need at once is written once (the region makes the second wait for the first).
+Jobs live in the destination region's `copy_jobs` table until they finish; at most
+`max_parallel_copies` run per destination region, the rest wait in creation order.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
+from .region import StoredBlock
+
+if TYPE_CHECKING:
+    from .region import Region
+    from .snapshots import Snapshot
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH_BLOCKS = 64
+TRANSFERS_PER_JOB = 8
+
+
+@dataclass(eq=False)
+class CopyJob:
+    dst: Snapshot
+    src_region: str
+    src_snapshot_id: str
+    kind: str  # "move" (mv across regions) or "copy" (snapfs copy)
+    next_block: int
+    done_blocks: int
+    total_blocks: int
+    created_at: float
+    source: Snapshot | None = None  # None if the source is gone (the job then fails)
+    state: str = "queued"
+    scope: trio.CancelScope | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def progress(self) -> float:
+        if self.total_blocks <= 0:
+            return 100.0 if self.state == "done" else 0.0
+        return min(100.0, 100.0 * self.done_blocks / self.total_blocks)
+
+
+class CopyEngine:
+    """Schedules and runs the store's copy jobs."""
+
+    def __init__(self, store: Store, bandwidth_limit: int | None = None):
+        self.store = store
+        self.jobs: dict[str, CopyJob] = {}
+        self._queues: dict[str, collections.deque[CopyJob]] = collections.defaultdict(
+            collections.deque
+        )
+        self._running: collections.Counter[str] = collections.Counter()
+        self._nursery: trio.Nursery | None = None
+        # Bytes of source data per second, per job: a documented throttle (`snapfs mount
+        # --copy-bwlimit`) for sharing a link; tests use it to watch progress move.
+        self.bandwidth_limit = bandwidth_limit
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def add(self, job: CopyJob) -> None:
+        """Register a job (new, or loaded from the index at mount) and run it when a slot
+        in its destination region is free."""
+        self.jobs[job.dst.id] = job
+        job.dst.copy_job = job
+        self._queues[job.dst.region.name].append(job)
+        self._schedule(job.dst.region)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        for region in self.store.regions.values():
+            self._schedule(region)
+
+    def _schedule(self, region: Region) -> None:
+        if self._nursery is None:
+            return
+        queue = self._queues[region.name]
+        while queue and self._running[region.name] < region.max_parallel_copies:
+            job = queue.popleft()
+            self._running[region.name] += 1
+            self._nursery.start_soon(self._run, job)
+
+    def reschedule(self, region: Region) -> None:
+        """The region's max_parallel_copies changed: start what now fits."""
+        self._schedule(region)
+
+    def queued(self, region: Region) -> int:
+        return len(self._queues[region.name])
+
+    def running(self, region: Region) -> int:
+        return self._running[region.name]
+
+    async def cancel(self, job: CopyJob) -> None:
+        """Stop a job (its destination is being deleted); returns once it has stopped."""
+        queue = self._queues[job.dst.region.name]
+        if job in queue:
+            queue.remove(job)
+            self._forget(job)
+            return
+        if job.scope is not None:
+            job.scope.cancel()
+        await job.finished.wait()
+
+    async def stop_all(self) -> None:
+        """Unmount: stop running jobs where they are; they resume at the next mount."""
+        for job in list(self.jobs.values()):
+            if job.scope is not None:
+                job.scope.cancel()
+        for job in list(self.jobs.values()):
+            if job.state == "running":
+                await job.finished.wait()
+
+    def _forget(self, job: CopyJob) -> None:
+        self.jobs.pop(job.dst.id, None)
+        job.dst.copy_job = None
+        job.finished.set()
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def _run(self, job: CopyJob) -> None:
+        region = job.dst.region
+        job.state = "running"
+        try:
+            with trio.CancelScope() as job.scope:
+                await self._transfer(job)
+        except Exception as exc:  # noqa: BLE001 - a failed copy is a state, not a crash
+            self._fail(job, as_snapfs_error(exc))
+        finally:
+            job.scope = None
+            self._running[region.name] -= 1
+            if job.state == "running":
+                # Cancelled (unmount, or the destination is being deleted): the job row
+                # stays, so an unmount resumes it at the next mount.
+                job.state = "stopped"
+            self._forget(job)
+            self._schedule(region)
+
+    async def _transfer(self, job: CopyJob) -> None:
+        dst = job.dst
+        src = job.source
+        if src is None:
+            raise NotFound(
+                f"source snapshot {job.src_snapshot_id} in region {job.src_region} no longer exists"
+            )
+        if job.next_block:
+            log.info(
+                "copy %s -> %s/%s: resuming at block %d (%d of %d blocks done)",
+                src.id,
+                dst.region.name,
+                dst.id,
+                job.next_block,
+                job.done_blocks,
+                job.total_blocks,
+            )
+        else:
+            log.info(
+                "copy %s/%s (%s) -> %s/%s (%s): %d blocks",
+                src.region.name,
+                src.name,
+                src.id,
+                dst.region.name,
+                dst.name,
+                dst.id,
+                job.total_blocks,
+            )
+        batch_blocks = self._batch_blocks(dst.region.block_size)
+        while True:
+            batch = src.region.index.block_map_from(src.id, job.next_block, batch_blocks)
+            if not batch:
+                break
+            started = trio.current_time()
+            await self._copy_batch(job, src, batch)
+            await self._throttle(len(batch) * dst.region.block_size, started)
+        self._finish(job)
+
+    def _batch_blocks(self, block_size: int) -> int:
+        if not self.bandwidth_limit:
+            return BATCH_BLOCKS
+        # About four progress steps a second when throttled.
+        return max(1, min(BATCH_BLOCKS, self.bandwidth_limit // 4 // block_size))
+
+    async def _throttle(self, nbytes: int, started: float) -> None:
+        if self.bandwidth_limit:
+            await trio.sleep_until(started + nbytes / self.bandwidth_limit)
+
+    async def _copy_batch(
+        self, job: CopyJob, src: Snapshot, batch: list[tuple[int, bytes]]
+    ) -> None:
+        dst_region = job.dst.region
+        stored: list[StoredBlock] = []
+        limiter = trio.Semaphore(TRANSFERS_PER_JOB)
+
+        async def transfer(block_no: int, block_id: bytes) -> None:
+            async with limiter:
+                fetch = functools.partial(src.region.fetch_object, block_id)
+                try:
+                    stored.append(await dst_region.put_block(block_id, fetch))
+                except ObjectMissing as exc:
+                    raise NotFound(
+                        f"source snapshot {src.id} in region {src.region.name} "
+                        f"lost block {block_no} during the copy: {exc.message}"
+                    ) from None
+                except BlockCorrupt as exc:
+                    raise BlockCorrupt(
+                        f"source snapshot {src.id} block {block_no} is damaged: {exc.message}",
+                        code="InvalidSnapshot.Damaged",
+                    ) from None
+
+        pins: list[bytes] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for block_no, block_id in batch:
+                    nursery.start_soon(transfer, block_no, block_id)
+            pins = [s.block_id for s in stored]
+            new_blocks = {s.block_id: s.new for s in stored if s.new is not None}
+            written = sum(s.new.plain_size for s in stored if s.written and s.new)
+            if new_blocks:
+                await dst_region.sync()
+            dst = job.dst
+            next_block, done = batch[-1][0] + 1, job.done_blocks + len(batch)
+            transferred = dst.transferred_bytes + written
+            dst_region.index.commit_blocks(
+                dst.id,
+                list(new_blocks.values()),
+                batch,
+                {"transferred_bytes": transferred},
+                {"next_block": next_block, "done_blocks": done},
+            )
+        except BaseException:
+            dst_region.released([s.block_id for s in stored])
+            raise
+        dst_region.committed(pins)
+        job.next_block, job.done_blocks = next_block, done
+        dst.transferred_bytes = transferred
+        dst.allocated_blocks = dst_region.index.allocated_blocks(dst.id)
+
+    def _finish(self, job: CopyJob) -> None:
+        dst = job.dst
+        dst.sealed_at = time.time()
+        dst.region.index.finish_copy(dst.id, {"status": "available", "sealed_at": dst.sealed_at})
+        dst.status = "available"
+        job.state = "done"
+        log.info(
+            "copy into %s/%s (%s) finished: %d bytes transferred",
+            dst.region.name,
+            dst.name,
+            dst.id,
+            dst.transferred_bytes,
+        )
+        self.store.copy_finished(job)
+
+    def _fail(self, job: CopyJob, error: SnapfsError) -> None:
+        dst = job.dst
+        dst.error = str(error)
+        dst.status = "failed"
+        job.state = "failed"
+        dst.region.index.finish_copy(dst.id, {"status": "failed", "error": dst.error})
+        log.error("copy into %s/%s (%s) failed: %s", dst.region.name, dst.name, dst.id, error)
+        self.store.copy_finished(job)

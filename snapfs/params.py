@@ -1,0 +1,89 @@
+"""CopySnapshot parameter rules (Alibaba ECS API, ../shared/seeds), shared by the daemon and
+the command line so both refuse the same values with the same codes."""
+
+from __future__ import annotations
+
+from .errors import InvalidParameter, SnapfsError
+from .names import check_cloud_snapshot_name
+
+__all__ = [
+    "check_cloud_snapshot_name",
+    "check_description",
+    "check_retention_days",
+    "check_tag_key",
+    "check_tag_value",
+    "check_tags",
+    "parse_tag",
+]
+
+MAX_TAGS = 20
+_URL_PREFIXES = ("http://", "https://")
+_RESERVED_TAG_PREFIXES = ("acs:", "aliyun")
+
+
+def _refuse(code: str, message: str) -> SnapfsError:
+    return InvalidParameter(message, code=code)
+
+
+def check_description(text: str) -> str:
+    if not 2 <= len(text) <= 256 or text.startswith(_URL_PREFIXES):
+        raise _refuse(
+            "InvalidDescription.Malformed",
+            "the description must be 2 to 256 characters and cannot start with http:// or https://",
+        )
+    return text
+
+
+def check_retention_days(value: str | int) -> int:
+    try:
+        days = int(value)
+    except (TypeError, ValueError):
+        days = 0
+    if str(value).strip() != str(days) or not 1 <= days <= 65536:
+        raise _refuse(
+            "InvalidRetentionDays.Malformed",
+            f"retention days {value!r} must be a whole number from 1 to 65536",
+        )
+    return days
+
+
+def _check_tag_text(text: str, what: str, code: str, *, allow_empty: bool) -> str:
+    if (not text and not allow_empty) or len(text) > 128:
+        raise _refuse(
+            code, f"the tag {what} must be {'0' if allow_empty else '1'} to 128 characters"
+        )
+    if any(p in text for p in _URL_PREFIXES) or text.startswith(_RESERVED_TAG_PREFIXES):
+        raise _refuse(
+            code,
+            f"the tag {what} {text!r} cannot contain http:// or https:// "
+            "nor start with acs: or aliyun",
+        )
+    return text
+
+
+def check_tag_key(key: str) -> str:
+    return _check_tag_text(key, "key", "InvalidTagKey.Malformed", allow_empty=False)
+
+
+def check_tag_value(value: str) -> str:
+    return _check_tag_text(value, "value", "InvalidTagValue.Malformed", allow_empty=True)
+
+
+def check_tags(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for key, value in pairs:
+        check_tag_key(key)
+        check_tag_value(value)
+        if key in tags:
+            raise _refuse("Duplicate.TagKey", f"the tag key {key!r} is given twice")
+        tags[key] = value
+    if len(tags) > MAX_TAGS:
+        raise _refuse("InvalidTagCount", f"at most {MAX_TAGS} tags, got {len(tags)}")
+    return tags
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise _refuse("InvalidTagKey.Malformed", f"a tag is KEY=VALUE, got {text!r}")
+    return key, value
