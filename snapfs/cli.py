@@ -208,7 +208,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
         return _fail("InvalidParameter", f"{args.destination} is not a region directory")
     if len(dst_parts) == 2 and args.name and args.name != dst_parts[1]:
         return _fail("InvalidParameter", "give the new name either in DST or with --name")
-    name = args.name or (dst_parts[1] if len(dst_parts) == 2 else src_parts[1])
+    # A name given here follows the cloud rule; without one the copy keeps the source's.
+    explicit = args.name or (dst_parts[1] if len(dst_parts) == 2 else None)
+    if explicit:
+        params.check_cloud_snapshot_name(explicit)
+    name = explicit or src_parts[1]
     region_dir = Path(dst_mount.mountpoint) / dst_parts[0]
     if not region_dir.is_dir():
         return _fail("InvalidRegionId.NotFound", f"region {dst_parts[0]} does not exist")
@@ -216,7 +220,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         return _fail("InvalidSnapshotId.NotFound", f"{args.source} does not exist")
     request = {
         "source": f"{src_parts[0]}/{src_parts[1]}",
-        "name": name,
+        "name": explicit,
         "description": args.description,
         "retention_days": args.retention_days,
         "tags": tags,

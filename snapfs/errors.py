@@ -8,6 +8,7 @@ surfaces as `EIO`.
 from __future__ import annotations
 
 import errno as errno_mod
+from collections.abc import Iterator
 
 
 class SnapfsError(Exception):
@@ -119,8 +120,9 @@ class AttributeNotSupported(SnapfsError):
 
 def as_snapfs_error(exc: BaseException) -> SnapfsError:
     """Any failure as a SnapfsError, keeping the errno of an OSError (ENOSPC stays ENOSPC)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]  # a nursery wraps its one failed child
+    if isinstance(exc, BaseExceptionGroup):  # a nursery wraps its failed children
+        leaves = list(_leaves(exc))
+        exc = next((e for e in leaves if isinstance(e, SnapfsError)), leaves[0])
     if isinstance(exc, SnapfsError):
         return exc
     if isinstance(exc, OSError) and exc.errno:
@@ -128,3 +130,11 @@ def as_snapfs_error(exc: BaseException) -> SnapfsError:
             return StoreFull(f"no space left for new blocks: {exc}")
         return SnapfsError(str(exc), code="StoreIOError", errno=exc.errno)
     return SnapfsError(f"{type(exc).__name__}: {exc}", code="InternalError")
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -75,6 +75,7 @@ class Snapshot:
     copy_source: Snapshot | None = field(default=None, repr=False)
     copy_matched_blocks: int = 0
     copy_readers: int = 0
+    inode_aliases: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:

@@ -538,8 +538,9 @@ class Store:
     def _drop(self, snap: Snapshot) -> None:
         """Delete a snapshot that nothing uses any more; its unshared blocks are collected."""
         snap.region.index.delete_snapshot(snap.id)
-        if self.by_ino.get(snap.ino) is snap:
-            del self.by_ino[snap.ino]
+        for ino in (snap.ino, *snap.inode_aliases):
+            if self.by_ino.get(ino) is snap:
+                del self.by_ino[ino]
         self.by_id.pop(snap.id, None)
         snap.region.request_gc()
         log.info("region %s: deleted snapshot %s (%s)", snap.region.name, snap.name, snap.id)
@@ -585,6 +586,11 @@ class Store:
             tags={},
         )
         self._hide(source)
+        if source.ino not in self.by_ino:
+            # The kernel moves its dentry and inode (the source's) to the new name: until it
+            # looks the name up again, the source's inode number must mean the destination.
+            self.by_ino[source.ino] = dst
+            dst.inode_aliases.append(source.ino)
         if displaced is not None:
             displaced.deleted = True
             await self._displaced(displaced)

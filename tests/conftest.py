@@ -46,17 +46,24 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
 
 
 class SnapfsMount:
-    def __init__(self, store: Path, mountpoint: Path, block_size: int | None = None):
+    def __init__(
+        self,
+        store: Path,
+        mountpoint: Path,
+        block_size: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.store = store
         self.path = mountpoint
         self.block_size = block_size
+        self.extra_args = extra_args
         mountpoint.mkdir(parents=True, exist_ok=True)
 
     def cli(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
         return run(*SNAPFS, *args, check=check)
 
-    def mount(self) -> None:
-        args = ["mount", self.path, "--store", self.store]
+    def mount(self, *extra: str) -> None:
+        args = ["mount", self.path, "--store", self.store, *(extra or self.extra_args)]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
         result = self.cli(*args, check=False)
@@ -114,6 +121,17 @@ _alive = mounts.pid_alive
 @pytest.fixture
 def mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
     m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
+    m.mount()
+    try:
+        yield m
+    finally:
+        m.teardown()
+
+
+@pytest.fixture
+def slow_mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
+    """A mount whose copies run at 8 MiB/s (`--copy-bwlimit`), to watch them in progress."""
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=("--copy-bwlimit", "8M"))
     m.mount()
     try:
         yield m
