@@ -9,6 +9,7 @@ makes them part of the index: every `COMMIT_EVERY` blocks, on fsync, on close, a
 
 from __future__ import annotations
 
+import errno
 import logging
 import stat
 import time
@@ -149,6 +150,13 @@ class Snapshot:
 
     async def read(self, offset: int, length: int, nursery: trio.Nursery | None = None) -> bytes:
         """Bytes [offset, offset+length) clipped to the size; holes read as zeros."""
+        if self.status == FAILED:
+            # Its missing blocks are unknown, not zeros: never hand out wrong bytes.
+            raise SnapfsError(
+                f"snapshot {self.name} ({self.id}) is a failed copy: {self.error}",
+                code="InvalidSnapshot.Failed",
+                errno=errno.EIO,
+            )
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)

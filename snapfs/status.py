@@ -57,6 +57,15 @@ def collect(
     return {"store": str(store_path), "block_size": block_size, "regions": regions}
 
 
+def _progress(row: dict[str, Any], job: dict[str, Any] | None) -> float:
+    """Like user.snapfs.progress; a `cp` copy in progress reports 0 here."""
+    if row["status"] == "available":
+        return 100.0
+    if job is not None and job["total_blocks"]:
+        return round(100.0 * job["done_blocks"] / job["total_blocks"], 2)
+    return 0.0
+
+
 def _region(directory: Path, name: str, block_size: int, only: str | None) -> dict[str, Any]:
     try:
         index = RegionIndex(directory / "index.db", readonly=True)
@@ -66,6 +75,7 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
         ) from None
     try:
         stored = index.snapshot_stored_bytes()
+        jobs = {job["dst_snapshot_id"]: job for job in index.copy_jobs()}
         stats = index.stats()
         snapshots = []
         for row in index.snapshots():
@@ -77,7 +87,7 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
                     "name": row["name"],
                     "id": row["id"],
                     "status": row["status"],
-                    "progress": 100.0 if row["status"] == "available" else 0.0,
+                    "progress": _progress(row, jobs.get(row["id"])),
                     "size": row["size"],
                     "allocated_bytes": allocated,
                     "stored_bytes": stored.get(row["id"], 0),
