@@ -118,25 +118,24 @@ class SnapfsMount:
 _alive = mounts.pid_alive
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
+def _mounted(tmp_path: Path, *extra_args: str) -> Iterator[SnapfsMount]:
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=extra_args)
     m.mount()
     try:
         yield m
     finally:
         m.teardown()
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
+    yield from _mounted(tmp_path)
 
 
 @pytest.fixture
 def slow_mnt(tmp_path: Path) -> Iterator[SnapfsMount]:
     """A mount whose copies run at 8 MiB/s (`--copy-bwlimit`), to watch them in progress."""
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=("--copy-bwlimit", "8M"))
-    m.mount()
-    try:
-        yield m
-    finally:
-        m.teardown()
+    yield from _mounted(tmp_path, "--copy-bwlimit", "8M")
 
 
 @pytest.fixture
