@@ -37,7 +37,8 @@ FAILED = "failed"
 COMMIT_EVERY = 256  # blocks per index transaction while writing
 ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
 DIRTY_BLOCKS_MAX = 16  # partly written blocks a writer keeps before storing the oldest
-READ_AHEAD = 4  # blocks fetched ahead of a sequential reader
+READ_AHEAD = 8  # blocks fetched ahead of a sequential reader
+MAP_CHUNK = 1024  # block-map rows an available snapshot's reader loads at once
 
 
 @dataclass(eq=False)
@@ -77,6 +78,7 @@ class Snapshot:
     copy_matched_blocks: int = 0
     copy_readers: int = 0
     inode_aliases: list[int] = field(default_factory=list, repr=False)
+    _map_chunk: tuple[int, dict[int, bytes]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:
@@ -162,7 +164,7 @@ class Snapshot:
         length = min(length, self.size - offset)
         bs = self.region.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        ids = self.region.index.block_map(self.id, first, last)
+        ids = self._block_ids(first, last)
         parts = []
         for block_no in range(first, last + 1):
             if self.writer is not None:
@@ -205,9 +207,24 @@ class Snapshot:
         end = min(last + READ_AHEAD, (self.size - 1) // bs)
         if end <= last:
             return
-        for block_no, block_id in self.region.index.block_map(self.id, last + 1, end).items():
-            if block_no > last and block_id not in self.region.cache:
+        for block_id in self._block_ids(last + 1, end).values():
+            if block_id not in self.region.cache:
                 nursery.start_soon(self.region.prefetch, block_id)
+
+    def _block_ids(self, first: int, last: int) -> dict[int, bytes]:
+        """Block ids of first..last (holes absent). An available snapshot's map never
+        changes, so it is read from the index a chunk at a time instead of per request."""
+        if self.status != AVAILABLE:
+            return self.region.index.block_map(self.id, first, last)
+        chunk = first // MAP_CHUNK
+        if chunk != last // MAP_CHUNK:
+            return self.region.index.block_map(self.id, first, last)
+        if self._map_chunk is None or self._map_chunk[0] != chunk:
+            start = chunk * MAP_CHUNK
+            self._map_chunk = (chunk, self.region.index.block_map(self.id, start,
+                                                                  start + MAP_CHUNK - 1))
+        ids = self._map_chunk[1]
+        return {no: ids[no] for no in range(first, last + 1) if no in ids}
 
 
 def _round_up(value: int, unit: int) -> int:
