@@ -99,6 +99,7 @@ class CopyEngine:
         while queue and self._running[region.name] < region.max_parallel_copies:
             job = queue.popleft()
             self._running[region.name] += 1
+            job.scope = trio.CancelScope()  # from now on cancel() can stop it
             self._nursery.start_soon(self._run, job)
 
     def reschedule(self, region: Region) -> None:
@@ -120,7 +121,7 @@ class CopyEngine:
             return
         if job.scope is not None:
             job.scope.cancel()
-        await job.finished.wait()
+            await job.finished.wait()
 
     async def stop_all(self) -> None:
         """Unmount: stop running jobs where they are; they resume at the next mount."""
@@ -141,8 +142,9 @@ class CopyEngine:
     async def _run(self, job: CopyJob) -> None:
         region = job.dst.region
         job.state = "running"
+        assert job.scope is not None
         try:
-            with trio.CancelScope() as job.scope:
+            with job.scope:
                 await self._transfer(job)
         except Exception as exc:  # noqa: BLE001 - a failed copy is a state, not a crash
             self._fail(job, as_snapfs_error(exc))
@@ -155,6 +157,11 @@ class CopyEngine:
                 job.state = "stopped"
             self._forget(job)
             self._schedule(region)
+        if job.state in ("done", "failed"):
+            try:
+                self.store.copy_finished(job, succeeded=job.state == "done")
+            except Exception:  # noqa: BLE001 - never let bookkeeping end the mount
+                log.exception("copy into %s: releasing the source failed", job.dst.id)
 
     async def _transfer(self, job: CopyJob) -> None:
         dst = job.dst
@@ -248,7 +255,9 @@ class CopyEngine:
                 {"next_block": next_block, "done_blocks": done},
             )
         except BaseException:
-            dst_region.released([s.block_id for s in stored])
+            dst_region.released(
+                [s.block_id for s in stored], [s.block_id for s in stored if s.new is not None]
+            )
             raise
         dst_region.committed(pins)
         job.next_block, job.done_blocks = next_block, done
@@ -268,13 +277,17 @@ class CopyEngine:
             dst.id,
             dst.transferred_bytes,
         )
-        self.store.copy_finished(job)
 
     def _fail(self, job: CopyJob, error: SnapfsError) -> None:
         dst = job.dst
         dst.error = str(error)
         dst.status = "failed"
         job.state = "failed"
-        dst.region.index.finish_copy(dst.id, {"status": "failed", "error": dst.error})
         log.error("copy into %s/%s (%s) failed: %s", dst.region.name, dst.name, dst.id, error)
-        self.store.copy_finished(job)
+        try:
+            dst.region.index.finish_copy(dst.id, {"status": "failed", "error": dst.error})
+        except Exception:  # noqa: BLE001 - e.g. the index's disk is full too
+            log.exception(
+                "copy into %s: recording the failure failed; it is retried at the next mount",
+                dst.id,
+            )

@@ -146,14 +146,16 @@ def run(
         return 1
     if not store.was_clean:
         log.warning("store %s was not closed cleanly; recovering", store.path)
+    clean = False
     try:
         options = fuse_options(store.path, allow_other)
         trio.run(serve, store, mountpoint, options, lambda: report("ok"))
+        clean = True
     except Exception as exc:
         log.exception("daemon failed")
         report(f"error InternalError: {exc}")
         return 1
     finally:
-        store.close()
-        log.info("store %s closed", store.path)
+        store.close(clean=clean)
+        log.info("store %s closed%s", store.path, "" if clean else " (not cleanly)")
     return 0

@@ -67,7 +67,16 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self.root_uid = os.getuid()
+        store.forget_entry = self._forget_entry
         self.root_gid = os.getgid()
+
+    @staticmethod
+    def _forget_entry(parent_ino: int, name: str) -> None:
+        """Drop a name from the kernel's cache (it changed without a request through it)."""
+        try:
+            pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
+        except Exception:  # noqa: BLE001 - only a cache hint; the entry times out anyway
+            log.debug("could not invalidate %s in %d", name, parent_ino, exc_info=True)
 
     # --- attributes ------------------------------------------------------------------------
 

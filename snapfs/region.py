@@ -106,8 +106,12 @@ class Region:
         self._gc_lock = trio.Lock()
         self._loading: dict[bytes, trio.Event] = {}
         self._gc_wanted = trio.Event()
+        self._abandoned: set[bytes] = set()  # written objects whose batch was dropped
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
+        self._gc_wanted.set()  # wakes the collector so that it ends
         self.index.close()
 
     # --- writing blocks --------------------------------------------------------------------
@@ -190,10 +194,16 @@ class Region:
             self._uncommitted.pop(block_id, None)
             self._unpin(block_id)
 
-    def released(self, block_ids: list[bytes]) -> None:
-        """Release the pins of a batch that will never be committed (its snapshot is gone)."""
+    def released(self, block_ids: list[bytes], written: list[bytes]) -> None:
+        """Release the pins of a batch that will never be committed (its snapshot is gone).
+
+        Objects it wrote that no one else commits are deleted by the next collection.
+        """
         for block_id in block_ids:
             self._unpin(block_id)
+        if written:
+            self._abandoned.update(written)
+            self.request_gc()
 
     def _unpin(self, block_id: bytes) -> None:
         self._pins[block_id] -= 1
@@ -258,6 +268,8 @@ class Region:
             await self._gc_wanted.wait()
             self._gc_wanted = trio.Event()
             await trio.sleep(GC_DELAY)
+            if self.closed:
+                return
             try:
                 await self.collect_garbage()
             except Exception:
@@ -269,6 +281,9 @@ class Region:
         """Delete unreferenced blocks: rows first (one transaction), then their objects."""
         freed = 0
         async with self._gc_lock:
+            if self.closed:
+                return 0
+            freed += await self._delete_abandoned()
             while True:
                 candidates = [b for b in self.index.unreferenced_blocks() if b not in self._pins]
                 if not candidates:
@@ -293,6 +308,25 @@ class Region:
         if freed:
             log.info("region %s: freed %d unreferenced blocks", self.name, freed)
         return freed
+
+    async def _delete_abandoned(self) -> int:
+        """Objects written for batches that were dropped and that nobody else committed."""
+        unpinned = [b for b in self._abandoned if b not in self._pins]
+        self._abandoned.difference_update(unpinned)
+        doomed = [b for b in unpinned if b not in self._writing and not self.index.has_block(b)]
+        if not doomed:
+            return 0
+        for block_id in doomed:
+            self._uncommitted.pop(block_id, None)
+            self.cache.discard(block_id)
+        self._unlinking.update(doomed)
+        self._gc_done = trio.Event()
+        try:
+            await trio.to_thread.run_sync(self._delete_objects, doomed, limiter=self.limiter)
+        finally:
+            self._unlinking.difference_update(doomed)
+            self._gc_done.set()
+        return len(doomed)
 
     def _delete_objects(self, block_ids: list[bytes]) -> None:
         for block_id in block_ids:

@@ -164,15 +164,20 @@ class Snapshot:
         length = min(length, self.size - offset)
         bs = self.region.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        ids = self._block_ids(first, last)
+        # Only an available snapshot's map is fixed; a writer or a copy job can change the
+        # map at any await below, so their blocks are looked up one at a time.
+        stable = self.status == AVAILABLE and self.writer is None and self.copy_job is None
+        ids = self._block_ids(first, last) if stable else {}
         parts = []
         for block_no in range(first, last + 1):
             if self.writer is not None:
                 plain = await self.writer.current_content(block_no)
-            elif block_no not in ids and self.copy_job is not None:
-                plain = await self._read_from_copy_source(block_no)
+            elif self.copy_job is not None:
+                plain = await self._read_copying(block_no)
             else:
-                block_id = ids.get(block_no)
+                block_id = (
+                    ids.get(block_no) if stable else self.region.index.block_id(self.id, block_no)
+                )
                 plain = await self.region.read_block(block_id) if block_id else b""
             start = offset - block_no * bs if block_no == first else 0
             end = offset + length - block_no * bs if block_no == last else bs
@@ -185,20 +190,22 @@ class Snapshot:
         self.last_read_block = last
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_from_copy_source(self, block_no: int) -> bytes:
-        """A block the copy job has not transferred yet: served from the source at once."""
+    async def _read_copying(self, block_no: int) -> bytes:
+        """A block of a snapshot a job is filling: transferred, or served from the source."""
+        block_id = self.region.index.block_id(self.id, block_no)
+        if block_id is not None:
+            return await self.region.read_block(block_id)
         job = self.copy_job
-        assert job is not None
-        source = job.source
+        source = job.source if job is not None else None
         if source is None:
-            return b""
+            raise SnapfsError(
+                f"snapshot {self.name} ({self.id}): block {block_no} was not "
+                "copied and its source is gone",
+                code="InvalidSnapshot.Failed",
+                errno=errno.EIO,
+            )
         block_id = source.region.index.block_id(source.id, block_no)
-        if block_id is None:  # the source has a hole here, or the block just arrived
-            block_id = self.region.index.block_id(self.id, block_no)
-            region = self.region
-        else:
-            region = source.region
-        return await region.read_block(block_id) if block_id else b""
+        return await source.region.read_block(block_id) if block_id else b""
 
     def _read_ahead(self, first: int, last: int, nursery: trio.Nursery) -> None:
         if first not in (self.last_read_block, self.last_read_block + 1):
@@ -221,8 +228,10 @@ class Snapshot:
             return self.region.index.block_map(self.id, first, last)
         if self._map_chunk is None or self._map_chunk[0] != chunk:
             start = chunk * MAP_CHUNK
-            self._map_chunk = (chunk, self.region.index.block_map(self.id, start,
-                                                                  start + MAP_CHUNK - 1))
+            self._map_chunk = (
+                chunk,
+                self.region.index.block_map(self.id, start, start + MAP_CHUNK - 1),
+            )
         ids = self._map_chunk[1]
         return {no: ids[no] for no in range(first, last + 1) if no in ids}
 
@@ -261,6 +270,7 @@ class SnapshotWriter:
         self.pinned: list[bytes] = []
         self.error: SnapfsError | None = None
         self.handles = 0
+        self.sealing = False
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
         self._commit_lock = trio.Lock()
         self._meta_dirty = False
@@ -359,7 +369,14 @@ class SnapshotWriter:
                 if stored.new is not None:
                     self.new_blocks[stored.block_id] = stored.new
             if self.snap.copy_source is not None:
-                self._check_copy(block_no, stored)
+                try:
+                    self._check_copy(block_no, stored)
+                except Exception:  # a background task must not end the mount
+                    log.exception(
+                        "snapshot %s: checking block %d against the copy source failed",
+                        self.snap.id,
+                        block_no,
+                    )
         finally:
             del self.inflight[block_no]
             done.set()
@@ -467,10 +484,12 @@ class SnapshotWriter:
 
     async def discard(self) -> None:
         """Drop everything not committed (the snapshot is being deleted)."""
-        while self.inflight:
-            await next(iter(self.inflight.values())).wait()
-        self.dirty.clear()
-        self.pending.clear()
-        self.new_blocks.clear()
-        pinned, self.pinned = self.pinned, []
-        self.region.committed(pinned)
+        async with self._commit_lock:  # let a commit in progress finish first
+            while self.inflight:
+                await next(iter(self.inflight.values())).wait()
+            self.dirty.clear()
+            self.pending.clear()
+            written = list(self.new_blocks)
+            self.new_blocks.clear()
+            pinned, self.pinned = self.pinned, []
+            self.region.released(pinned, written)

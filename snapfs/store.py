@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from .errors import (
 )
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
-from .snapshots import AVAILABLE, COPYING, CREATING, Snapshot, SnapshotWriter
+from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class Store:
         self.by_id: dict[str, Snapshot] = {}
         self.copies = CopyEngine(self, copy_bandwidth_limit)
         self._readers: dict[int, list[OpenFile]] = {}  # pid -> its read-only handles
+        # Set by the FUSE layer: tell the kernel to forget a cached name (parent ino, name).
+        self.forget_entry: Callable[[int, str], None] = lambda parent, name: None
         self.nursery: trio.Nursery | None = None
         self.was_clean = True
         self._lock_fd: int | None = None
@@ -197,13 +200,23 @@ class Store:
         - after an unclean stop, objects no index row names are deleted;
         - unreferenced blocks are collected.
         """
+        rows = {
+            region: region.index.snapshots(include_deleted=True) for region in self.regions.values()
+        }
+        deleted = {
+            row["id"] for region_rows in rows.values() for row in region_rows if row["deleted"]
+        }
+        # A job whose destination was deleted while open is abandoned with it.
         jobs = [
-            (region, row) for region in self.regions.values() for row in region.index.copy_jobs()
+            (region, row)
+            for region in self.regions.values()
+            for row in region.index.copy_jobs()
+            if row["dst_snapshot_id"] not in deleted
         ]
         job_targets = {row["dst_snapshot_id"] for _, row in jobs}
         job_sources = {row["src_snapshot_id"] for _, row in jobs}
-        for region in self.regions.values():
-            for row in region.index.snapshots(include_deleted=True):
+        for region, region_rows in rows.items():
+            for row in region_rows:
                 if row["id"] in job_targets or (row["deleted"] and row["id"] in job_sources):
                     continue
                 if row["deleted"]:
@@ -267,11 +280,13 @@ class Store:
                     with contextlib.suppress(SnapfsError):
                         await snap.writer.flush()
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = True) -> None:
+        """Close the indexes; `clean` (the daemon shut down normally) spares the next mount
+        the scan for orphaned objects."""
         for region in self.regions.values():
             region.close()
         with dbutil.transaction(self.db) as conn:
-            dbutil.set_meta(conn, "open", "0")
+            dbutil.set_meta(conn, "open", "0" if clean else "1")
         self.db.close()
         self._unlock()
 
@@ -330,7 +345,7 @@ class Store:
         self.db["regions"].delete_where("name = ?", [name])
         del self.regions[name]
         self.by_ino.pop(region.ino, None)
-        region.close()
+        region.close()  # also ends its collector task
         shutil.rmtree(region.directory, ignore_errors=True)
         log.info("removed region %s", name)
 
@@ -389,6 +404,8 @@ class Store:
 
     def open(self, snap: Snapshot, writable: bool, pid: int = 0) -> OpenFile:
         if writable:
+            if snap.writer is not None and snap.writer.sealing:
+                raise NotReady(f"snapshot {snap.name} ({snap.id}) is being sealed")
             if snap.sealed:
                 raise Sealed(
                     f"snapshot {snap.name} ({snap.id}) is {snap.status}; "
@@ -430,16 +447,19 @@ class Store:
     async def _seal(self, snap: Snapshot) -> None:
         writer = snap.writer
         assert writer is not None
+        writer.sealing = True  # no new writer may join while the last data is stored
         if not writer.is_flushed():
             try:
                 await writer.flush()
-            except SnapfsError as exc:
+            except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
                 # close() already reported this. The snapshot stays unsealed, so it is
                 # removed at the next mount rather than sealed incomplete.
                 log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, exc)
                 await writer.discard()
                 snap.writer = None
                 self._end_cp_copy(snap, keep_lineage=False)
+                return
+            if snap.deleted:  # unlinked while we waited: release() destroys it
                 return
         # Everything is committed: seal without yielding, so that a request the kernel
         # queued after this release (a getfattr right after `cp` returns) sees `available`.
@@ -513,14 +533,7 @@ class Store:
 
     async def unlink(self, region: Region, name: str) -> None:
         snap = region.lookup(name)
-        job = snap.copy_job
-        if job is not None:  # deleting a copy's destination cancels the copy
-            await self.copies.cancel(job)
-            log.info(
-                "region %s: copy into %s (%s) cancelled by its deletion", region.name, name, snap.id
-            )
-            if job.source is not None:
-                self._release_source(job.source)
+        await self._cancel_copy(snap, "deletion")  # deleting a copy's destination cancels it
         if snap.in_use:
             self._hide(snap)
         else:
@@ -557,8 +570,7 @@ class Store:
 
     async def _displaced(self, snap: Snapshot) -> None:
         """A snapshot replaced by a rename: gone from the namespace, deleted when unused."""
-        if snap.copy_job is not None:
-            await self.copies.cancel(snap.copy_job)
+        await self._cancel_copy(snap, "replacement by a rename")
         if not snap.in_use:
             await self._destroy(snap)
 
@@ -591,6 +603,7 @@ class Store:
             # looks the name up again, the source's inode number must mean the destination.
             self.by_ino[source.ino] = dst
             dst.inode_aliases.append(source.ino)
+            self.forget_entry(dst_region.ino, new_name)
         if displaced is not None:
             displaced.deleted = True
             await self._displaced(displaced)
@@ -691,11 +704,59 @@ class Store:
         )
         return dst
 
-    def copy_finished(self, job: CopyJob) -> None:
-        """Called by the engine when a job has succeeded or failed: release its source."""
-        if job.source is not None:
-            self._release_source(job.source)
-            job.source = None
+    def copy_finished(self, job: CopyJob, *, succeeded: bool) -> None:
+        """Called by the engine when a job has succeeded or failed: release its source.
+
+        A failed `mv` gives the source back its name: a move must never lose the data.
+        """
+        source, job.source = job.source, None
+        if source is None:
+            return
+        if not succeeded and job.kind == "move" and source.deleted:
+            self._unhide(source)
+        self._release_source(source)
+
+    def _unhide(self, snap: Snapshot) -> None:
+        region = snap.region
+        alias_of = self.by_ino.get(snap.ino)
+        if alias_of is not None and alias_of is not snap:
+            alias_of.inode_aliases.remove(snap.ino)
+            self.forget_entry(alias_of.region.ino, alias_of.name)
+        if snap.name in region.snapshots:
+            snap.name = f"{snap.name}.restored-{snap.id}"
+        snap.deleted = False
+        region.index.update_snapshot(snap.id, deleted=0, name=snap.name)
+        self._add(snap)
+        log.warning(
+            "region %s: the move of %s (%s) failed; the snapshot is back as %s",
+            region.name,
+            snap.source_snapshot_id or snap.id,
+            snap.id,
+            snap.name,
+        )
+
+    async def _cancel_copy(self, snap: Snapshot, why: str) -> None:
+        """Stop the job filling `snap` (being deleted or replaced) and release its source.
+
+        The snapshot becomes `failed`, so a process still reading it gets EIO for blocks that
+        were never transferred, not zeros; its job row goes, so it never resumes.
+        """
+        job = snap.copy_job
+        if job is None:
+            return
+        await self.copies.cancel(job)
+        snap.status, snap.error = FAILED, f"OperationCancelled: the copy was cancelled ({why})"
+        snap.region.index.finish_copy(snap.id, {"status": FAILED, "error": snap.error})
+        log.info(
+            "region %s: copy into %s (%s) cancelled by its %s",
+            snap.region.name,
+            snap.name,
+            snap.id,
+            why,
+        )
+        source, job.source = job.source, None
+        if source is not None:
+            self._release_source(source)
 
     async def set_size(self, snap: Snapshot, size: int) -> None:
         if size < 0:

@@ -442,3 +442,18 @@ def test_copy_cli_outside_a_mount_is_refused(tmp_path: Path) -> None:
     result = run(*SNAPFS, "copy", tmp_path / "f", tmp_path, check=False)
     assert result.returncode != 0 and "not inside a snapfs mount" in result.stderr
     assert mounts.find_mount_root(tmp_path) is None
+
+
+def test_failed_move_gives_the_source_back(image: Path, slow_mnt: SnapfsMount) -> None:
+    a, b = regions(slow_mnt, "cn-hangzhou", "us-east-1")
+    run("cp", image, a / "disk.img")
+    source_id = attr(a / "disk.img", "id")
+    run("mv", a / "disk.img", b)
+    _wait_progress(b / "disk.img", 1, 50)
+    shutil.rmtree(slow_mnt.store / "regions" / "cn-hangzhou" / "blocks")  # the job fails
+    # A move never loses the snapshot: the source is back under its name.
+    assert wait_for(lambda: os.listdir(a) == ["disk.img"])
+    assert attr(a / "disk.img", "id") == source_id
+    assert "is back as disk.img" in slow_mnt.log()
+    assert wait_for(lambda: attr(b / "disk.img", "status") == "failed")
+    assert attr(b / "disk.img", "error").startswith("InvalidSnapshotId.NotFound")
