@@ -72,6 +72,7 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
         cmd += ["--copy-bwlimit", str(args.copy_bwlimit)]
     if args.debug:
         cmd.append("--debug")
+    env = _daemon_env(store)
     with open(store / "daemon.err", "ab") as err:
         proc = subprocess.Popen(
             cmd,
@@ -80,6 +81,7 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
+            env=env,
         )
     os.close(write_end)
     answer = b""
@@ -106,6 +108,26 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
         f"the daemon did not report a mount (exit {proc.returncode}); "
         f"see {store / 'snapfs.log'} and {store / 'daemon.err'}",
     )
+
+
+def _daemon_env(store: Path) -> dict[str, str]:
+    """The daemon runs without a terminal: ask for a store passphrase here if it needs one."""
+    from . import db as dbutil
+    from .keys import PASSPHRASE_ENV, read_passphrase
+
+    env = dict(os.environ)
+    if PASSPHRASE_ENV in env or not (store / "store.db").exists():
+        return env
+    catalogue = dbutil.connect(store / "store.db", readonly=True)
+    try:
+        protected = dbutil.get_meta(catalogue, "key_protection") == "passphrase"
+    finally:
+        catalogue.close()
+    if protected:
+        passphrase = read_passphrase(f"passphrase of store {store}: ")
+        if passphrase is not None:
+            env[PASSPHRASE_ENV] = passphrase
+    return env
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -272,6 +294,54 @@ def _wait_for_copy(target: Path) -> bool:
             time.sleep(0.2)
 
 
+def _keyring(args: argparse.Namespace):
+    from .keys import KeyRing
+    from .store import open_catalogue
+
+    store = Path(args.store).expanduser() if args.store else default_store_path()
+    return KeyRing(store, open_catalogue(store), None)
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_passphrase
+
+    ring = _keyring(args)
+    if args.key_command == "create":
+        info = ring.create(args.region, args.alias)
+        print(f"created key for region {info.region}" + (f" ({info.alias})" if info.alias else ""))
+        print(info.id)
+    elif args.key_command == "list":
+        keys = ring.list()
+        if args.json:
+            print(json.dumps([k.as_dict() for k in keys], indent=2))
+        else:
+            for k in keys:
+                state = "enabled" if k.enabled else "disabled"
+                print(f"{k.id}  {k.region:16} {state:9} {k.alias or ''}")
+    elif args.key_command in ("enable", "disable"):
+        info = ring.set_enabled(args.key_id, args.key_command == "enable")
+        print(f"{info.id} {'enabled' if info.enabled else 'disabled'}")
+    elif args.key_command in ("export", "import"):
+        passphrase = read_passphrase("passphrase for the key export: ", EXPORT_PASSPHRASE_ENV)
+        if not passphrase:
+            return _fail(
+                "InvalidPassphrase",
+                f"set {EXPORT_PASSPHRASE_ENV} or run from a "
+                "terminal: exported keys are wrapped under a passphrase",
+            )
+        if args.key_command == "export":
+            text = export_to_file(
+                ring, args.key_id, Path(args.out) if args.out else None, passphrase
+            )
+            if not args.out:
+                print(text)
+        else:
+            info = ring.import_(json.loads(Path(args.file).read_text()), passphrase)
+            print(f"imported key for region {info.region}")
+            print(info.id)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapfs",
@@ -318,6 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wait", action="store_true", help="show progress until the copy is done")
     p.set_defaults(func=cmd_copy)
+
+    p = sub.add_parser("key", help="customer master keys (CMKs) for encrypted snapshots")
+    keys = p.add_subparsers(dest="key_command", required=True)
+    k = keys.add_parser("create", help="a new key for a region; prints its id last")
+    k.add_argument("--region", required=True)
+    k.add_argument("--alias")
+    k = keys.add_parser("list", help="keys with region, state and alias")
+    k.add_argument("--json", action="store_true")
+    for verb in ("enable", "disable", "export"):
+        k = keys.add_parser(verb, help=f"{verb} a key")
+        k.add_argument("key_id")
+        if verb == "export":
+            k.add_argument("--out", help="write to this file (mode 0600) instead of stdout")
+    k = keys.add_parser("import", help="import a key exported from another store")
+    k.add_argument("file")
+    for k in keys.choices.values():
+        k.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
+    p.set_defaults(func=cmd_key)
 
     p = sub.add_parser("status", help="snapshots with size, stored bytes, status, progress")
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")

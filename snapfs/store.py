@@ -46,6 +46,7 @@ from .errors import (
     StoreBusy,
     StoreFormat,
 )
+from .keys import KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
@@ -72,7 +73,7 @@ def _v1(db: sqlite_utils.Database) -> None:
     db.executescript(
         """
         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE regions (
+        CREATE TABLE IF NOT EXISTS regions (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             name TEXT NOT NULL UNIQUE,
             created_at REAL NOT NULL,
@@ -82,7 +83,31 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Customer master keys, wrapped under the store master key (see keys.py)."""
+    db.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS keys (
+            id TEXT PRIMARY KEY,
+            region TEXT NOT NULL,
+            alias TEXT,
+            enabled INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL,
+            wrapped BLOB NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2]
+
+
+def open_catalogue(path: Path) -> sqlite_utils.Database:
+    """The store's catalogue, created and migrated as needed (also used without a mount)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    catalogue = dbutil.connect(path / "store.db")
+    dbutil.migrate(catalogue, MIGRATIONS, f"store {path}")
+    return catalogue
 
 
 @dataclass(eq=False)
@@ -117,8 +142,8 @@ class Store:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         try:
-            self.db = dbutil.connect(self.path / "store.db")
-            dbutil.migrate(self.db, MIGRATIONS, f"store {self.path}")
+            self.db = open_catalogue(self.path)
+            self.keys = KeyRing(self.path, self.db, unlock_master(self.path, self.db, create=False))
             self.block_size = self._settle_block_size(block_size)
             self.was_clean = dbutil.get_meta(self.db, "open", "0") == "0"
             with dbutil.transaction(self.db) as conn:
