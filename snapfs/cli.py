@@ -198,6 +198,12 @@ _COPY_ERRORS = {
         "a snapshot of that name already exists in the destination region",
     ),
     errno.EINVAL: ("InvalidParameter", "a parameter was refused"),
+    errno.ENOKEY: (
+        "InvalidParameter.KMSKeyId.NotFound",
+        "no usable key: unknown key id, a key "
+        "of another region, or an encrypted source and no key in the destination",
+    ),
+    errno.EKEYREVOKED: ("InvalidParameter.KMSKeyId.CMKNotEnabled", "the key is disabled"),
 }
 
 
@@ -217,6 +223,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.retention_days is not None:
         params.check_retention_days(args.retention_days)
     tags = params.check_tags([params.parse_tag(t) for t in args.tag])
+    if args.decrypt and (args.encrypted or args.kms_key_id):
+        return _fail("InvalidParameter", "--decrypt cannot go with --encrypted or --kms-key-id")
+    if args.kms_key_id:
+        from .keys import check_key_id
+
+        check_key_id(args.kms_key_id)
     src_mount, src_parts = _resolve(args.source, "source")
     if len(src_parts) != 2:
         return _fail(
@@ -246,6 +258,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         "description": args.description,
         "retention_days": args.retention_days,
         "tags": tags,
+        "encrypted": False if args.decrypt else (True if args.encrypted else None),
+        "kms_key_id": args.kms_key_id,
     }
     try:
         os.setxattr(region_dir, "user.snapfs.copy", json.dumps(request).encode())
@@ -385,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a tag for the new snapshot (tags are not copied from the source)",
+    )
+    p.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="encrypt the copy (with --kms-key-id, or the region's default key)",
+    )
+    p.add_argument("--kms-key-id", help="the destination key (a key of the destination region)")
+    p.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="copy an encrypted snapshot in the clear (only when asked)",
     )
     p.add_argument("--wait", action="store_true", help="show progress until the copy is done")
     p.set_defaults(func=cmd_copy)

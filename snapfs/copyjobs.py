@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import codec
 from .errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
 from .region import StoredBlock
 
@@ -216,13 +217,32 @@ class CopyEngine:
     ) -> None:
         dst_region = job.dst.region
         stored: list[StoredBlock] = []
+        mapping: dict[int, bytes] = {}
         limiter = trio.Semaphore(TRANSFERS_PER_JOB)
+        # Objects can move unchanged when both sides use the same keys (or none) and, for
+        # encrypted ones, the same region (the region is bound into each object's AEAD).
+        dst_keys = job.dst.block_keys()
+        same_keys = src.kms_key_id == job.dst.kms_key_id
+        raw = same_keys and (dst_keys is None or src.region is dst_region)
+
+        async def put(block_id: bytes) -> StoredBlock:
+            if raw:
+                fetch = functools.partial(src.region.fetch_object, block_id)
+                return await dst_region.put_block(block_id, fetch)
+            # Re-encryption: decrypt and verify under the source key, re-id and encrypt under
+            # the destination's. Blocks it already holds are found by their new id.
+            plain = await src.region.read_block(block_id)
+            id_key = dst_keys.id_key if dst_keys is not None else None
+            new_id = await trio.to_thread.run_sync(codec.content_id, plain, id_key)
+            encode = functools.partial(codec.encode, plain, new_id, dst_keys, dst_region.name)
+            return await dst_region.put_block(new_id, encode)
 
         async def transfer(block_no: int, block_id: bytes) -> None:
             async with limiter:
-                fetch = functools.partial(src.region.fetch_object, block_id)
                 try:
-                    stored.append(await dst_region.put_block(block_id, fetch))
+                    result = await put(block_id)
+                    stored.append(result)
+                    mapping[block_no] = result.block_id
                 except ObjectMissing as exc:
                     raise NotFound(
                         f"source snapshot {src.id} in region {src.region.name} "
@@ -250,7 +270,7 @@ class CopyEngine:
             dst_region.index.commit_blocks(
                 dst.id,
                 list(new_blocks.values()),
-                batch,
+                sorted(mapping.items()),
                 {"transferred_bytes": transferred},
                 {"next_block": next_block, "done_blocks": done},
             )

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,11 @@ from .errors import (
     QuotaExceeded,
 )
 from .index import NewBlock, RegionIndex
+from .keys import KeyNotFound
 from .names import check_snapshot_filename
 
 if TYPE_CHECKING:
+    from .keys import BlockKeys, KeyRing
     from .snapshots import Snapshot
 
 log = logging.getLogger(__name__)
@@ -67,11 +70,11 @@ def _zeros(size: int) -> bytes:
     return bytes(size)
 
 
-def _hash_unless_zero(plain: bytes) -> bytes | None:
+def _hash_unless_zero(plain: bytes, id_key: bytes | None) -> bytes | None:
     """None for an all-zero block (a hole), else its content id. Runs in a worker thread."""
     if plain == _zeros(len(plain)):  # memcmp, ~10 GB/s
         return None
-    return codec.content_id(plain)
+    return codec.content_id(plain, id_key)
 
 
 class Region:
@@ -83,8 +86,10 @@ class Region:
         block_size: int,
         limiter: trio.CapacityLimiter,
         cache: BlockCache,
+        keys: KeyRing | None = None,
     ):
         self.name = name
+        self.keys = keys
         self.ino = ino
         self.directory = directory
         self.block_size = block_size
@@ -116,15 +121,18 @@ class Region:
 
     # --- writing blocks --------------------------------------------------------------------
 
-    async def store_block(self, plain: bytes) -> StoredBlock | None:
-        """Make `plain` durable-to-be in this region; None if it is all zeros (a hole).
-
-        The returned id is pinned until the caller passes it to `committed()`.
+    async def store_block(self, plain: bytes, keys: BlockKeys | None = None) -> StoredBlock | None:
+        """Make `plain` durable-to-be in this region, encrypted under `keys` if given; None if
+        it is all zeros (a hole). The id is pinned until the caller passes it to `committed()`.
         """
-        block_id = await trio.to_thread.run_sync(_hash_unless_zero, plain, limiter=self.limiter)
+        id_key = keys.id_key if keys is not None else None
+        block_id = await trio.to_thread.run_sync(
+            _hash_unless_zero, plain, id_key, limiter=self.limiter
+        )
         if block_id is None:
             return None
-        stored = await self.put_block(block_id, functools.partial(codec.encode, plain, block_id))
+        encode = functools.partial(codec.encode, plain, block_id, keys, self.name)
+        stored = await self.put_block(block_id, encode)
         if stored.written:
             self.cache.put(block_id, plain)
         return stored
@@ -163,7 +171,9 @@ class Region:
         finally:
             del self._writing[block_id]
             done.set()
-        new = NewBlock(block_id, encoded.plain_size, encoded.stored_size, encoded.codec)
+        new = NewBlock(
+            block_id, encoded.plain_size, encoded.stored_size, encoded.codec, encoded.key_id
+        )
         self._uncommitted[block_id] = new
         return StoredBlock(block_id, new, written=True)
 
@@ -180,9 +190,15 @@ class Region:
             data = self.backend.get(key)
         except FileNotFoundError:
             raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
-        codec.decode(data, block_id)
+        codec.decode(data, block_id, self._keys_for, self.name)
         header = codec.parse_header(data)
         return codec.EncodedBlock(block_id, data, header.plain_size, header.codec)
+
+    def _keys_for(self, key_id: bytes) -> BlockKeys:
+        """The CMK named in a block header; KeyNotFound (ENOKEY) or KeyDisabled (EKEYREVOKED)."""
+        if self.keys is None:
+            raise BlockCorrupt("block is encrypted and this store has no keys")
+        return self.keys.block_keys(str(uuid.UUID(bytes=key_id)))
 
     async def sync(self) -> None:
         """Make every object written so far durable (before committing rows that name them)."""
@@ -243,7 +259,7 @@ class Region:
         except FileNotFoundError:
             raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
         try:
-            return codec.decode(data, block_id)
+            return codec.decode(data, block_id, self._keys_for, self.name)
         except BlockCorrupt as exc:
             exc.message = f"block {key} in region {self.name}: {exc.message}"
             raise
@@ -366,6 +382,24 @@ class Region:
     def snapshot_quota(self) -> int | None:
         value = self.index.get_setting("snapshot_quota")
         return int(value) if value else None
+
+    @property
+    def encrypt_by_default(self) -> bool:
+        return self.index.get_setting("encrypt_by_default") == "true"
+
+    @property
+    def default_kms_key_id(self) -> str | None:
+        return self.index.get_setting("default_kms_key_id") or None
+
+    def default_key(self) -> str | None:
+        """The key a snapshot created or copied here is encrypted with (None: plain); checked
+        now, so a disabled or missing default key refuses the new snapshot."""
+        if not self.encrypt_by_default:
+            return None
+        key_id = self.default_kms_key_id
+        if key_id is None or self.keys is None:
+            raise KeyNotFound(f"region {self.name} encrypts by default but has no default key")
+        return self.keys.usable(key_id, self.name).id
 
     def check_quota(self) -> None:
         quota = self.snapshot_quota

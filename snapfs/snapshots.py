@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import SnapfsError, as_snapfs_error
+from .codec import content_id
+from .errors import BlockCorrupt, SnapfsError, as_snapfs_error
 from .index import NewBlock
 from .names import snapshot_ino
 
 if TYPE_CHECKING:
     from .copyjobs import CopyJob
+    from .keys import BlockKeys
     from .region import Region, StoredBlock
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class Snapshot:
     # recognised to be copying, and how many jobs or copies are reading this one.
     copy_job: CopyJob | None = field(default=None, repr=False)
     copy_source: Snapshot | None = field(default=None, repr=False)
-    copy_matched_blocks: int = 0
+    copy_matched: set[int] = field(default_factory=set, repr=False)  # blocks equal to source
     copy_readers: int = 0
     inode_aliases: list[int] = field(default_factory=list, repr=False)
     _map_chunk: tuple[int, dict[int, bytes]] | None = field(default=None, repr=False)
@@ -134,8 +136,15 @@ class Snapshot:
             return self.copy_job.progress
         if self.status == COPYING and self.copy_source is not None:
             total = self.copy_source.allocated_blocks
-            return 100.0 * min(1.0, self.copy_matched_blocks / total) if total else 0.0
+            return 100.0 * min(1.0, len(self.copy_matched) / total) if total else 0.0
         return 0.0
+
+    def block_keys(self) -> BlockKeys | None:
+        """The keys of an encrypted snapshot's CMK; KeyNotFound/KeyDisabled if unusable."""
+        if not self.encrypted or self.kms_key_id is None:
+            return None
+        assert self.region.keys is not None
+        return self.region.keys.block_keys(self.kms_key_id)
 
     @property
     def in_use(self) -> bool:
@@ -159,6 +168,8 @@ class Snapshot:
                 code="InvalidSnapshot.Failed",
                 errno=errno.EIO,
             )
+        if self.encrypted:
+            self.block_keys()  # a disabled key refuses reads too (EKEYREVOKED), cache or not
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)
@@ -170,15 +181,12 @@ class Snapshot:
         ids = self._block_ids(first, last) if stable else {}
         parts = []
         for block_no in range(first, last + 1):
-            if self.writer is not None:
-                plain = await self.writer.current_content(block_no)
-            elif self.copy_job is not None:
-                plain = await self._read_copying(block_no)
-            else:
-                block_id = (
-                    ids.get(block_no) if stable else self.region.index.block_id(self.id, block_no)
-                )
-                plain = await self.region.read_block(block_id) if block_id else b""
+            try:
+                plain = await self._block_content(block_no, ids if stable else None)
+            except BlockCorrupt as exc:  # say where, for the log and `snapfs check`
+                raise BlockCorrupt(
+                    f"snapshot {self.name} ({self.id}) at offset {block_no * bs}: {exc.message}"
+                ) from None
             start = offset - block_no * bs if block_no == first else 0
             end = offset + length - block_no * bs if block_no == last else bs
             piece = plain[start:end]
@@ -189,6 +197,16 @@ class Snapshot:
             self._read_ahead(first, last, nursery)
         self.last_read_block = last
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _block_content(self, block_no: int, ids: dict[int, bytes] | None) -> bytes:
+        if self.writer is not None:
+            return await self.writer.current_content(block_no)
+        if self.copy_job is not None:
+            return await self._read_copying(block_no)
+        block_id = (
+            ids.get(block_no) if ids is not None else self.region.index.block_id(self.id, block_no)
+        )
+        return await self.region.read_block(block_id) if block_id else b""
 
     async def _read_copying(self, block_no: int) -> bytes:
         """A block of a snapshot a job is filling: transferred, or served from the source."""
@@ -349,7 +367,7 @@ class SnapshotWriter:
             length = min(self.block_size, self.snap.size - block_no * self.block_size)
             plain = bytes(memoryview(buf)[: max(length, 0)])
             try:
-                stored = await self.region.store_block(plain)
+                stored = await self.region.store_block(plain, self.snap.block_keys())
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
                 log.error(
@@ -370,7 +388,7 @@ class SnapshotWriter:
                     self.new_blocks[stored.block_id] = stored.new
             if self.snap.copy_source is not None:
                 try:
-                    self._check_copy(block_no, stored)
+                    self._check_copy(block_no, stored, await self._source_id(plain, stored))
                 except Exception:  # a background task must not end the mount
                     log.exception(
                         "snapshot %s: checking block %d against the copy source failed",
@@ -390,18 +408,30 @@ class SnapshotWriter:
                     "snapshot %s (%s): commit failed: %s", self.snap.name, self.snap.id, self.error
                 )
 
-    def _check_copy(self, block_no: int, stored: StoredBlock | None) -> None:
+    async def _source_id(self, plain: bytes, stored: StoredBlock | None) -> bytes | None:
+        """What the source's id of this content is: ours when both use the same keys (or
+        none), else the content hashed under the source's id key."""
+        source = self.snap.copy_source
+        if stored is None or source is None or source.kms_key_id == self.snap.kms_key_id:
+            return None if stored is None else stored.block_id
+        keys = source.block_keys()
+        id_key = keys.id_key if keys is not None else None
+        return await trio.to_thread.run_sync(content_id, plain, id_key)
+
+    def _check_copy(
+        self, block_no: int, stored: StoredBlock | None, source_id: bytes | None
+    ) -> None:
         """A `cp` copy stays one while each block it writes is the source's block."""
         source = self.snap.copy_source
-        assert source is not None
-        block_id = None if stored is None else stored.block_id
-        if source.region.index.block_id(source.id, block_no) != block_id:
+        if source is None:
+            return
+        if source.region.index.block_id(source.id, block_no) != source_id:
             self._meta_dirty = True
             if self._not_a_copy is not None:
                 self._not_a_copy(self.snap, f"block {block_no} differs")
             return
         if stored is not None:
-            self.snap.copy_matched_blocks += 1
+            self.snap.copy_matched.add(block_no)
             if stored.written and stored.new is not None:
                 self.snap.transferred_bytes += stored.new.plain_size
 

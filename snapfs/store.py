@@ -46,7 +46,7 @@ from .errors import (
     StoreBusy,
     StoreFormat,
 )
-from .keys import KeyRing, unlock_master
+from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
@@ -204,6 +204,7 @@ class Store:
             self.block_size,
             self.limiter,
             self.cache,
+            self.keys,
         )
         self.regions[name] = region
         self.by_ino[region.ino] = region
@@ -385,6 +386,8 @@ class Store:
         region.check_new_name(name)
         region.check_quota()
         snap = Snapshot.new(new_snapshot_id(), name, region, mode, uid, gid)
+        snap.kms_key_id = region.default_key()
+        snap.encrypted = snap.kms_key_id is not None
         source = self._source_read_by(pid)
         if source is not None:
             snap.status = COPYING
@@ -514,7 +517,15 @@ class Store:
         source = snap.copy_source
         if source is None or snap.status != COPYING or source.size != snap.size:
             return False
-        return maps_equal(source, snap)
+        if source.kms_key_id == snap.kms_key_id:
+            return maps_equal(source, snap)
+        # Different keys give the same content different ids: every source block must have
+        # been matched by content, and nothing else written.
+        return (
+            len(snap.copy_matched)
+            == source.allocated_blocks
+            == snap.region.index.allocated_blocks(snap.id)
+        )
 
     def _end_cp_copy(self, snap: Snapshot, *, keep_lineage: bool) -> None:
         """A `cp` copy is over: keep its lineage if it matched, release the source."""
@@ -644,6 +655,8 @@ class Store:
         description: str | None = None,
         retention_days: int | None = None,
         tags: dict[str, str] | None = None,
+        encrypted: bool | None = None,
+        kms_key_id: str | None = None,
     ) -> Snapshot:
         """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job."""
         source = src_region.lookup(name)
@@ -656,7 +669,37 @@ class Store:
             description=description,
             retention_days=retention_days,
             tags=tags or {},
+            encrypted=encrypted,
+            kms_key_id=kms_key_id,
         )
+
+    def _copy_key(
+        self, source: Snapshot, dst_region: Region, encrypted: bool | None, kms_key_id: str | None
+    ) -> str | None:
+        """The key a copy is encrypted with, by the CopySnapshot rules: an explicit key; else
+        the region's default when it encrypts by default or `encrypted` is asked for; an
+        encrypted source is only copied in the clear when asked explicitly."""
+        if kms_key_id is not None:
+            return self.keys.usable(kms_key_id, dst_region.name).id
+        default = dst_region.default_key()
+        if default is not None:
+            if encrypted is False:
+                raise InvalidParameter(f"region {dst_region.name} encrypts every snapshot")
+            return default
+        if encrypted:
+            if dst_region.default_kms_key_id is None:
+                raise KeyNotFound(
+                    f"an encrypted copy needs a key of region {dst_region.name}:"
+                    " give --kms-key-id or set default_kms_key_id"
+                )
+            return self.keys.usable(dst_region.default_kms_key_id, dst_region.name).id
+        if source.encrypted and encrypted is None:
+            raise KeyNotFound(
+                f"{source.name} is encrypted: copying it into region "
+                f"{dst_region.name} needs a key there (--kms-key-id, or the "
+                "region's default_kms_key_id), or --decrypt to copy in the clear"
+            )
+        return None
 
     def _start_copy(
         self,
@@ -669,6 +712,8 @@ class Store:
         description: str | None,
         retention_days: int | None,
         tags: dict[str, str],
+        encrypted: bool | None = None,
+        kms_key_id: str | None = None,
     ) -> Snapshot:
         if source.status != AVAILABLE or not source.sealed:
             raise NotReady(
@@ -685,6 +730,8 @@ class Store:
         dst.atime_ns, dst.mtime_ns = source.atime_ns, source.mtime_ns
         dst.source_snapshot_id, dst.source_region = source.id, source.region.name
         dst.description, dst.retention_days = description, retention_days
+        dst.kms_key_id = self._copy_key(source, dst_region, encrypted, kms_key_id)
+        dst.encrypted = dst.kms_key_id is not None
         job = CopyJob(
             dst=dst,
             src_region=source.region.name,

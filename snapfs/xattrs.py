@@ -39,8 +39,8 @@ _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
 }
 
 _REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
-    "encrypt_by_default": lambda st, r: "false",
-    "default_kms_key_id": lambda st, r: "",
+    "encrypt_by_default": lambda st, r: "true" if r.encrypt_by_default else "false",
+    "default_kms_key_id": lambda st, r: r.default_kms_key_id or "",
     "max_parallel_copies": lambda st, r: str(r.max_parallel_copies),
     "snapshot_quota": lambda st, r: None if r.snapshot_quota is None else str(r.snapshot_quota),
     "copies_running": lambda st, r: str(st.copies.running(r)),
@@ -95,8 +95,11 @@ def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
             setattr(node, field, None)
             node.region.index.update_snapshot(node.id, **{field: None})
             return
-    if isinstance(node, Region) and name == PREFIX + "snapshot_quota":
-        node.index.set_setting("snapshot_quota", "")
+    if isinstance(node, Region) and name in (
+        PREFIX + "snapshot_quota",
+        PREFIX + "default_kms_key_id",
+    ):
+        node.index.set_setting(name[len(PREFIX) :], "")
         return
     set(store, node, name, b"")
 
@@ -143,6 +146,17 @@ def _set_region(store: Store, region: Region, name: str, value: str) -> None:
         store.copies.reschedule(region)
     elif key == "snapshot_quota":
         region.index.set_setting(key, str(_positive(value, name, 1 << 40)))
+    elif key == "default_kms_key_id":
+        region.index.set_setting(key, store.keys.usable(value.strip(), region.name).id)
+    elif key == "encrypt_by_default":
+        if value not in ("true", "false"):
+            raise InvalidParameter(f"{name} is true or false, got {value!r}")
+        if value == "true" and region.default_kms_key_id is None:
+            raise InvalidParameter(
+                f"region {region.name} has no default_kms_key_id: set it first",
+                code="InvalidParameter.KMSKeyId.NotFound",
+            )
+        region.index.set_setting(key, value)
     elif key == "copy":
         _copy_request(store, region, value)
     elif key in _REGION_READERS:
@@ -164,9 +178,12 @@ def _copy_request(store: Store, dst_region: Region, value: str) -> None:
     tags = params.check_tags([(str(k), str(v)) for k, v in (request.get("tags") or {}).items()])
     if request.get("name"):
         params.check_cloud_snapshot_name(name)
+    encrypted = request.get("encrypted")
+    if encrypted not in (None, True, False):
+        raise InvalidParameter("encrypted is true, false or absent")
     store.copy_snapshot(
         store.region(src_region_name), src_name, dst_region, name,
         description=None if description is None else params.check_description(description),
         retention_days=None if retention is None else params.check_retention_days(retention),
-        tags=tags,
+        tags=tags, encrypted=encrypted, kms_key_id=request.get("kms_key_id") or None,
     )  # fmt: skip
