@@ -224,6 +224,8 @@ class CopyEngine:
         dst_keys = job.dst.block_keys()
         same_keys = src.kms_key_id == job.dst.kms_key_id
         raw = same_keys and (dst_keys is None or src.region is dst_region)
+        if src.region.keys is not None:
+            src.region.keys.prime()  # fetch_object verifies in a worker thread
 
         async def put(block_id: bytes) -> StoredBlock:
             if raw:

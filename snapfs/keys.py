@@ -243,6 +243,26 @@ class KeyRing:
             raise KeyDisabled(f"the key {info.id} is disabled")
         return info
 
+    def prime(self) -> None:
+        """Unwrap every enabled key's block keys (on the trio thread), so that worker
+        threads can decode with `loaded()` without touching SQLite."""
+        self._refresh()
+        for info in self._states.values():
+            if info.enabled and info.id not in self._block_keys:
+                self.block_keys(info.id)
+
+    def loaded(self, key_id: str) -> BlockKeys:
+        """Thread-safe lookup of primed keys: KeyNotFound or KeyDisabled if unusable."""
+        info = self._states.get(key_id)
+        if info is None:
+            raise KeyNotFound(f"the key {key_id} does not exist")
+        if not info.enabled:
+            raise KeyDisabled(f"the key {key_id} is disabled")
+        keys = self._block_keys.get(key_id)
+        if keys is None:
+            raise KeyNotFound(f"the key {key_id} is not loaded")
+        return keys
+
     def block_keys(self, key_id: str) -> BlockKeys:
         """The derived block keys of an enabled CMK (checked on every call: cheap)."""
         info = self.usable(key_id)

@@ -198,7 +198,7 @@ class Region:
         """The CMK named in a block header; KeyNotFound (ENOKEY) or KeyDisabled (EKEYREVOKED)."""
         if self.keys is None:
             raise BlockCorrupt("block is encrypted and this store has no keys")
-        return self.keys.block_keys(str(uuid.UUID(bytes=key_id)))
+        return self.keys.loaded(str(uuid.UUID(bytes=key_id)))  # worker thread: no SQLite
 
     async def sync(self) -> None:
         """Make every object written so far durable (before committing rows that name them)."""
@@ -241,6 +241,8 @@ class Region:
             if block_id not in self._loading and self.cache.get(block_id) is None:
                 # The load we waited for failed or was evicted at once: load it ourselves.
                 break
+        if self.keys is not None:
+            self.keys.prime()  # decoding in a worker thread needs the keys unwrapped here
         done = self._loading[block_id] = trio.Event()
         try:
             plain = await trio.to_thread.run_sync(

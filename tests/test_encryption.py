@@ -1,0 +1,231 @@
+"""Encrypted regions, snapshots and copies, through the mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from snapfs import diskimage
+
+from .conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
+
+MiB = 1 << 20
+MARKER = b"SNAPFS-SECRET-MARKER-7f3a9c"
+
+
+def make_key(m: SnapfsMount, region: str) -> str:
+    return run(*SNAPFS, "key", "create", "--region", region, "--store", m.store).stdout.split()[-1]
+
+
+def encrypt_region(m: SnapfsMount, region: Path) -> str:
+    key_id = make_key(m, region.name)
+    os.setxattr(region, "user.snapfs.default_kms_key_id", key_id.encode())
+    os.setxattr(region, "user.snapfs.encrypt_by_default", b"true")
+    return key_id
+
+
+def attr(path: Path, name: str) -> str:
+    return os.getxattr(path, f"user.snapfs.{name}").decode()
+
+
+def marker_image(path: Path, size: int = 8 * MiB) -> Path:
+    # Every 4 KiB carries the marker, in compressible and incompressible neighbourhoods.
+    chunk = (MARKER + os.urandom(4096 - len(MARKER))) * (size // 4096 // 2)
+    chunk += (MARKER + b"." * (4096 - len(MARKER))) * (size // 4096 // 2)
+    path.write_bytes(chunk)
+    return path
+
+
+def copy_done(path: Path) -> str:
+    return wait_for(
+        lambda: attr(path, "status") in ("available", "failed") and attr(path, "status"), 60
+    )
+
+
+def test_encrypting_region_leaves_no_plaintext_in_the_store(
+    tmp_path: Path, mnt: SnapfsMount
+) -> None:
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    key_id = encrypt_region(mnt, region)
+    assert attr(region, "encrypt_by_default") == "true"
+    assert attr(region, "default_kms_key_id") == key_id
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, region / "secret.img")
+    run("dd", f"if={image}", f"of={region / 'dd.img'}", "bs=1M", "seek=3")
+    snap = region / "secret.img"
+    assert attr(snap, "encrypted") == "true" and attr(snap, "kms_key_id") == key_id
+    assert sha256(snap) == sha256(image)
+    mnt.remount()
+    assert sha256(snap) == sha256(image)
+    mnt.umount()
+    for path in mnt.store.rglob("*"):
+        if path.is_file():
+            assert MARKER not in path.read_bytes(), f"plaintext found in {path}"
+    mnt.mount()
+
+
+def test_tampered_block_is_eio_and_logged(tmp_path: Path, mnt: SnapfsMount) -> None:
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    encrypt_region(mnt, region)
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, region / "secret.img")
+    mnt.umount()
+    victim = sorted(mnt.objects("us-east-1"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    mnt.mount()
+    result = run("cat", region / "secret.img", check=False)
+    assert result.returncode != 0 and "Input/output error" in result.stderr
+    log = mnt.log()
+    assert "fails authentication" in log and "secret.img" in log and "at offset" in log
+
+
+def test_swapped_blocks_fail_authentication(tmp_path: Path, mnt: SnapfsMount) -> None:
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    encrypt_region(mnt, region)
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, region / "secret.img")
+    mnt.umount()
+    a, b = sorted(mnt.objects("us-east-1"))[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    mnt.mount()
+    with pytest.raises(OSError) as exc:
+        (region / "secret.img").read_bytes()
+    assert exc.value.errno == errno.EIO
+
+
+def test_key_disable_and_enable(tmp_path: Path, mnt: SnapfsMount) -> None:
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    key_id = encrypt_region(mnt, region)
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, region / "secret.img")
+    run(*SNAPFS, "key", "disable", key_id, "--store", mnt.store)
+    with pytest.raises(OSError) as exc:
+        (region / "secret.img").read_bytes()
+    assert exc.value.errno == errno.EKEYREVOKED
+    with pytest.raises(OSError) as exc:
+        (region / "new.img").write_bytes(b"x")
+    assert exc.value.errno == errno.EKEYREVOKED
+    assert "CMKNotEnabled" in mnt.log()
+    run(*SNAPFS, "key", "enable", key_id, "--store", mnt.store)
+    assert sha256(region / "secret.img") == sha256(image)
+    (region / "new.img").write_bytes(b"works again")
+    assert (region / "new.img").read_bytes() == b"works again"
+
+
+def test_region_key_settings_are_validated(mnt: SnapfsMount) -> None:
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    other = make_key(mnt, "eu-west-1")
+    cases = [
+        ("user.snapfs.default_kms_key_id", str(uuid.uuid4()).encode(), errno.ENOKEY),
+        ("user.snapfs.default_kms_key_id", b"not-a-key", errno.ENOKEY),
+        ("user.snapfs.default_kms_key_id", other.encode(), errno.ENOKEY),  # another region's
+        ("user.snapfs.encrypt_by_default", b"true", errno.EINVAL),  # no default key yet
+        ("user.snapfs.encrypt_by_default", b"yes", errno.EINVAL),
+    ]
+    for name, value, expected in cases:
+        with pytest.raises(OSError) as exc:
+            os.setxattr(region, name, value)
+        assert exc.value.errno == expected, (name, value)
+    key_id = make_key(mnt, "us-east-1")
+    run(*SNAPFS, "key", "disable", key_id, "--store", mnt.store)
+    with pytest.raises(OSError) as exc:
+        os.setxattr(region, "user.snapfs.default_kms_key_id", key_id.encode())
+    assert exc.value.errno == errno.EKEYREVOKED
+    assert attr(region, "encrypt_by_default") == "false"
+    assert attr(region, "default_kms_key_id") == ""
+
+
+def test_copies_between_keys(tmp_path: Path, mnt: SnapfsMount) -> None:
+    plain, enc_a, enc_b = (mnt.path / n for n in ("plain-1", "enc-a", "enc-b"))
+    for r in (plain, enc_a, enc_b):
+        r.mkdir()
+    key_a, key_b = encrypt_region(mnt, enc_a), encrypt_region(mnt, enc_b)
+    image = tmp_path / "disk.img"
+    diskimage.create(image, 16 * MiB, seed=41, zeros=0.0)
+    digest = sha256(image)
+    run("cp", image, plain / "disk.img")
+    source_id = attr(plain / "disk.img", "id")
+
+    # plain -> encrypted with cp: an encrypted copy, lineage kept.
+    run("cp", plain / "disk.img", enc_a)
+    copy = enc_a / "disk.img"
+    assert attr(copy, "encrypted") == "true" and attr(copy, "kms_key_id") == key_a
+    assert attr(copy, "source_snapshot_id") == source_id
+    assert int(attr(copy, "transferred_bytes")) == 16 * MiB
+    assert sha256(copy) == digest
+
+    # encrypted -> encrypted under another key with mv: re-encrypted by the job.
+    run("mv", copy, enc_b)
+    moved = enc_b / "disk.img"
+    assert copy_done(moved) == "available"
+    assert attr(moved, "kms_key_id") == key_b and sha256(moved) == digest
+
+    # encrypted -> plain only when asked; a plain region without a key refuses mv.
+    with pytest.raises(OSError) as exc:
+        os.rename(moved, plain / "back.img")
+    assert exc.value.errno == errno.ENOKEY
+    refused = mnt.cli("copy", moved, plain, "--name", "clear", check=False)
+    assert refused.stderr.startswith("InvalidParameter.KMSKeyId.NotFound")
+    mnt.cli("copy", moved, plain, "--name", "clear", "--decrypt", "--wait")
+    assert attr(plain / "clear", "encrypted") == "false" and sha256(plain / "clear") == digest
+
+    # snapfs copy --encrypted --kms-key-id encrypts whatever the region default.
+    key_p = make_key(mnt, "plain-1")
+    mnt.cli(
+        "copy",
+        plain / "disk.img",
+        plain,
+        "--name",
+        "sealed-copy",
+        "--encrypted",
+        "--kms-key-id",
+        key_p,
+        "--wait",
+    )
+    assert attr(plain / "sealed-copy", "kms_key_id") == key_p
+    assert sha256(plain / "sealed-copy") == digest
+    bad = mnt.cli(
+        "copy",
+        plain / "disk.img",
+        plain,
+        "--name",
+        "x2",
+        "--kms-key-id",
+        str(uuid.uuid4()),
+        check=False,
+    )
+    assert bad.stderr.startswith("InvalidParameter.KMSKeyId.NotFound")
+
+
+def test_incremental_copy_between_the_same_keys(tmp_path: Path, mnt: SnapfsMount) -> None:
+    enc_a, enc_b = mnt.path / "enc-a", mnt.path / "enc-b"
+    for r in (enc_a, enc_b):
+        r.mkdir()
+    encrypt_region(mnt, enc_a)
+    encrypt_region(mnt, enc_b)
+    day1 = tmp_path / "day1.img"
+    diskimage.create(day1, 16 * MiB, seed=42, zeros=0.0)
+    day2 = tmp_path / "day2.img"
+    shutil.copy(day1, day2)
+    changed = diskimage.mutate(day2, 0.1, block_size=mnt.status()["block_size"], seed=43)
+    run("cp", day1, enc_a / "day1.img")
+    run("cp", day2, enc_a / "day2.img")
+    mnt.cli("copy", enc_a / "day1.img", enc_b, "--wait")
+    mnt.cli("copy", enc_a / "day2.img", enc_b, "--wait")
+    assert int(attr(enc_b / "day1.img", "transferred_bytes")) == 16 * MiB
+    assert int(attr(enc_b / "day2.img", "transferred_bytes")) == changed
+    assert sha256(enc_b / "day2.img") == sha256(day2)
