@@ -108,6 +108,29 @@ def restic_runs(work: Path, day1: Path, day2: Path, results: dict) -> None:
     results["restic_copy_incremental_added_bytes"] = du_bytes(repo2) - before
 
 
+def encrypted_runs(mnt: Path, store: Path, day1: Path, day2: Path, results: dict) -> None:
+    """The same ingest and copies between two encrypting regions (different keys, so every
+    transferred block is re-encrypted)."""
+    src, dst = mnt / "enc-src", mnt / "enc-dst"
+    for region in (src, dst):
+        region.mkdir()
+        key = snapfs("key", "create", "--region", region.name, "--store", store).stdout.split()[-1]
+        os.setxattr(region, "user.snapfs.default_kms_key_id", key.encode())
+        os.setxattr(region, "user.snapfs.encrypt_by_default", b"true")
+    results["enc_ingest_s"] = timed("cp", day1, src / "day1.img")
+    results["enc_read_s"] = timed(f"cat {src / 'day1.img'} > /dev/null", shell=True)
+    start = time.perf_counter()
+    subprocess.run(["mv", str(src / "day1.img"), str(dst)], check=True)
+    wait_available(dst / "day1.img")
+    results["enc_mv_copy_full_s"] = time.perf_counter() - start
+    results["enc_ingest_incremental_s"] = timed("cp", day2, src / "day2.img")
+    start = time.perf_counter()
+    subprocess.run(["mv", str(src / "day2.img"), str(dst)], check=True)
+    wait_available(dst / "day2.img")
+    results["enc_mv_copy_incremental_s"] = time.perf_counter() - start
+    results["enc_mv_copy_incremental_transferred"] = transferred(dst / "day2.img")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +197,7 @@ def main() -> int:
         wait_available(b / "day2.img")
         results["mv_copy_incremental_s"] = time.perf_counter() - start
         results["mv_copy_incremental_transferred"] = transferred(b / "day2.img")
+        encrypted_runs(mnt, store, day1, day2, results)
         results["daemon_peak_rss_bytes"] = peak_rss(pid)
         snapfs("umount", mnt)
         if not args.no_restic:
@@ -229,6 +253,17 @@ def report(r: dict) -> None:
               "(target >= 2x)")
         print(f"incremental cp copy vs restic      "
               f"{r['restic_copy_incremental_s'] / r['cp_copy_incremental_s']:6.2f}x faster")
+    if "enc_ingest_s" in r:
+        print("\nencrypted (AES-256-GCM, keyed ids; copies re-encrypt under another key):")
+        for name, key, plain_key in (
+            ("encrypted ingest", "enc_ingest_s", "ingest_s"),
+            ("encrypted cat", "enc_read_s", "read_s"),
+            ("encrypted mv copy, full", "enc_mv_copy_full_s", "mv_copy_full_s"),
+            ("encrypted mv copy, incremental", "enc_mv_copy_incremental_s",
+             "mv_copy_incremental_s"),
+        ):
+            row(name, r[key], f"{r[plain_key] / r[key]:.2f}x of the plain speed "
+                "(target >= 0.75)")
     changed = max(r["changed_bytes"], 1)
     print()
     print(f"daemon peak RSS                  {r['daemon_peak_rss_bytes'] / MiB:8.1f} MiB  "
@@ -242,6 +277,9 @@ def report(r: dict) -> None:
     print("transferred / changed bytes (target <= 1.1):")
     print(f"  incremental mv copy            {r['mv_copy_incremental_transferred'] / changed:8.3f}x")
     print(f"  incremental cp copy            {r['cp_copy_incremental_transferred'] / changed:8.3f}x")
+    if "enc_mv_copy_incremental_transferred" in r:
+        print(f"  encrypted incremental mv copy  "
+              f"{r['enc_mv_copy_incremental_transferred'] / changed:8.3f}x")
     if "restic_copy_incremental_added_bytes" in r:
         print(f"  restic incremental copy        "
               f"{r['restic_copy_incremental_added_bytes'] / changed:8.3f}x (repository growth)")

@@ -184,6 +184,14 @@ def decode(
     plain one is checked against its content id. `keys_for` maps a header's key id to the
     CMK's keys (raising when the key is unknown or disabled).
     """
+    header, payload = _open_payload(data, block_id, keys_for, region)
+    return _plaintext(header, payload, block_id)
+
+
+def _open_payload(
+    data: bytes, block_id: bytes, keys_for: KeyLookup | None, region: str
+) -> tuple[BlockHeader, bytes | memoryview]:
+    """The header and the (still compressed) payload, authenticated if encrypted."""
     header = parse_header(data)
     payload: bytes | memoryview = memoryview(data)[HEADER.size :]
     if header.flags & FLAG_ENCRYPTED:
@@ -196,6 +204,10 @@ def decode(
             )
         except InvalidTag:
             raise BlockCorrupt("block fails authentication (tampered, moved or swapped)") from None
+    return header, payload
+
+
+def _plaintext(header: BlockHeader, payload: bytes | memoryview, block_id: bytes) -> bytes:
     if header.codec == CODEC_ZSTD:
         try:
             plain = _decompressor().decompress(payload, max_output_size=header.plain_size)
@@ -210,3 +222,56 @@ def decode(
     if not header.flags & FLAG_ENCRYPTED and content_id(plain) != block_id:
         raise BlockCorrupt("block content does not match its id")
     return plain
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedBlock:
+    """A stored object opened for re-encryption: its compressed payload and plaintext size."""
+
+    codec: int
+    payload: bytes
+    plain_size: int
+
+
+def open_for_copy(
+    data: bytes, block_id: bytes, keys_for: KeyLookup | None, region: str, new_id_key: bytes | None
+) -> tuple[bytes, OpenedBlock]:
+    """Authenticate and open an object, and compute the block's id under another id key.
+
+    Returns the new id and the still-compressed payload, so that `reseal` can move the block
+    to another key or region without compressing it again (the costly step).
+    """
+    header, payload = _open_payload(data, block_id, keys_for, region)
+    plain = _plaintext(header, payload, block_id)  # verified: never wrong bytes
+    return content_id(plain, new_id_key), OpenedBlock(header.codec, bytes(payload), len(plain))
+
+
+def reseal(
+    block: OpenedBlock, block_id: bytes, keys: CipherKeys | None, region: str
+) -> EncodedBlock:
+    """Frame an opened payload for its new home (plain, or encrypted under `keys`)."""
+    if keys is None:
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            block.codec,
+            0,
+            block.plain_size,
+            len(block.payload),
+            _NO_KEY,
+            _NO_NONCE,
+        )
+        return EncodedBlock(block_id, header + block.payload, block.plain_size, block.codec)
+    nonce = secrets.token_bytes(12)
+    header = HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        block.codec,
+        FLAG_ENCRYPTED,
+        block.plain_size,
+        len(block.payload) + TAG_SIZE,
+        keys.key_id_bytes,
+        nonce,
+    )
+    sealed = keys.aead.encrypt(nonce, block.payload, _aad(header, block_id, region))
+    return EncodedBlock(block_id, header + sealed, block.plain_size, block.codec, keys.key_id)

@@ -231,13 +231,15 @@ class CopyEngine:
             if raw:
                 fetch = functools.partial(src.region.fetch_object, block_id)
                 return await dst_region.put_block(block_id, fetch)
-            # Re-encryption: decrypt and verify under the source key, re-id and encrypt under
-            # the destination's. Blocks it already holds are found by their new id.
-            plain = await src.region.read_block(block_id)
+            # Re-encryption: open and verify under the source key, re-id under the
+            # destination's, seal the same compressed payload under its key (no
+            # recompression). Blocks it already holds are found by their new id.
             id_key = dst_keys.id_key if dst_keys is not None else None
-            new_id = await trio.to_thread.run_sync(codec.content_id, plain, id_key)
-            encode = functools.partial(codec.encode, plain, new_id, dst_keys, dst_region.name)
-            return await dst_region.put_block(new_id, encode)
+            new_id, opened = await trio.to_thread.run_sync(
+                src.region.open_for_copy, block_id, id_key, limiter=dst_region.limiter
+            )
+            reseal = functools.partial(codec.reseal, opened, new_id, dst_keys, dst_region.name)
+            return await dst_region.put_block(new_id, reseal)
 
         async def transfer(block_no: int, block_id: bytes) -> None:
             async with limiter:

@@ -194,6 +194,17 @@ class Region:
         header = codec.parse_header(data)
         return codec.EncodedBlock(block_id, data, header.plain_size, header.codec)
 
+    def open_for_copy(
+        self, block_id: bytes, new_id_key: bytes | None
+    ) -> tuple[bytes, codec.OpenedBlock]:
+        """A stored object opened for re-encryption elsewhere (worker thread; keys primed)."""
+        key = block_id.hex()
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError:
+            raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
+        return codec.open_for_copy(data, block_id, self._keys_for, self.name, new_id_key)
+
     def _keys_for(self, key_id: bytes) -> BlockKeys:
         """The CMK named in a block header; KeyNotFound (ENOKEY) or KeyDisabled (EKEYREVOKED)."""
         if self.keys is None:

@@ -234,3 +234,39 @@ async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> N
         assert region.index.stats().blocks == 0
     finally:
         again.close()
+
+
+# --- encryption in the codec -------------------------------------------------------------------
+
+
+def _block_keys(seed: int):
+    from snapfs.keys import BlockKeys
+
+    return BlockKeys(str(__import__("uuid").UUID(int=seed)), bytes([seed]) * 32)
+
+
+@pytest.mark.parametrize("data", [b"text block " * 40_000, os.urandom(300_000)])
+def test_encrypted_blocks_roundtrip_and_bind_id_region_and_key(data: bytes) -> None:
+    ka, kb = _block_keys(1), _block_keys(2)
+    lookup = {ka.key_id_bytes: ka, kb.key_id_bytes: kb}.__getitem__
+    enc = codec.encode(data, None, ka, "us-east-1")
+    assert enc.block_id == codec.content_id(data, ka.id_key) != codec.content_id(data)
+    assert data[:64] not in enc.data
+    assert codec.decode(enc.data, enc.block_id, lookup, "us-east-1") == data
+    with pytest.raises(BlockCorrupt):
+        codec.decode(enc.data, enc.block_id, lookup, "eu-west-1")  # moved to another region
+    with pytest.raises(BlockCorrupt):
+        codec.decode(enc.data, codec.content_id(b"x", ka.id_key), lookup, "us-east-1")  # swap
+    tampered = bytearray(enc.data)
+    tampered[-1] ^= 1
+    with pytest.raises(BlockCorrupt):
+        codec.decode(bytes(tampered), enc.block_id, lookup, "us-east-1")
+    # Re-encryption for a copy keeps the compressed payload and gives the new key's id.
+    new_id, opened = codec.open_for_copy(enc.data, enc.block_id, lookup, "us-east-1", kb.id_key)
+    assert new_id == codec.content_id(data, kb.id_key)
+    moved = codec.reseal(opened, new_id, kb, "eu-west-1")
+    assert moved.codec == enc.codec and moved.key_id == kb.key_id
+    assert codec.decode(moved.data, new_id, lookup, "eu-west-1") == data
+    plain_id, opened = codec.open_for_copy(enc.data, enc.block_id, lookup, "us-east-1", None)
+    clear = codec.reseal(opened, plain_id, None, "eu-west-1")
+    assert codec.decode(clear.data, plain_id) == data
