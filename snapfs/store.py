@@ -49,6 +49,7 @@ from .errors import (
 from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
+from .retention import Clock, retention_loop
 from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ class Store:
         *,
         block_size: int | None = None,
         copy_bandwidth_limit: int | None = None,
+        clock: Clock | None = None,
     ):
         self.path = path.resolve()
+        self.clock = clock or Clock.from_environment()
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
         self.regions: dict[str, Region] = {}
@@ -295,6 +298,7 @@ class Store:
         for region in self.regions.values():
             nursery.start_soon(region.gc_loop)
         self.copies.start(nursery)
+        nursery.start_soon(retention_loop, self, self.clock)
 
     async def shutdown(self) -> None:
         """Stop copy jobs where they are (they resume at the next mount) and store what open
@@ -658,7 +662,8 @@ class Store:
         encrypted: bool | None = None,
         kms_key_id: str | None = None,
     ) -> Snapshot:
-        """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job."""
+        """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job. The
+        description is the source's unless one is given; tags are only those given."""
         source = src_region.lookup(name)
         return self._start_copy(
             source,
@@ -666,7 +671,7 @@ class Store:
             new_name,
             kind="copy",
             replace=None,
-            description=description,
+            description=source.description if description is None else description,
             retention_days=retention_days,
             tags=tags or {},
             encrypted=encrypted,

@@ -18,11 +18,18 @@ from collections.abc import Callable
 from . import params
 from .errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
 from .region import Region
+from .retention import expires_at, iso8601
 from .snapshots import FAILED, Snapshot
 from .store import Store
 
 PREFIX = "user.snapfs."
 TAG_PREFIX = "user.tag."
+
+
+def _expiry(snap: Snapshot) -> str | None:
+    due = expires_at(snap.created_at, snap.retention_days)
+    return None if due is None else iso8601(due)
+
 
 _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
     "id": lambda s: s.id,
@@ -36,7 +43,9 @@ _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
     "kms_key_id": lambda s: s.kms_key_id or "",
     "description": lambda s: s.description,
     "retention_days": lambda s: None if s.retention_days is None else str(s.retention_days),
+    "expires_at": _expiry,
 }
+
 
 _REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
     "encrypt_by_default": lambda st, r: "true" if r.encrypt_by_default else "false",

@@ -52,7 +52,9 @@ class SnapfsMount:
         mountpoint: Path,
         block_size: int | None = None,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ):
+        self.env = env  # extra environment of the daemon (e.g. SNAPFS_CLOCK_FILE)
         self.store = store
         self.path = mountpoint
         self.block_size = block_size
@@ -66,7 +68,7 @@ class SnapfsMount:
         args = ["mount", self.path, "--store", self.store, *(extra or self.extra_args)]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
-        result = self.cli(*args, check=False)
+        result = run(*SNAPFS, *args, check=False, env={**os.environ, **(self.env or {})})
         assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
 
     def umount(self) -> None:
