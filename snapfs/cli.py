@@ -173,6 +173,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff
+
+    result = diff(Path(args.first), Path(args.second))
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    a, b = result.first, result.second
+    print(
+        f"# {a.region}/{a.name} ({a.id}, {a.size} bytes) -> {b.region}/{b.name} ({b.id}, "
+        f"{b.size} bytes): {len(result.ranges)} ranges, {result.changed_bytes} bytes differ "
+        f"(compared by {result.compared_by}); OFFSET LENGTH per line"
+    )
+    for offset, length in result.ranges:
+        print(offset, length)
+    return 0
+
+
 def _size(text: str) -> int:
     from .diskimage import parse_size
 
@@ -431,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     for k in keys.choices.values():
         k.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
     p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("diff", help="byte ranges where two snapshots differ (block-aligned)")
+    p.add_argument("first", help="a snapshot file: MOUNTPOINT/REGION/NAME")
+    p.add_argument("second", help="another snapshot file, in the same or another region")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("status", help="snapshots with size, stored bytes, status, progress")
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")

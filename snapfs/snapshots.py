@@ -364,8 +364,10 @@ class SnapshotWriter:
 
     async def _store_task(self, block_no: int, buf: bytearray, done: trio.Event) -> None:
         try:
-            length = min(self.block_size, self.snap.size - block_no * self.block_size)
-            plain = bytes(memoryview(buf)[: max(length, 0)])
+            # The whole block, zeros past the end of the file (truncate clears them): a
+            # block's id must depend on its content alone, not on the file's size when it was
+            # stored; `cp` of a sparse image writes data blocks before it sets the size.
+            plain = bytes(buf) if block_no * self.block_size < self.snap.size else b""
             try:
                 stored = await self.region.store_block(plain, self.snap.block_keys())
             except Exception as exc:  # a background task must not end the mount
