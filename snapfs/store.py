@@ -393,6 +393,18 @@ class Store:
         snap.kms_key_id = region.default_key()
         snap.encrypted = snap.kms_key_id is not None
         source = self._source_read_by(pid)
+        if source is not None and source.encrypted and not snap.encrypted:
+            # Decrypting is only ever done when asked (`snapfs copy --decrypt`): the bytes a
+            # reader wrote into a plain region make an ordinary snapshot, not a copy.
+            log.info(
+                "region %s: %s is written from encrypted %s/%s into a plain region: an "
+                "ordinary snapshot, not a copy",
+                region.name,
+                name,
+                source.region.name,
+                source.name,
+            )
+            source = None
         if source is not None:
             snap.status = COPYING
             snap.copy_source = source
@@ -643,7 +655,9 @@ class Store:
             # looks the name up again, the source's inode number must mean the destination.
             self.by_ino[source.ino] = dst
             dst.inode_aliases.append(source.ino)
-            self.forget_entry(dst_region.ino, new_name)
+        # Whether or not the source is still open, the kernel must look the new name up
+        # again, or it shows the source's attributes under it until its cache times out.
+        self.forget_entry(dst_region.ino, new_name)
         if displaced is not None:
             displaced.deleted = True
             await self._displaced(displaced)

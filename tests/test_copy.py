@@ -151,6 +151,18 @@ def test_mv_returns_at_once_and_copies_in_background(image: Path, slow_mnt: Snap
     assert wait_for(lambda: slow_mnt.objects("cn-hangzhou") == [])
 
 
+def test_mv_of_an_open_source_shows_the_copy_at_once(image: Path, slow_mnt: SnapfsMount) -> None:
+    a, b = regions(slow_mnt, "cn-hangzhou", "us-east-1")
+    run("cp", image, a / "disk.img")
+    source_id = attr(a / "disk.img", "id")
+    with open(a / "disk.img", "rb") as reader:
+        run("mv", a / "disk.img", b)
+        moved = b / "disk.img"
+        assert attr(moved, "status") == "copying" and attr(moved, "id") != source_id
+        assert attr(moved, "source_snapshot_id") == source_id
+        assert reader.read(4096) == image.read_bytes()[:4096]  # the reader keeps its file
+
+
 def test_mv_within_region_is_a_plain_rename(image: Path, mnt: SnapfsMount) -> None:
     (a,) = regions(mnt, "cn-hangzhou")
     run("cp", image, a / "x.img")

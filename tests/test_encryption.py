@@ -239,3 +239,45 @@ def test_incremental_copy_between_the_same_keys(tmp_path: Path, mnt: SnapfsMount
     assert int(attr(enc_b / "day1.img", "transferred_bytes")) == 16 * MiB
     assert int(attr(enc_b / "day2.img", "transferred_bytes")) == changed
     assert sha256(enc_b / "day2.img") == sha256(day2)
+
+
+def test_cp_out_of_an_encrypted_snapshot_into_a_plain_region_is_no_copy(
+    tmp_path: Path, mnt: SnapfsMount
+) -> None:
+    enc, plain = mnt.path / "enc-a", mnt.path / "plain-1"
+    enc.mkdir()
+    plain.mkdir()
+    encrypt_region(mnt, enc)
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, enc / "secret.img")
+    run("cp", enc / "secret.img", plain / "clear.img")
+    clear = plain / "clear.img"
+    assert sha256(clear) == sha256(image) and attr(clear, "encrypted") == "false"
+    with pytest.raises(OSError) as exc:  # decrypting copies happen only when asked
+        attr(clear, "source_snapshot_id")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_a_disabled_key_refuses_copies(tmp_path: Path, mnt: SnapfsMount) -> None:
+    src, dst = mnt.path / "enc-a", mnt.path / "enc-b"
+    src.mkdir()
+    dst.mkdir()
+    key_a, key_b = encrypt_region(mnt, src), encrypt_region(mnt, dst)
+    image = marker_image(tmp_path / "secret.img")
+    run("cp", image, src / "secret.img")
+    run(*SNAPFS, "key", "disable", key_b, "--store", mnt.store)
+    with pytest.raises(OSError) as exc:  # the destination's default key is disabled
+        os.rename(src / "secret.img", dst / "secret.img")
+    assert exc.value.errno == errno.EKEYREVOKED
+    refused = mnt.cli("copy", src / "secret.img", dst, check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.startswith("InvalidParameter.KMSKeyId.CMKNotEnabled")
+    run(*SNAPFS, "key", "enable", key_b, "--store", mnt.store)
+    run(*SNAPFS, "key", "disable", key_a, "--store", mnt.store)
+    with pytest.raises(OSError) as exc:  # the source's key is disabled: it cannot be read
+        shutil.copyfile(src / "secret.img", dst / "copy.img")
+    assert exc.value.errno == errno.EKEYREVOKED
+    assert os.listdir(src) == ["secret.img"]
+    run(*SNAPFS, "key", "enable", key_a, "--store", mnt.store)
+    mnt.cli("copy", src / "secret.img", dst, "--name", "works", "--wait")
+    assert sha256(dst / "works") == sha256(image)
