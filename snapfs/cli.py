@@ -192,6 +192,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import check
+
+    store = Path(args.store).expanduser() if args.store else default_store_path()
+    report = check.check(store, repair=args.repair)
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        check.render(report)
+    return 0 if report.ok else 1
+
+
 def _size(text: str) -> int:
     from .diskimage import parse_size
 
@@ -456,6 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("second", help="another snapshot file, in the same or another region")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("check", help="verify every stored block, reference counts, orphans")
+    p.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="unmounted store only: delete orphans, fix counts (referenced data is kept)",
+    )
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("status", help="snapshots with size, stored bytes, status, progress")
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")

@@ -1,0 +1,121 @@
+"""`snapfs check` on a store written through the mount: it finds a corrupted block, a missing
+block file and a wrong reference count, names the damaged snapshots and offsets, and
+`--repair` fixes what can be fixed without deleting referenced data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from snapfs import diskimage
+
+from .conftest import SNAPFS, SnapfsMount, run, sha256
+
+MiB = 1 << 20
+
+
+def check(store: Path, *args: str) -> tuple[int, dict]:
+    result = run(*SNAPFS, "check", "--store", store, "--json", *args, check=False)
+    return result.returncode, json.loads(result.stdout)
+
+
+def region_report(report: dict, name: str) -> dict:
+    return next(r for r in report["regions"] if r["name"] == name)
+
+
+def block_users(store: Path, region: str, block_hex: str) -> list[tuple[str, int]]:
+    db = sqlite3.connect(store / "regions" / region / "index.db")
+    rows = db.execute(
+        "SELECT s.name, m.block_no FROM snapshot_blocks m JOIN snapshots s ON s.id = m.snapshot_id"
+        " WHERE m.block_id = ? ORDER BY s.name, m.block_no",
+        [bytes.fromhex(block_hex)],
+    ).fetchall()
+    db.close()
+    return rows
+
+
+def test_check_finds_damage_and_repair_keeps_referenced_data(
+    tmp_path: Path, mnt: SnapfsMount
+) -> None:
+    block = mnt.status()["block_size"]
+    region, secret = mnt.path / "us-east-1", mnt.path / "secret-1"
+    region.mkdir()
+    secret.mkdir()
+    key = mnt.cli("key", "create", "--region", "secret-1", "--store", mnt.store).stdout.split()[-1]
+    os.setxattr(secret, "user.snapfs.default_kms_key_id", key.encode())
+    os.setxattr(secret, "user.snapfs.encrypt_by_default", b"true")
+    image = tmp_path / "disk.img"
+    diskimage.create(image, 8 * MiB, seed=5, zeros=0.25)
+    run("cp", image, region / "a.img")
+    run("cp", image, region / "b.img")  # shares every block with a.img
+    run("cp", image, secret / "enc.img")
+    mnt.umount()
+
+    code, report = check(mnt.store)
+    assert code == 0 and report["ok"], report
+    healthy = region_report(report, "us-east-1")
+    assert healthy["blocks_checked"] > 0 and not healthy["damaged_snapshots"]
+    assert region_report(report, "secret-1")["blocks_checked"] == healthy["blocks_checked"]
+
+    objects = sorted(mnt.objects("us-east-1"))
+    corrupt, gone, counted = objects[0], objects[1], objects[2]
+    data = bytearray(corrupt.read_bytes())
+    data[-100] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    gone.unlink()
+    db = sqlite3.connect(mnt.store / "regions" / "us-east-1" / "index.db")
+    with db:
+        db.execute(
+            "UPDATE blocks SET refcount = refcount + 5 WHERE id = ?", [bytes.fromhex(counted.name)]
+        )
+    db.close()
+    orphan = corrupt.parent / ("ab" * 32)
+    orphan.write_bytes(b"left behind by a crash")
+
+    code, report = check(mnt.store)
+    r = region_report(report, "us-east-1")
+    assert code == 1 and not report["ok"] and r["damaged"]
+    assert r["corrupt"] == [corrupt.name] and r["missing"] == [gone.name]
+    assert [w["block"] for w in r["wrong_refcounts"]] == [counted.name]
+    assert r["wrong_refcounts"][0]["recorded"] == r["wrong_refcounts"][0]["actual"] + 5
+    assert r["orphans"] == 1
+    expected: dict[str, list[int]] = {}
+    for bad in (corrupt.name, gone.name):
+        for name, block_no in block_users(mnt.store, "us-east-1", bad):
+            expected.setdefault(name, []).append(block_no * block)
+    assert {d["name"]: d["offsets"] for d in r["damaged_snapshots"]} == {
+        k: sorted(v) for k, v in expected.items()
+    }
+    assert sorted(expected) == ["a.img", "b.img"]
+    assert not region_report(report, "secret-1")["damaged"]
+
+    text = run(*SNAPFS, "check", "--store", mnt.store, check=False)
+    assert text.returncode == 1 and "snapshot a.img" in text.stdout and "offset" in text.stdout
+
+    # Checking beside a running daemon works read-only; repairing needs it unmounted.
+    mnt.mount()
+    code, report = check(mnt.store)
+    assert code == 1 and region_report(report, "us-east-1")["corrupt"] == [corrupt.name]
+    busy = run(*SNAPFS, "check", "--store", mnt.store, "--repair", check=False)
+    assert busy.returncode != 0 and busy.stderr.startswith("StoreBusy")
+    assert sha256(secret / "enc.img") == sha256(image)
+    mnt.umount()
+
+    code, report = check(mnt.store, "--repair")
+    r = region_report(report, "us-east-1")
+    assert r["repaired"]["refcounts"] == 1 and r["repaired"]["orphans_deleted"] == 1
+    assert code == 1  # the lost blocks are still lost: repair reports, never hides them
+    assert not orphan.exists() and corrupt.exists()  # referenced data is never deleted
+    code, report = check(mnt.store)
+    r = region_report(report, "us-east-1")
+    assert not r["wrong_refcounts"] and r["orphans"] == 0
+    assert r["corrupt"] == [corrupt.name] and r["missing"] == [gone.name]
+    mnt.mount()
+    assert sha256(secret / "enc.img") == sha256(image)
+
+
+def test_check_of_a_missing_store_is_refused(tmp_path: Path) -> None:
+    result = run(*SNAPFS, "check", "--store", tmp_path / "nothing", check=False)
+    assert result.returncode != 0 and result.stderr.startswith("StoreNotFound")
