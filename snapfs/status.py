@@ -7,9 +7,13 @@ whether or not the store is mounted. The JSON form is a stable interface for scr
         {"name": R, "snapshots": [
             {"name", "id", "status", "progress", "size", "allocated_bytes", "stored_bytes",
              "encrypted", "kms_key_id", "source_snapshot_id", "source_region",
-             "created_at", "sealed_at"}, ...],
+             "transferred_bytes", "description", "tags": {K: V}, "retention_days",
+             "expires_at", "error", "created_at", "sealed_at"}, ...],
          "totals": {"snapshots", "logical_bytes", "allocated_bytes", "unique_bytes",
                     "stored_bytes", "dedup_ratio", "compression_ratio"}}]}
+
+Times are seconds since the epoch (`expires_at` is null without a retention); `progress` is
+0-100 like `user.snapfs.progress`; keys are only ever added, never renamed or removed.
 
 `allocated_bytes` counts non-hole blocks as written (what `du` shows); `unique_bytes` is the
 plaintext of the distinct blocks kept; `dedup_ratio` = allocated / unique and
@@ -27,6 +31,7 @@ from typing import Any
 from . import db as dbutil
 from .errors import NotFound, RegionNotFound, SnapfsError
 from .index import RegionIndex
+from .retention import expires_at, iso8601
 
 
 def _ratio(num: int, den: int) -> float:
@@ -95,6 +100,12 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
                     "kms_key_id": row["kms_key_id"],
                     "source_snapshot_id": row["source_snapshot_id"],
                     "source_region": row["source_region"],
+                    "transferred_bytes": row["transferred_bytes"],
+                    "description": row["description"],
+                    "tags": index.tags(row["id"]),
+                    "retention_days": row["retention_days"],
+                    "expires_at": expires_at(row["created_at"], row["retention_days"]),
+                    "error": row["error"] if row["status"] == "failed" else None,
                     "created_at": row["created_at"],
                     "sealed_at": row["sealed_at"],
                 }
@@ -142,6 +153,8 @@ def render(data: dict[str, Any]) -> None:
             "allocated",
             "stored",
             "encrypted",
+            "expires",
+            "tags",
         ):
             table.add_column(
                 column,
@@ -159,6 +172,8 @@ def render(data: dict[str, Any]) -> None:
                 human(snap["allocated_bytes"]),
                 human(snap["stored_bytes"]),
                 "yes" if snap["encrypted"] else "no",
+                iso8601(snap["expires_at"]) if snap["expires_at"] else "",
+                " ".join(f"{k}={v}" for k, v in snap["tags"].items()),
             )
         console.print(table)
         t = region["totals"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -171,3 +172,33 @@ def test_snapshot_quota_is_edquot_for_every_way_in(tmp_path: Path, mnt: SnapfsMo
     run("setfattr", "-x", "user.snapfs.snapshot_quota", b)
     run("cp", source, b / "three.img")
     assert len(os.listdir(b)) == 3
+
+
+def test_status_shows_tags_retention_and_copy_progress(slow_mnt: SnapfsMount) -> None:
+    a, b = slow_mnt.path / "cn-hangzhou", slow_mnt.path / "us-east-1"
+    a.mkdir()
+    b.mkdir()
+    snap = snapshot(a, "disk.img", os.urandom(24 << 20))
+    os.setxattr(snap, "user.tag.env", b"prod")
+    os.setxattr(snap, "user.snapfs.retention_days", b"7")
+    os.setxattr(snap, "user.snapfs.description", b"db-1 nightly")
+    run("cp", snap, a / "other.img")
+    run("mv", a / "other.img", b / "moved.img")  # ~3 s at the 8 MiB/s test throttle
+
+    def entry(region: str, name: str) -> dict:
+        data = json.loads(slow_mnt.cli("status", slow_mnt.path, "--json").stdout)
+        r = next(r for r in data["regions"] if r["name"] == region)
+        return next(s for s in r["snapshots"] if s["name"] == name)
+
+    copying = entry("us-east-1", "moved.img")
+    assert copying["status"] == "copying" and 0 <= copying["progress"] < 100
+    seen = wait_for(lambda: 0 < (p := entry("us-east-1", "moved.img")["progress"]) < 100 and p)
+    assert seen, "status never showed the copy in progress"
+    one = entry("cn-hangzhou", "disk.img")
+    assert one["tags"] == {"env": "prod"} and one["retention_days"] == 7
+    assert one["description"] == "db-1 nightly"
+    assert abs(one["expires_at"] - (one["created_at"] + 7 * DAY)) < 1
+    table = slow_mnt.cli("status", a).stdout
+    assert "env=prod" in table and time.strftime("%Y-", time.gmtime(one["expires_at"])) in table
+    assert wait_for(lambda: entry("us-east-1", "moved.img")["status"] == "available", 30)
+    assert entry("us-east-1", "moved.img")["progress"] == 100
