@@ -7,6 +7,8 @@ import ctypes
 import errno
 import json
 import os
+import pty
+import re
 import shutil
 import subprocess
 import time
@@ -469,3 +471,46 @@ def test_failed_move_gives_the_source_back(image: Path, slow_mnt: SnapfsMount) -
     assert "is back as disk.img" in slow_mnt.log()
     assert wait_for(lambda: attr(b / "disk.img", "status") == "failed")
     assert attr(b / "disk.img", "error").startswith("InvalidSnapshotId.NotFound")
+
+
+def test_copy_wait_shows_a_progress_bar(image: Path, slow_mnt: SnapfsMount) -> None:
+    """`snapfs copy --wait` on a terminal: percent, bytes, rate and time left, to 100%."""
+    a, b = regions(slow_mnt, "cn-hangzhou", "us-east-1")
+    run("cp", image, a / "disk.img")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [*SNAPFS, "copy", a / "disk.img", b, "--wait"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    os.close(secondary)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the child has exited
+        while chunk := os.read(primary, 65536):
+            screen += chunk
+    os.close(primary)
+    assert proc.wait(30) == 0
+    text = screen.decode(errors="replace")
+    assert "disk.img" in text and "100.0%" in text and "33.6/33.6 MB" in text, text[-400:]
+    partial = [float(p) for p in re.findall(r"(\d+\.\d)%", text) if 0 < float(p) < 100]
+    assert partial, "no intermediate percentage was drawn"
+    assert "/s" in text and re.search(r"\d:\d\d:\d\d", text)  # a rate and a time left
+    assert re.search(r"s-[0-9a-f]{16}\s*$", text)  # the new id, last
+
+
+def test_copying_a_snapshot_that_is_still_copying_is_ebusy(
+    image: Path, slow_mnt: SnapfsMount
+) -> None:
+    a, b, c = regions(slow_mnt, "cn-hangzhou", "us-east-1", "eu-west-1")
+    run("cp", image, a / "disk.img")
+    run("mv", a / "disk.img", b)
+    assert attr(b / "disk.img", "status") == "copying"
+    refused = slow_mnt.cli("copy", b / "disk.img", c, check=False)
+    assert refused.returncode != 0 and refused.stderr.startswith("InvalidSnapshotId.NotReady")
+    with pytest.raises(OSError) as exc:
+        os.rename(b / "disk.img", c / "disk.img")
+    assert exc.value.errno == errno.EBUSY
+    assert os.listdir(c) == []
+    assert copy_done(b / "disk.img") == "available"

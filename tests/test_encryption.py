@@ -281,3 +281,26 @@ def test_a_disabled_key_refuses_copies(tmp_path: Path, mnt: SnapfsMount) -> None
     run(*SNAPFS, "key", "enable", key_a, "--store", mnt.store)
     mnt.cli("copy", src / "secret.img", dst, "--name", "works", "--wait")
     assert sha256(dst / "works") == sha256(image)
+
+
+def test_every_way_in_encrypts_under_the_destination_key(tmp_path: Path, mnt: SnapfsMount) -> None:
+    plain, enc_a, enc_b = (mnt.path / n for n in ("plain-1", "enc-a", "enc-b"))
+    for r in (plain, enc_a, enc_b):
+        r.mkdir()
+    key_a, key_b = encrypt_region(mnt, enc_a), encrypt_region(mnt, enc_b)
+    image = tmp_path / "disk.img"
+    diskimage.create(image, 8 * MiB, seed=44, zeros=0.25)
+    digest = sha256(image)
+    for name in ("by-mv.img", "by-api.img"):
+        run("cp", image, plain / name)
+    run("mv", plain / "by-mv.img", enc_a)  # plain -> encrypted, by mv
+    mnt.cli("copy", plain / "by-api.img", enc_a, "--wait")  # plain -> encrypted, by the API
+    assert copy_done(enc_a / "by-mv.img") == "available"
+    for name in ("by-mv.img", "by-api.img"):
+        snap = enc_a / name
+        assert attr(snap, "encrypted") == "true" and attr(snap, "kms_key_id") == key_a
+        assert attr(snap, "source_region") == "plain-1" and sha256(snap) == digest
+    run("cp", enc_a / "by-api.img", enc_b / "by-cp.img")  # encrypted -> another key, by cp
+    copy = enc_b / "by-cp.img"
+    assert attr(copy, "kms_key_id") == key_b and attr(copy, "source_region") == "enc-a"
+    assert attr(copy, "status") == "available" and sha256(copy) == digest
