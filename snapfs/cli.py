@@ -496,12 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc.code, exc.message)
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:  # the mount answered with an errno (e.g. a snapshot deleted meanwhile)
-        code = errno.errorcode.get(exc.errno or 0, "OSError")
-        return _fail(code, f"{exc.filename or ''}: {exc.strerror}".lstrip(": "))
     except BrokenPipeError:  # `snapfs status | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the mount answered with an errno (e.g. a snapshot deleted meanwhile)
+        code = errno.errorcode.get(exc.errno or 0, "OSError")
+        return _fail(code, f"{exc.filename or ''}: {exc.strerror}".lstrip(": "))
 
 
 if __name__ == "__main__":
