@@ -227,19 +227,42 @@ class CopyEngine:
         if src.region.keys is not None:
             src.region.keys.prime()  # fetch_object verifies in a worker thread
 
+        id_key = dst_keys.id_key if dst_keys is not None else None
+        key_tag = job.dst.kms_key_id or ""
+        learnt: list[tuple[str, bytes, bytes]] = []
+
+        def open_block(block_id: bytes, expected: bytes | None) -> tuple[bytes, codec.OpenedBlock]:
+            """Worker thread: open and verify under the source key, re-id under the
+            destination's (checked against a translation learnt before, if any)."""
+            new_id, opened = src.region.open_for_copy(block_id, id_key)
+            if expected is not None and new_id != expected:
+                raise BlockCorrupt(f"block {block_id.hex()} does not match its translation")
+            return new_id, opened
+
+        def seal(opened: codec.OpenedBlock, new_id: bytes) -> codec.EncodedBlock:
+            # The same compressed payload under the destination's key: no recompression.
+            return codec.reseal(opened, new_id, dst_keys, dst_region.name)
+
+        def open_and_seal(block_id: bytes, expected: bytes) -> codec.EncodedBlock:
+            return seal(open_block(block_id, expected)[1], expected)
+
         async def put(block_id: bytes) -> StoredBlock:
             if raw:
                 fetch = functools.partial(src.region.fetch_object, block_id)
                 return await dst_region.put_block(block_id, fetch)
-            # Re-encryption: open and verify under the source key, re-id under the
-            # destination's, seal the same compressed payload under its key (no
-            # recompression). Blocks it already holds are found by their new id.
-            id_key = dst_keys.id_key if dst_keys is not None else None
+            # Different keys: a block seen before is found by its translated id without
+            # opening it (what makes an incremental re-encrypting copy incremental in time,
+            # not only in bytes); any other is opened to learn its id here.
+            known = dst_region.index.translation(key_tag, block_id)
+            if known is not None:
+                return await dst_region.put_block(
+                    known, functools.partial(open_and_seal, block_id, known)
+                )
             new_id, opened = await trio.to_thread.run_sync(
-                src.region.open_for_copy, block_id, id_key, limiter=dst_region.limiter
+                open_block, block_id, None, limiter=dst_region.limiter
             )
-            reseal = functools.partial(codec.reseal, opened, new_id, dst_keys, dst_region.name)
-            return await dst_region.put_block(new_id, reseal)
+            learnt.append((key_tag, block_id, new_id))
+            return await dst_region.put_block(new_id, functools.partial(seal, opened, new_id))
 
         async def transfer(block_no: int, block_id: bytes) -> None:
             async with limiter:
@@ -277,6 +300,7 @@ class CopyEngine:
                 sorted(mapping.items()),
                 {"transferred_bytes": transferred},
                 {"next_block": next_block, "done_blocks": done},
+                learnt,
             )
         except BaseException:
             dst_region.released(

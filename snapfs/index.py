@@ -118,7 +118,26 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """What a source block id is under this region's key, learnt by re-encrypting copies.
+
+    A copy between different keys must otherwise open every source block to learn its id
+    here (ids are keyed); with this table an incremental copy opens only blocks it has not
+    seen. Both ids are keyed hashes, so a row reveals only that two objects hold the same
+    content, which the copy's lineage says anyway. A row is a hint: the block it names is
+    used only if this region still holds it, and re-derived (and checked) if not.
+    """
+    db.execute(
+        "CREATE TABLE id_translations ("
+        " dst_key_id TEXT NOT NULL,"  # '' for blocks stored in the clear
+        " src_block_id BLOB NOT NULL,"
+        " dst_block_id BLOB NOT NULL,"
+        " PRIMARY KEY (dst_key_id, src_block_id)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX id_translations_dst ON id_translations(dst_block_id)")
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
 
 SNAPSHOT_COLUMNS = (
     "id", "name", "status", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
@@ -314,9 +333,10 @@ class RegionIndex:
         mapping: Sequence[tuple[int, bytes | None]],
         snapshot_fields: dict[str, Any],
         job_fields: dict[str, Any] | None = None,
+        translations: Sequence[tuple[str, bytes, bytes]] = (),
     ) -> None:
-        """One transaction: block rows for new objects, the map changes, snapshot fields
-        and (for a copy) the job's resume point.
+        """One transaction: block rows for new objects, the map changes, snapshot fields,
+        (for a copy) the job's resume point and the id translations it learnt.
 
         The objects named in `new_blocks` must already be durable.
         """
@@ -335,6 +355,11 @@ class RegionIndex:
                 "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
                 "ON CONFLICT(snapshot_id, block_no) DO UPDATE SET block_id = excluded.block_id",
                 upserts,
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO id_translations (dst_key_id, src_block_id, dst_block_id)"
+                " VALUES (?, ?, ?)",
+                translations,
             )
             self._update_snapshot(conn, snapshot_id, snapshot_fields)
             if job_fields:
@@ -360,6 +385,13 @@ class RegionIndex:
 
     # --- blocks ----------------------------------------------------------------------------
 
+    def translation(self, dst_key_id: str, src_block_id: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT dst_block_id FROM id_translations WHERE dst_key_id = ? AND src_block_id = ?",
+            [dst_key_id, src_block_id],
+        ).fetchone()
+        return row[0] if row else None
+
     def has_block(self, block_id: bytes) -> bool:
         row = self.db.execute("SELECT 1 FROM blocks WHERE id = ?", [block_id]).fetchone()
         return row is not None
@@ -378,6 +410,7 @@ class RegionIndex:
                 cur = conn.execute("DELETE FROM blocks WHERE id = ? AND refcount <= 0", [block_id])
                 if cur.rowcount:
                     dropped.append(block_id)
+                    conn.execute("DELETE FROM id_translations WHERE dst_block_id = ?", [block_id])
         return dropped
 
     def all_block_ids(self) -> set[bytes]:

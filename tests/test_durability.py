@@ -148,3 +148,31 @@ def test_umount_of_unmounted_path_fails_clearly(tmp_path: Path) -> None:
     result = run(*SNAPFS, "umount", tmp_path, check=False)
     assert result.returncode != 0
     assert "MountPoint.NotMounted" in result.stderr
+
+
+def test_foreground_mount_logs_to_stderr_and_umount_ends_it(tmp_path: Path) -> None:
+    import subprocess
+
+    from .conftest import SNAPFS, SnapfsMount
+
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
+    proc = subprocess.Popen(
+        [*SNAPFS, "mount", str(m.path), "--store", str(m.store), "--foreground"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(m.is_mounted, 30), "the foreground daemon did not mount"
+        (m.path / "us-east-1").mkdir()
+        (m.path / "us-east-1" / "disk.img").write_bytes(b"x" * 100_000)
+        assert (m.path / "us-east-1" / "disk.img").read_bytes() == b"x" * 100_000
+        m.umount()
+        assert proc.wait(30) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+        assert "mounted" in stderr and "created region us-east-1" in stderr
+        assert "created region us-east-1" in m.log()  # the store's log file has it too
+    finally:
+        if proc.poll() is None:
+            m.teardown()
+            proc.kill()
