@@ -32,7 +32,8 @@ from . import db as dbutil
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db.executescript(
+    dbutil.run_script(
+        db,
         """
         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE blocks (
@@ -96,7 +97,8 @@ def _v1(db: sqlite_utils.Database) -> None:
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Copy jobs (durable, resumable) and snapshot tags."""
-    db.executescript(
+    dbutil.run_script(
+        db,
         """
         CREATE TABLE copy_jobs (
             dst_snapshot_id TEXT PRIMARY KEY REFERENCES snapshots(id),

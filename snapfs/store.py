@@ -71,7 +71,8 @@ def default_store_path() -> Path:
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db.executescript(
+    dbutil.run_script(
+        db,
         """
         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS regions (
@@ -86,7 +87,8 @@ def _v1(db: sqlite_utils.Database) -> None:
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Customer master keys, wrapped under the store master key (see keys.py)."""
-    db.executescript(
+    dbutil.run_script(
+        db,
         """
         CREATE TABLE IF NOT EXISTS keys (
             id TEXT PRIMARY KEY,

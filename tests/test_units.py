@@ -137,6 +137,27 @@ def test_migrations_run_once_in_order(tmp_path: Path) -> None:
     assert calls == [1, 2]
 
 
+def test_an_interrupted_migration_leaves_nothing_half_done(tmp_path: Path) -> None:
+    def v1(d):
+        db.run_script(d, "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);")
+
+    def v2_fails(d):
+        db.run_script(
+            d,
+            """
+            CREATE TABLE t (x INTEGER);
+            CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN SELECT 1; END;
+            CREATE TABLE t (x INTEGER);
+            """,
+        )
+
+    database = db.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.OperationalError):
+        db.migrate(database, [v1, v2_fails], "x")
+    assert db.get_meta(database, "schema_version") == "1"
+    assert "t" not in database.table_names()  # the first statement was rolled back too
+
+
 # --- store, region, writer -------------------------------------------------------------------
 
 
