@@ -652,13 +652,12 @@ class Store:
             tags={},
         )
         self._hide(source)
-        if source.ino not in self.by_ino:
-            # The kernel moves its dentry and inode (the source's) to the new name: until it
-            # looks the name up again, the source's inode number must mean the destination.
-            self.by_ino[source.ino] = dst
-            dst.inode_aliases.append(source.ino)
-        # Whether or not the source is still open, the kernel must look the new name up
-        # again, or it shows the source's attributes under it until its cache times out.
+        # The kernel moves its dentry and inode (the source's) to the new name: until it
+        # looks the name up again, the source's inode number must mean the destination, as
+        # the moved file would on any filesystem. Processes that still have the source open
+        # keep reading it through their handles, which name the snapshot, not the inode.
+        self.by_ino[source.ino] = dst
+        dst.inode_aliases.append(source.ino)
         self.forget_entry(dst_region.ino, new_name)
         if displaced is not None:
             displaced.deleted = True
