@@ -11,7 +11,7 @@ from pathlib import Path
 
 from snapfs import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, run, sha256
+from .conftest import SNAPFS, SnapfsMount, encrypt_region, run, sha256
 
 MiB = 1 << 20
 
@@ -43,9 +43,7 @@ def test_check_finds_damage_and_repair_keeps_referenced_data(
     region, secret = mnt.path / "us-east-1", mnt.path / "secret-1"
     region.mkdir()
     secret.mkdir()
-    key = mnt.cli("key", "create", "--region", "secret-1", "--store", mnt.store).stdout.split()[-1]
-    os.setxattr(secret, "user.snapfs.default_kms_key_id", key.encode())
-    os.setxattr(secret, "user.snapfs.encrypt_by_default", b"true")
+    encrypt_region(mnt, secret)
     image = tmp_path / "disk.img"
     diskimage.create(image, 8 * MiB, seed=5, zeros=0.25)
     run("cp", image, region / "a.img")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from snapfs import diskimage
 
-from .conftest import SnapfsMount, run, sha256
+from .conftest import SnapfsMount, encrypt_region, run, sha256
 
 MiB = 1 << 20
 
@@ -79,9 +79,7 @@ def test_diff_between_keys_compares_content(tmp_path: Path, mnt: SnapfsMount) ->
     plain, secret = mnt.path / "plain-1", mnt.path / "secret-1"
     plain.mkdir()
     secret.mkdir()
-    key = mnt.cli("key", "create", "--region", "secret-1", "--store", mnt.store).stdout.split()[-1]
-    os.setxattr(secret, "user.snapfs.default_kms_key_id", key.encode())
-    os.setxattr(secret, "user.snapfs.encrypt_by_default", b"true")
+    encrypt_region(mnt, secret)
     day1, day2 = tmp_path / "day1.img", tmp_path / "day2.img"
     diskimage.create(day1, 8 * MiB, seed=9, zeros=0.3)
     shutil.copy(day1, day2)

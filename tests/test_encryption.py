@@ -13,21 +13,10 @@ import pytest
 
 from snapfs import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
+from .conftest import SNAPFS, SnapfsMount, encrypt_region, make_key, run, sha256, wait_for
 
 MiB = 1 << 20
 MARKER = b"SNAPFS-SECRET-MARKER-7f3a9c"
-
-
-def make_key(m: SnapfsMount, region: str) -> str:
-    return run(*SNAPFS, "key", "create", "--region", region, "--store", m.store).stdout.split()[-1]
-
-
-def encrypt_region(m: SnapfsMount, region: Path) -> str:
-    key_id = make_key(m, region.name)
-    os.setxattr(region, "user.snapfs.default_kms_key_id", key_id.encode())
-    os.setxattr(region, "user.snapfs.encrypt_by_default", b"true")
-    return key_id
 
 
 def attr(path: Path, name: str) -> str:
