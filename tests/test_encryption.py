@@ -148,11 +148,16 @@ def test_region_key_settings_are_validated(mnt: SnapfsMount) -> None:
     assert attr(region, "default_kms_key_id") == ""
 
 
-def test_copies_between_keys(tmp_path: Path, mnt: SnapfsMount) -> None:
-    plain, enc_a, enc_b = (mnt.path / n for n in ("plain-1", "enc-a", "enc-b"))
+def plain_and_two_keyed_regions(m: SnapfsMount) -> tuple[Path, Path, Path, str, str]:
+    """Regions plain-1 (no key), enc-a and enc-b (each encrypting under its own key)."""
+    plain, enc_a, enc_b = (m.path / n for n in ("plain-1", "enc-a", "enc-b"))
     for r in (plain, enc_a, enc_b):
         r.mkdir()
-    key_a, key_b = encrypt_region(mnt, enc_a), encrypt_region(mnt, enc_b)
+    return plain, enc_a, enc_b, encrypt_region(m, enc_a), encrypt_region(m, enc_b)
+
+
+def test_copies_between_keys(tmp_path: Path, mnt: SnapfsMount) -> None:
+    plain, enc_a, enc_b, key_a, key_b = plain_and_two_keyed_regions(mnt)
     image = tmp_path / "disk.img"
     diskimage.create(image, 16 * MiB, seed=41, zeros=0.0)
     digest = sha256(image)
@@ -273,10 +278,7 @@ def test_a_disabled_key_refuses_copies(tmp_path: Path, mnt: SnapfsMount) -> None
 
 
 def test_every_way_in_encrypts_under_the_destination_key(tmp_path: Path, mnt: SnapfsMount) -> None:
-    plain, enc_a, enc_b = (mnt.path / n for n in ("plain-1", "enc-a", "enc-b"))
-    for r in (plain, enc_a, enc_b):
-        r.mkdir()
-    key_a, key_b = encrypt_region(mnt, enc_a), encrypt_region(mnt, enc_b)
+    plain, enc_a, enc_b, key_a, key_b = plain_and_two_keyed_regions(mnt)
     image = tmp_path / "disk.img"
     diskimage.create(image, 8 * MiB, seed=44, zeros=0.25)
     digest = sha256(image)
