@@ -35,6 +35,7 @@ from typing import Any
 
 from . import codec
 from . import db as dbutil
+from .backend import is_object_name, object_path
 from .errors import BlockCorrupt, SnapfsError, StoreBusy
 from .index import RegionIndex
 from .keys import KeyDisabled, KeyNotFound, KeyRing, unlock_master
@@ -114,11 +115,8 @@ def _object_keys(root: Path) -> Iterator[tuple[str, Path]]:
     """(key, path) of every object file, temp files of an unfinished put included."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            yield name, Path(dirpath, name)
-
-
-def _object_path(root: Path, key: str) -> Path:
-    return root / key[:2] / key[2:4] / key
+            if is_object_name(name):
+                yield name, Path(dirpath, name)
 
 
 def _verify(
@@ -126,7 +124,7 @@ def _verify(
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
-        data = _object_path(root, block_id.hex()).read_bytes()
+        data = object_path(root, block_id.hex()).read_bytes()
     except FileNotFoundError:
         return "missing", 0
     try:
@@ -253,7 +251,7 @@ def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[
         )
         dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
         conn.execute("DELETE FROM blocks WHERE refcount = 0")
-    for path in [*(_object_path(root, b.hex()) for b in dropped), *orphans]:
+    for path in [*(object_path(root, b.hex()) for b in dropped), *orphans]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     report.repaired = {

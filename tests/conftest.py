@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from snapfs import mounts
+from snapfs.backend import is_object_name
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -105,7 +106,11 @@ class SnapfsMount:
 
     def objects(self, region: str) -> list[Path]:
         root = self.store / "regions" / region / "blocks"
-        return [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+        return [
+            p
+            for p in root.rglob("*")
+            if p.is_file() and is_object_name(p.name) and not p.name.endswith(".tmp")
+        ]
 
     def teardown(self) -> None:
         pid = self.pid

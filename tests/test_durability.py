@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapfs import diskimage, mounts
+from snapfs.backend import object_path
 
 from .conftest import SnapfsMount, run, sha256, wait_for
 
@@ -39,7 +40,7 @@ def assert_index_consistent(mnt: SnapfsMount, region: str) -> None:
         assert wrong_counts == 0
         for (block_id,) in conn.execute("SELECT id FROM blocks"):
             key = block_id.hex()
-            assert (directory / "blocks" / key[:2] / key[2:4] / key).is_file()
+            assert object_path(directory / "blocks", key).is_file()
         statuses = {s for (s,) in conn.execute("SELECT status FROM snapshots")}
         assert statuses <= {"available"}
     finally:

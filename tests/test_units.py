@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from snapfs import codec, db
+from snapfs.backend import LocalBackend
 from snapfs.errors import BlockCorrupt, StoreBusy, StoreFormat
 from snapfs.index import NewBlock, RegionIndex
 from snapfs.snapshots import SnapshotWriter
@@ -159,6 +160,22 @@ def test_an_interrupted_migration_leaves_nothing_half_done(tmp_path: Path) -> No
 
 
 # --- store, region, writer -------------------------------------------------------------------
+
+
+def test_layout_1_objects_move_to_layout_2_and_keep_their_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "blocks"
+    objects = {os.urandom(32).hex(): os.urandom(100) for _ in range(20)}
+    for key, data in objects.items():  # layout 1: ab/cd/key
+        (root / key[:2] / key[2:4]).mkdir(parents=True, exist_ok=True)
+        (root / key[:2] / key[2:4] / key).write_bytes(data)
+    backend = LocalBackend(root)
+    assert sorted(backend.keys()) == sorted(objects)
+    for key, data in objects.items():
+        assert backend.get(key) == data
+        assert backend.object_path(key) == root / key[:2] / key
+    assert not [p for p in root.rglob("*") if p.is_dir() and p.parent != root]
+    LocalBackend(root).put("ab" * 32, b"new")  # reopening a migrated store moves nothing
+    assert sorted(LocalBackend(root).keys()) == sorted([*objects, "ab" * 32])
 
 
 def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
