@@ -35,7 +35,7 @@ from typing import Any
 
 from . import codec
 from . import db as dbutil
-from .backend import is_object_name, object_path
+from .backend import LocalBackend
 from .errors import BlockCorrupt, SnapfsError, StoreBusy
 from .index import RegionIndex
 from .keys import KeyDisabled, KeyNotFound, KeyRing, unlock_master
@@ -111,20 +111,12 @@ def _store_lock(store: Path, repair: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-def _object_keys(root: Path) -> Iterator[tuple[str, Path]]:
-    """(key, path) of every object file, temp files of an unfinished put included."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if is_object_name(name):
-                yield name, Path(dirpath, name)
-
-
 def _verify(
-    root: Path, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
+    backend: LocalBackend, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
-        data = object_path(root, block_id.hex()).read_bytes()
+        data = backend.get(block_id.hex())
     except FileNotFoundError:
         return "missing", 0
     try:
@@ -195,7 +187,7 @@ def _referenced(index: RegionIndex) -> list[bytes]:
 
 
 def _verify_blocks(
-    root: Path,
+    backend: LocalBackend,
     report: RegionReport,
     ids: list[bytes],
     keys_for: Callable[[bytes], Any],
@@ -206,7 +198,7 @@ def _verify_blocks(
     lost: list[bytes] = []
     for start in range(0, len(ids), BATCH):
         batch = ids[start : start + BATCH]
-        results = pool.map(lambda b: _verify(root, report.name, b, keys_for), batch)
+        results = pool.map(lambda b: _verify(backend, report.name, b, keys_for), batch)
         for block_id, (outcome, size) in zip(batch, results, strict=True):
             if outcome == "ok":
                 report.blocks_checked += 1
@@ -237,7 +229,9 @@ def _damaged_snapshots(
     return sorted(found.values(), key=lambda d: d.name or "")
 
 
-def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[Path]) -> None:
+def _repair(
+    index: RegionIndex, backend: LocalBackend, report: RegionReport, orphans: list[str]
+) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
     with dbutil.transaction(index.db) as conn:
@@ -251,9 +245,8 @@ def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[
         )
         dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
         conn.execute("DELETE FROM blocks WHERE refcount = 0")
-    for path in [*(object_path(root, b.hex()) for b in dropped), *orphans]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    backend.delete_many([*(b.hex() for b in dropped), *orphans])
+    backend.reclaim_unmapped()
     report.repaired = {
         "refcounts": len(report.wrong_refcounts),
         "allocated_blocks": len(report.wrong_allocated),
@@ -278,14 +271,16 @@ def _check_region(
         report.error = f"RegionIndex.NotFound: {directory / 'index.db'} is missing"
         return report
     index = RegionIndex(directory / "index.db", readonly=not repair)
+    backend = LocalBackend(root, readonly=not repair)
     try:
         _count_checks(index, report)
         known = {r[0].hex() for r in index.db.execute("SELECT id FROM blocks")}
-        orphans = [path for key, path in _object_keys(root) if key not in known]
+        stored = backend.keys()
+        orphans = [key for key in stored if key.removesuffix(".tmp") not in known]
         report.orphans = len(orphans)
         referenced = _referenced(index)
         with _Progress(len(referenced)) as progress:
-            lost = _verify_blocks(root, report, referenced, keys_for, pool, progress)
+            lost = _verify_blocks(backend, report, referenced, keys_for, pool, progress)
         if lost and not repair:
             # Beside a running daemon a block can be collected after we listed it: only
             # what is still referenced now is damage.
@@ -295,9 +290,10 @@ def _check_region(
             report.corrupt = [h for h in report.corrupt if bytes.fromhex(h) in still]
         report.damaged_snapshots = _damaged_snapshots(index, lost, block_size)
         if repair:
-            _repair(index, root, report, orphans)
+            _repair(index, backend, report, orphans)
     finally:
         index.close()
+        backend.close()
     return report
 
 

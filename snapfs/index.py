@@ -91,7 +91,7 @@ def _v1(db: sqlite_utils.Database) -> None:
             UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.block_id;
             UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.block_id;
         END;
-        """
+        """,
     )
 
 
@@ -116,7 +116,7 @@ def _v2(db: sqlite_utils.Database) -> None:
             value TEXT NOT NULL,
             PRIMARY KEY (snapshot_id, key)
         ) WITHOUT ROWID;
-        """
+        """,
     )
 
 

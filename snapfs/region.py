@@ -118,6 +118,7 @@ class Region:
         self.closed = True
         self._gc_wanted.set()  # wakes the collector so that it ends
         self.index.close()
+        self.backend.close()
 
     # --- writing blocks --------------------------------------------------------------------
 
@@ -358,8 +359,7 @@ class Region:
         return len(doomed)
 
     def _delete_objects(self, block_ids: list[bytes]) -> None:
-        for block_id in block_ids:
-            self.backend.delete(block_id.hex())
+        self.backend.delete_many(block_id.hex() for block_id in block_ids)
 
     async def collect_orphans(self) -> int:
         """Delete objects that no index row names (left by a crash between write and commit).
@@ -369,16 +369,17 @@ class Region:
         known = self.index.all_block_ids()
 
         def scan_and_delete() -> int:
-            removed = 0
+            orphans = []
             for key in list(self.backend.keys()):
                 try:
                     block_id = bytes.fromhex(key)
                 except ValueError:
                     continue
                 if block_id not in known:
-                    self.backend.delete(key)
-                    removed += 1
-            return removed
+                    orphans.append(key)
+            self.backend.delete_many(orphans)
+            self.backend.reclaim_unmapped()
+            return len(orphans)
 
         removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.limiter)
         if removed:

@@ -81,7 +81,7 @@ def _v1(db: sqlite_utils.Database) -> None:
             created_at REAL NOT NULL,
             backend TEXT NOT NULL DEFAULT 'local'
         );
-        """
+        """,
     )
 
 
@@ -98,7 +98,7 @@ def _v2(db: sqlite_utils.Database) -> None:
             created_at REAL NOT NULL,
             wrapped BLOB NOT NULL
         );
-        """
+        """,
     )
 
 

@@ -11,16 +11,18 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from snapfs import mounts
-from snapfs.backend import is_object_name
+from snapfs.backend import is_object_name, object_path
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -35,6 +37,82 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass(order=True, frozen=True)
+class StoredObject:
+    """One block object of a region as the backend keeps it (in a pack, or a file of an
+    older layout), for tests that damage the store on purpose. Works beside a daemon."""
+
+    name: str  # the key: the block id in hex
+    blocks: Path = field(compare=False)
+
+    def _location(self) -> tuple[int, int, int] | None:
+        db = sqlite3.connect(self.blocks / "packs.db")
+        try:
+            return db.execute(
+                "SELECT pack, offset, length FROM objects WHERE key = ?", [bytes.fromhex(self.name)]
+            ).fetchone()
+        finally:
+            db.close()
+
+    def _pack(self, pack: int) -> Path:
+        return self.blocks / "packs" / f"{pack:08d}.pack"
+
+    def read_bytes(self) -> bytes:
+        location = self._location()
+        if location is None:
+            return object_path(self.blocks, self.name).read_bytes()
+        pack, offset, length = location
+        with open(self._pack(pack), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the object's bytes (any length): appended to its pack, then pointed at."""
+        location = self._location()
+        if location is None:
+            path = object_path(self.blocks, self.name)
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            return
+        path = self._pack(location[0])
+        with open(path, "ab") as f:
+            offset = f.tell()
+            f.write(data)
+        db = sqlite3.connect(self.blocks / "packs.db")
+        with db:
+            db.execute(
+                "UPDATE objects SET offset = ?, length = ? WHERE key = ?",
+                [offset, len(data), bytes.fromhex(self.name)],
+            )
+        db.close()
+
+    def exists(self) -> bool:
+        return self._location() is not None or object_path(self.blocks, self.name).exists()
+
+    def unlink(self) -> None:
+        if self._location() is None:
+            object_path(self.blocks, self.name).unlink()
+            return
+        db = sqlite3.connect(self.blocks / "packs.db")
+        with db:
+            db.execute("DELETE FROM objects WHERE key = ?", [bytes.fromhex(self.name)])
+        db.close()
+
+
+def stored_objects(blocks: Path) -> list[StoredObject]:
+    keys: set[str] = set()
+    if (blocks / "packs.db").exists():
+        db = sqlite3.connect(blocks / "packs.db")
+        keys = {key.hex() for (key,) in db.execute("SELECT key FROM objects")}
+        db.close()
+    keys |= {
+        p.name
+        for p in blocks.rglob("*")
+        if p.is_file() and is_object_name(p.name) and not p.name.endswith(".tmp")
+    }
+    return sorted(StoredObject(key, blocks) for key in keys)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
@@ -104,13 +182,8 @@ class SnapfsMount:
     def region_status(self, region: str) -> dict:
         return next(r for r in self.status()["regions"] if r["name"] == region)
 
-    def objects(self, region: str) -> list[Path]:
-        root = self.store / "regions" / region / "blocks"
-        return [
-            p
-            for p in root.rglob("*")
-            if p.is_file() and is_object_name(p.name) and not p.name.endswith(".tmp")
-        ]
+    def objects(self, region: str) -> list[StoredObject]:
+        return stored_objects(self.store / "regions" / region / "blocks")
 
     def teardown(self) -> None:
         pid = self.pid

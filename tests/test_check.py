@@ -11,7 +11,7 @@ from pathlib import Path
 
 from snapfs import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, encrypt_region, run, sha256
+from .conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, run, sha256
 
 MiB = 1 << 20
 
@@ -69,7 +69,7 @@ def test_check_finds_damage_and_repair_keeps_referenced_data(
             "UPDATE blocks SET refcount = refcount + 5 WHERE id = ?", [bytes.fromhex(counted.name)]
         )
     db.close()
-    orphan = corrupt.parent / ("ab" * 32)
+    orphan = StoredObject("ab" * 32, corrupt.blocks)  # a file of layout 2, as a crash left it
     orphan.write_bytes(b"left behind by a crash")
 
     code, report = check(mnt.store)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from snapfs import diskimage, mounts
-from snapfs.backend import object_path
 
-from .conftest import SnapfsMount, run, sha256, wait_for
+from .conftest import SnapfsMount, StoredObject, run, sha256, wait_for
 
 MiB = 1 << 20
 
@@ -40,7 +39,7 @@ def assert_index_consistent(mnt: SnapfsMount, region: str) -> None:
         assert wrong_counts == 0
         for (block_id,) in conn.execute("SELECT id FROM blocks"):
             key = block_id.hex()
-            assert object_path(directory / "blocks", key).is_file()
+            assert StoredObject(key, directory / "blocks").read_bytes()[:4] == b"SNFB"
         statuses = {s for (s,) in conn.execute("SELECT status FROM snapshots")}
         assert statuses <= {"available"}
     finally:

@@ -162,20 +162,63 @@ def test_an_interrupted_migration_leaves_nothing_half_done(tmp_path: Path) -> No
 # --- store, region, writer -------------------------------------------------------------------
 
 
-def test_layout_1_objects_move_to_layout_2_and_keep_their_bytes(tmp_path: Path) -> None:
+def test_file_objects_of_old_layouts_stay_readable_beside_packs(tmp_path: Path) -> None:
     root = tmp_path / "blocks"
     objects = {os.urandom(32).hex(): os.urandom(100) for _ in range(20)}
     for key, data in objects.items():  # layout 1: ab/cd/key
         (root / key[:2] / key[2:4]).mkdir(parents=True, exist_ok=True)
         (root / key[:2] / key[2:4] / key).write_bytes(data)
     backend = LocalBackend(root)
+    assert not [p for p in root.rglob("*") if p.is_dir() and p.parent not in (root, tmp_path)]
     assert sorted(backend.keys()) == sorted(objects)
     for key, data in objects.items():
         assert backend.get(key) == data
-        assert backend.object_path(key) == root / key[:2] / key
-    assert not [p for p in root.rglob("*") if p.is_dir() and p.parent != root]
-    LocalBackend(root).put("ab" * 32, b"new")  # reopening a migrated store moves nothing
-    assert sorted(LocalBackend(root).keys()) == sorted([*objects, "ab" * 32])
+    new = os.urandom(32).hex()
+    backend.put(new, b"packed")
+    backend.sync()
+    assert sorted(backend.keys()) == sorted([*objects, new])
+    gone = next(iter(objects))
+    backend.delete_many([gone, new])
+    backend.close()
+    reopened = LocalBackend(root)
+    assert sorted(reopened.keys()) == sorted(set(objects) - {gone})
+    with pytest.raises(FileNotFoundError):
+        reopened.get(gone)
+    reopened.close()
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_packs_keep_synced_objects_and_reclaim_the_rest_after_a_crash(tmp_path: Path) -> None:
+    root = tmp_path / "blocks"
+    backend = LocalBackend(root)
+    kept = {os.urandom(32).hex(): os.urandom(256 << 10) for _ in range(8)}
+    for key, data in kept.items():
+        backend.put(key, data)
+    assert backend.get(next(iter(kept))) == kept[next(iter(kept))]  # readable before sync
+    backend.sync()
+    lost = {os.urandom(32).hex(): os.urandom(256 << 10) for _ in range(4)}
+    for key, data in lost.items():
+        backend.put(key, data)
+    (pack,) = root.glob("packs/*.pack")
+    assert _allocated(pack) >= 12 * (256 << 10)
+    # A crash: the unsynced locations are gone with the process, the bytes are in the pack.
+    after = LocalBackend(root)
+    assert sorted(after.keys()) == sorted(kept)
+    assert after.reclaim_unmapped() == 4 * (256 << 10)
+    assert _allocated(pack) <= 8 * (256 << 10) + 65536
+    for key, data in kept.items():
+        assert after.get(key) == data
+    after.put(os.urandom(32).hex(), b"x")  # a new pack: never append to a crashed one
+    assert len(list(root.glob("packs/*.pack"))) == 2
+    some = list(kept)[:4]
+    after.delete_many(some)  # punched: the space goes back at once
+    assert _allocated(pack) <= 4 * (256 << 10) + 65536
+    after.delete_many(list(kept)[4:])  # the last object of a closed pack: the pack goes
+    assert not pack.exists()
+    after.close()
 
 
 def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
