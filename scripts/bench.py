@@ -1,27 +1,37 @@
 """snapfs benchmark: one run, side by side with the references, printed as ratios.
 
-Scenarios: a generated disk-like image (default 2 GiB, 60% zero extents, the rest random and
-text-like; "day 1") and the same image with 5% of its 1 MiB blocks changed ("day 2") are
-  - copied with `cp` to local disk (the physical reference) and into a region (ingest),
-  - read back with `cat` to /dev/null (sequential read),
-  - copied to other regions with `cp` and `mv`, full (day 1) and incremental (day 2),
-  - backed up and copied between two repositories with restic (if installed),
-and the daemon's peak RSS, stored against unique bytes and transferred against changed bytes
-are reported.
+Scenarios, on a generated disk-like image (default 2 GiB, 60% zero extents, the rest random
+and text-like; "day 1") and the same image with 5% of its 1 MiB blocks changed ("day 2"):
+  - references: `cp` to local disk and `cat` of the local file (the physical ceiling);
+  - snapfs: ingest (`cp` into a region), sequential read (`cat`), random 4 KiB reads (fio,
+    else a Python reader), full and incremental copies to other regions with `mv` and `cp`,
+    the same ingest, read and copies between two encrypting regions (different keys), a 1 TiB
+    sparse image (create, read, copy), and how fast `ls` and `getfattr` answer on the mount
+    while a large copy runs;
+  - restic (backup, copy to a second repository, restore, read through `restic mount`) and
+    borg (create, extract), from Debian's packages, on the same images.
+Figures: seconds, MB/s of the image's logical size, ratios to the references, the daemon's
+peak RSS, stored / unique bytes, transferred / changed bytes. Absolute times drift on a shared
+2-core machine; the ratios within one run hold.
 
-Absolute times drift on a shared 2-core machine; the ratios within one run hold.
+    scripts/bench [--size 2G] [--json FILE] [--chart FILE.png] [--no-restic] [--no-borg]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,14 +41,52 @@ from snapfs import diskimage, mounts  # noqa: E402
 
 MB = 1_000_000
 MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+SPARSE_SIZE = TiB
+SPARSE_READ_SAMPLE = 16 * GiB  # read this much of the 1 TiB image and extrapolate
 
 
-def timed(*cmd: str | os.PathLike, shell: bool = False) -> float:
+@dataclass
+class Row:
+    group: str  # "reference", "snapfs", "snapfs encrypted", "restic", "borg", ...
+    name: str
+    seconds: float
+    nbytes: int  # logical bytes the scenario moves (for MB/s)
+    note: str = ""
+
+    @property
+    def mb_s(self) -> float:
+        return self.nbytes / self.seconds / MB if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Bench:
+    size: int
+    rows: list[Row] = field(default_factory=list)
+    figures: dict[str, float | int | str] = field(default_factory=dict)
+
+    def add(self, group: str, name: str, seconds: float, nbytes: int | None = None,
+            note: str = "") -> float:
+        self.rows.append(Row(group, name, seconds, self.size if nbytes is None else nbytes, note))
+        print(f"  {group:17} {name:42} {seconds:8.2f} s", flush=True)
+        return seconds
+
+    def seconds(self, name: str) -> float | None:
+        return next((r.seconds for r in self.rows if r.name == name), None)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def timed(*cmd: str | os.PathLike, shell: bool = False, env: dict | None = None,
+          cwd: Path | None = None) -> float:
     start = time.perf_counter()
     if shell:
-        subprocess.run(cmd[0], shell=True, check=True)
+        subprocess.run(str(cmd[0]), shell=True, check=True, env=env, cwd=cwd)
     else:
-        subprocess.run([str(c) for c in cmd], check=True)
+        subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=cwd,
+                       stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -68,8 +116,8 @@ def nonzero_bytes(path: Path, block: int) -> int:
 
 def wait_available(path: Path, timeout: float = 3600) -> None:
     deadline = time.monotonic() + timeout
-    while os.getxattr(path, "user.snapfs.status") != b"available":
-        if os.getxattr(path, "user.snapfs.status") == b"failed" or time.monotonic() > deadline:
+    while (status := os.getxattr(path, "user.snapfs.status")) != b"available":
+        if status == b"failed" or time.monotonic() > deadline:
             raise RuntimeError(f"copy of {path} did not complete")
         time.sleep(0.01)
 
@@ -83,32 +131,119 @@ def du_bytes(path: Path) -> int:
                               text=True).stdout.split()[0])
 
 
-def restic_runs(work: Path, day1: Path, day2: Path, results: dict) -> None:
-    """The same workload with restic: backup, then `restic copy` to a second repository
-    initialised with --copy-chunker-params, full and after the 5% change."""
-    if shutil.which("restic") is None:
-        print("restic is not installed: skipping the restic comparison")
-        return
-    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_FROM_PASSWORD="bench")
-    repo1, repo2 = work / "restic1", work / "restic2"
-
-    def restic(*args: str | os.PathLike) -> float:
-        start = time.perf_counter()
-        subprocess.run(["restic", "-q", *map(str, args)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        return time.perf_counter() - start
-
-    restic("-r", repo1, "init")
-    results["restic_backup_s"] = restic("-r", repo1, "backup", day1)
-    restic("-r", repo2, "init", "--from-repo", repo1, "--copy-chunker-params")
-    results["restic_copy_full_s"] = restic("-r", repo2, "copy", "--from-repo", repo1)
-    before = du_bytes(repo2)
-    results["restic_backup_incremental_s"] = restic("-r", repo1, "backup", day2)
-    results["restic_copy_incremental_s"] = restic("-r", repo2, "copy", "--from-repo", repo1)
-    results["restic_copy_incremental_added_bytes"] = du_bytes(repo2) - before
+def mv_copy(source: Path, region: Path) -> tuple[float, float]:
+    """(seconds until `mv` returned, seconds until the copy was available)."""
+    start = time.perf_counter()
+    subprocess.run(["mv", str(source), str(region)], check=True)
+    returned = time.perf_counter() - start
+    wait_available(region / source.name)
+    return returned, time.perf_counter() - start
 
 
-def encrypted_runs(mnt: Path, store: Path, day1: Path, day2: Path, results: dict) -> None:
+class LatencyProbe:
+    """Times `ls REGION` and `getfattr -n user.snapfs.progress FILE` (as system calls, in a
+    thread) every 20 ms while a copy runs: the FUSE loop must keep answering."""
+
+    def __init__(self, region: Path, file: Path):
+        self.region, self.file = region, file
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            os.listdir(self.region)
+            with contextlib.suppress(FileNotFoundError):  # not created yet
+                os.getxattr(self.file, "user.snapfs.progress")
+            self.samples.append(time.perf_counter() - start)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> LatencyProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        ms = sorted(s * 1000 for s in self.samples) or [0.0]
+        return {"samples": len(ms), "median_ms": statistics.median(ms),
+                "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))], "max_ms": ms[-1]}
+
+
+def random_reads(path: Path, seconds: float = 5.0) -> dict[str, float]:
+    """Random 4 KiB reads for `seconds`: fio if installed (psync, one job), else Python."""
+    if shutil.which("fio"):
+        out = subprocess.run(
+            ["fio", "--name=rand4k", f"--filename={path}", "--rw=randread", "--bs=4k",
+             "--ioengine=psync", "--readonly", "--time_based", f"--runtime={seconds}",
+             "--output-format=json"],
+            check=True, capture_output=True, text=True).stdout
+        job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+        return {"tool": "fio", "iops": job["iops"], "mb_s": job["bw_bytes"] / MB,
+                "p99_us": job["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
+    size = path.stat().st_size
+    rng = random.Random(3)
+    count, deadline = 0, time.monotonic() + seconds
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while time.monotonic() < deadline:
+            os.pread(fd, 4096, rng.randrange(0, size // 4096) * 4096)
+            count += 1
+    finally:
+        os.close(fd)
+    return {"tool": "python", "iops": count / seconds, "mb_s": count * 4096 / seconds / MB}
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+
+def reference_runs(b: Bench, work: Path, day1: Path) -> None:
+    local = work / "local-copy.img"
+    b.add("reference", "cp to local disk", timed("cp", day1, local), note="page cache")
+    b.figures["ref_sync_s"] = timed("sync")
+    local.unlink()
+    b.add("reference", "cat local image", timed(f"cat {day1} > /dev/null", shell=True),
+          note="page cache")
+    b.figures["ref_random_4k"] = random_reads(day1)
+
+
+def snapfs_plain_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Path) -> None:
+    a, bb, c = mnt / "cn-hangzhou", mnt / "us-east-1", mnt / "eu-west-1"
+    for region in (a, bb, c):
+        region.mkdir()
+    b.add("snapfs", "ingest (cp into a region)", timed("cp", day1, a / "day1.img"))
+    b.add("snapfs", "sequential read (cat)", timed(f"cat {a / 'day1.img'} > /dev/null", shell=True))
+    b.add("snapfs", "sequential read again", timed(f"cat {a / 'day1.img'} > /dev/null", shell=True))
+    b.figures["snapfs_random_4k"] = random_reads(a / "day1.img")
+    status = json.loads(snapfs("status", "--store", store, "--json").stdout)
+    totals = next(r for r in status["regions"] if r["name"] == a.name)["totals"]
+    b.figures.update(block_size=status["block_size"], unique_bytes=totals["unique_bytes"],
+                     stored_bytes=totals["stored_bytes"],
+                     nonzero_block_bytes=nonzero_bytes(day1, status["block_size"]))
+
+    with LatencyProbe(c, c / "day1.img") as probe:
+        b.add("snapfs", "cp copy to another region, full", timed("cp", a / "day1.img", c))
+    b.figures["latency_during_cp_copy"] = probe.summary()
+    with LatencyProbe(bb, bb / "day1.img") as probe:
+        returned, done = mv_copy(a / "day1.img", bb)
+    b.figures["latency_during_mv_copy"] = probe.summary()
+    b.add("snapfs", "mv copy to another region, full", done,
+          note=f"mv returned after {returned * 1000:.0f} ms")
+    b.figures["mv_returned_s"] = returned
+    b.figures["mv_copy_full_transferred"] = transferred(bb / "day1.img")
+
+    b.add("snapfs", "ingest of day 2", timed("cp", day2, a / "day2.img"))
+    b.add("snapfs", "cp copy of day 2, incremental", timed("cp", a / "day2.img", c))
+    b.figures["cp_copy_incremental_transferred"] = transferred(c / "day2.img")
+    _, done = mv_copy(a / "day2.img", bb)
+    b.add("snapfs", "mv copy of day 2, incremental", done)
+    b.figures["mv_copy_incremental_transferred"] = transferred(bb / "day2.img")
+
+
+def snapfs_encrypted_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Path) -> None:
     """The same ingest and copies between two encrypting regions (different keys, so every
     transferred block is re-encrypted)."""
     src, dst = mnt / "enc-src", mnt / "enc-dst"
@@ -117,18 +252,212 @@ def encrypted_runs(mnt: Path, store: Path, day1: Path, day2: Path, results: dict
         key = snapfs("key", "create", "--region", region.name, "--store", store).stdout.split()[-1]
         os.setxattr(region, "user.snapfs.default_kms_key_id", key.encode())
         os.setxattr(region, "user.snapfs.encrypt_by_default", b"true")
-    results["enc_ingest_s"] = timed("cp", day1, src / "day1.img")
-    results["enc_read_s"] = timed(f"cat {src / 'day1.img'} > /dev/null", shell=True)
+    g = "snapfs encrypted"
+    b.add(g, "ingest (cp into a region)", timed("cp", day1, src / "day1.img"))
+    b.add(g, "sequential read (cat)", timed(f"cat {src / 'day1.img'} > /dev/null", shell=True))
+    b.add(g, "mv copy to another region, full", mv_copy(src / "day1.img", dst)[1])
+    b.add(g, "ingest of day 2", timed("cp", day2, src / "day2.img"))
+    b.add(g, "mv copy of day 2, incremental", mv_copy(src / "day2.img", dst)[1])
+    b.figures["enc_mv_copy_incremental_transferred"] = transferred(dst / "day2.img")
+
+
+def sparse_runs(b: Bench, mnt: Path) -> None:
+    """A 1 TiB image that is mostly holes: 64 MiB of data in 64 scattered 1 MiB pieces."""
+    src, dst = mnt / "sparse-a", mnt / "sparse-b"
+    src.mkdir()
+    dst.mkdir()
+    image = src / "huge.img"
+    rng = random.Random(9)
     start = time.perf_counter()
-    subprocess.run(["mv", str(src / "day1.img"), str(dst)], check=True)
-    wait_available(dst / "day1.img")
-    results["enc_mv_copy_full_s"] = time.perf_counter() - start
-    results["enc_ingest_incremental_s"] = timed("cp", day2, src / "day2.img")
-    start = time.perf_counter()
-    subprocess.run(["mv", str(src / "day2.img"), str(dst)], check=True)
-    wait_available(dst / "day2.img")
-    results["enc_mv_copy_incremental_s"] = time.perf_counter() - start
-    results["enc_mv_copy_incremental_transferred"] = transferred(dst / "day2.img")
+    with open(image, "wb") as f:
+        f.truncate(SPARSE_SIZE)
+        for _ in range(64):
+            f.seek(rng.randrange(0, SPARSE_SIZE // MiB) * MiB)
+            f.write(rng.randbytes(MiB))
+    create = time.perf_counter() - start
+    b.add("snapfs 1 TiB sparse", "create (truncate + 64 MiB of writes)", create, SPARSE_SIZE)
+    read = timed(f"dd if={image} of=/dev/null bs=1M count={SPARSE_READ_SAMPLE // MiB} "
+                 "status=none", shell=True)
+    b.add("snapfs 1 TiB sparse", f"read, first {SPARSE_READ_SAMPLE // GiB} GiB", read,
+          SPARSE_READ_SAMPLE, note=f"whole image extrapolated: "
+          f"{read * SPARSE_SIZE / SPARSE_READ_SAMPLE:.0f} s")
+    b.figures["sparse_read_whole_extrapolated_s"] = read * SPARSE_SIZE / SPARSE_READ_SAMPLE
+    b.add("snapfs 1 TiB sparse", "mv copy to another region", mv_copy(image, dst)[1], SPARSE_SIZE)
+
+
+def restic_runs(b: Bench, work: Path, day1: Path, day2: Path) -> None:
+    """restic: backup, `restic copy` to a second repository initialised with
+    --copy-chunker-params (full, then after the 5% change), restore, and `restic mount`."""
+    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_FROM_PASSWORD="bench")
+    repo1, repo2 = work / "restic1", work / "restic2"
+
+    def restic(*args: str | os.PathLike) -> float:
+        return timed("restic", "-q", *args, env=env)
+
+    restic("-r", repo1, "init")
+    b.add("restic", "backup", restic("-r", repo1, "backup", day1))
+    restic("-r", repo2, "init", "--from-repo", repo1, "--copy-chunker-params")
+    b.add("restic", "copy, full", restic("-r", repo2, "copy", "--from-repo", repo1))
+    before = du_bytes(repo2)
+    b.add("restic", "backup of day 2", restic("-r", repo1, "backup", day2))
+    b.add("restic", "copy, incremental", restic("-r", repo2, "copy", "--from-repo", repo1))
+    b.figures["restic_copy_incremental_added_bytes"] = du_bytes(repo2) - before
+    target = work / "restic-restore"
+    b.add("restic", "restore", restic("-r", repo1, "restore", "latest", "--path", day1,
+                                      "--target", target))
+    shutil.rmtree(target)
+    b.add("restic", "read through restic mount (cat)", restic_mount_read(repo1, env, work, day1))
+
+
+def restic_mount_read(repo: Path, env: dict, work: Path, image: Path) -> float:
+    mountpoint = work / "restic-mnt"
+    mountpoint.mkdir()
+    proc = subprocess.Popen(["restic", "-q", "-r", str(repo), "mount", str(mountpoint)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        path = mountpoint / "snapshots" / "latest" / str(image).lstrip("/")
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("restic mount did not come up")
+            time.sleep(0.2)
+        # `latest` is day 2's snapshot, which holds only day2.img: read the day 1 snapshot.
+        snaps = sorted(p for p in (mountpoint / "snapshots").iterdir() if p.name != "latest")
+        path = snaps[0] / str(image).lstrip("/")
+        return timed(f"cat {path} > /dev/null", shell=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+def borg_runs(b: Bench, work: Path, day1: Path, day2: Path) -> None:
+    """borg with its defaults (repokey encryption, lz4): create day 1, day 2, extract."""
+    env = dict(os.environ, BORG_PASSPHRASE="bench", BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+               BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+    repo = work / "borg"
+    timed("borg", "init", "-e", "repokey", repo, env=env)
+    b.add("borg", "create", timed("borg", "create", f"{repo}::day1", day1, env=env))
+    before = du_bytes(repo)
+    b.add("borg", "create of day 2", timed("borg", "create", f"{repo}::day2", day2, env=env))
+    b.figures["borg_incremental_added_bytes"] = du_bytes(repo) - before
+    target = work / "borg-extract"
+    target.mkdir()
+    b.add("borg", "extract", timed("borg", "extract", f"{repo}::day1", env=env, cwd=target))
+    shutil.rmtree(target)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def report(b: Bench) -> list[str]:
+    """The table and the targets; returns the targets not met."""
+    f = b.figures
+    ref_cp = b.seconds("cp to local disk")
+    print(f"\nimage {b.size / MiB:.0f} MiB ({f['changed_bytes'] / MiB:.0f} MiB changed for day 2),"
+          f" block size {f['block_size'] // 1024} KiB; MB/s are of the image's logical size\n")
+    print(f"{'group':19} {'scenario':42} {'seconds':>8} {'MB/s':>8} {'vs cp':>6}  note")
+    for r in b.rows:
+        ratio = ref_cp / r.seconds * r.nbytes / b.size if ref_cp and r.seconds else 0
+        print(f"{r.group:19} {r.name:42} {r.seconds:8.2f} {r.mb_s:8.0f} {ratio:5.2f}x  {r.note}")
+
+    def row(name: str, group: str = "snapfs") -> float | None:
+        return next((r.seconds for r in b.rows if r.name == name and r.group == group), None)
+
+    changed = max(int(f["changed_bytes"]), 1)
+    print()
+    for key in ("ref_random_4k", "snapfs_random_4k"):
+        rr = f[key]
+        print(f"random 4 KiB reads, {key.split('_')[0]:7}  {rr['iops']:9.0f} IOPS  "
+              f"{rr['mb_s']:6.1f} MB/s  ({rr['tool']})")
+    for key in ("latency_during_cp_copy", "latency_during_mv_copy"):
+        lat = f[key]
+        print(f"ls + getfattr {key.removeprefix('latency_'):17} median {lat['median_ms']:5.1f} ms,"
+              f" p99 {lat['p99_ms']:5.1f} ms, max {lat['max_ms']:5.1f} ms "
+              f"({lat['samples']} samples)")
+    print(f"daemon peak RSS                  {f['daemon_peak_rss_bytes'] / MiB:8.1f} MiB")
+    print(f"non-zero blocks of the image     {f['nonzero_block_bytes'] / MiB:8.1f} MiB")
+    print(f"unique bytes kept                {f['unique_bytes'] / MiB:8.1f} MiB  "
+          f"({f['unique_bytes'] / max(f['nonzero_block_bytes'], 1):.3f}x of non-zero blocks)")
+    print(f"stored bytes (compressed)        {f['stored_bytes'] / MiB:8.1f} MiB  "
+          f"({f['stored_bytes'] / max(f['unique_bytes'], 1):.3f}x of unique)")
+    print("transferred / changed bytes:")
+    for label, key in (("incremental mv copy", "mv_copy_incremental_transferred"),
+                       ("incremental cp copy", "cp_copy_incremental_transferred"),
+                       ("encrypted incremental mv copy", "enc_mv_copy_incremental_transferred"),
+                       ("restic incremental copy (repo growth)",
+                        "restic_copy_incremental_added_bytes"),
+                       ("borg create of day 2 (repo growth)", "borg_incremental_added_bytes")):
+        if key in f:
+            print(f"  {label:38} {int(f[key]) / changed:7.3f}x")
+
+    targets: list[tuple[str, bool | None, str]] = []
+
+    def target(name: str, ok: bool | None, detail: str) -> None:
+        targets.append((name, ok, detail))
+
+    ingest, read = row("ingest (cp into a region)"), row("sequential read (cat)")
+    restic_backup, restic_mount = row("backup", "restic"), row(
+        "read through restic mount (cat)", "restic")
+    if restic_backup:
+        target("ingest >= 2x restic backup", restic_backup / ingest >= 2,
+               f"{restic_backup / ingest:.2f}x")
+    target("sequential read >= 1 GB/s", b.size / read >= 1e9, f"{b.size / read / MB:.0f} MB/s")
+    if restic_mount:
+        target("sequential read >= 3x restic mount", restic_mount / read >= 3,
+               f"{restic_mount / read:.2f}x")
+    for name, ours, theirs, want in (
+        ("full copy >= 3x faster than restic copy", "mv copy to another region, full",
+         "copy, full", 3),
+        ("incremental copy >= 2x faster than restic", "mv copy of day 2, incremental",
+         "copy, incremental", 2),
+    ):
+        if row(theirs, "restic"):
+            target(name, row(theirs, "restic") / row(ours) >= want,
+                   f"{row(theirs, 'restic') / row(ours):.2f}x (mv); "
+                   f"cp: {row(theirs, 'restic') / row(ours.replace('mv', 'cp')):.2f}x")
+    worst = max(int(f["mv_copy_incremental_transferred"]),
+                int(f["cp_copy_incremental_transferred"])) / changed
+    target("transferred / changed <= 1.1", worst <= 1.1, f"{worst:.3f}x")
+    target("daemon peak RSS < 300 MiB", f["daemon_peak_rss_bytes"] < 300 * MiB,
+           f"{f['daemon_peak_rss_bytes'] / MiB:.0f} MiB")
+    if "sparse_read_whole_extrapolated_s" in f:
+        create = row("create (truncate + 64 MiB of writes)", "snapfs 1 TiB sparse")
+        copy = row("mv copy to another region", "snapfs 1 TiB sparse")
+        whole = float(f["sparse_read_whole_extrapolated_s"])
+        target("1 TiB sparse: create, read and copy, each < 60 s",
+               create < 60 and copy < 60 and whole < 60,
+               f"create {create:.1f} s, copy {copy:.1f} s, read {whole:.0f} s (extrapolated)")
+    lat = max(f["latency_during_cp_copy"]["max_ms"], f["latency_during_mv_copy"]["max_ms"])
+    target("ls + getfattr during a copy < 50 ms", lat < 50, f"max {lat:.1f} ms")
+    print("\ntargets:")
+    for name, ok, detail in targets:
+        print(f"  {'met ' if ok else 'MISS'}  {name:45} {detail}")
+    return [name for name, ok, _ in targets if not ok]
+
+
+def chart(b: Bench, path: Path) -> None:
+    """MB/s per scenario as horizontal bars, one colour per tool."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in b.rows if r.group != "snapfs 1 TiB sparse"]
+    colours = {"reference": "#888888", "snapfs": "#1f77b4", "snapfs encrypted": "#17becf",
+               "restic": "#d62728", "borg": "#ff7f0e"}
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.2))
+    labels = [f"{r.group}: {r.name}" for r in rows]
+    ax.barh(labels, [r.mb_s for r in rows], color=[colours.get(r.group, "#2ca02c") for r in rows])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel(f"MB/s of a {b.size / GiB:.0f} GiB disk image (log scale; higher is better)")
+    ax.set_title("snapfs side by side with cp, restic and borg (one run, same machine)")
+    for y, r in enumerate(rows):
+        ax.text(r.mb_s, y, f" {r.mb_s:.0f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart written to {path}")
 
 
 def main() -> int:
@@ -140,149 +469,57 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where images and the store go (default: a temp dir in /tmp)")
     parser.add_argument("--no-restic", action="store_true", help="skip the restic runs")
+    parser.add_argument("--no-borg", action="store_true", help="skip the borg runs")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the 1 TiB sparse image")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
                         help="where to write the machine-readable results")
+    parser.add_argument("--chart", type=Path, default=None,
+                        help="also render the table as a PNG bar chart (needs matplotlib)")
     args = parser.parse_args()
 
     size = diskimage.parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench.", dir=args.workdir))
     mnt, store = work / "mnt", work / "store"
     mnt.mkdir()
-    day1, day2, local = work / "day1.img", work / "day2.img", work / "local-copy.img"
-    results: dict[str, float | int | str] = {"image_bytes": size}
+    day1, day2 = work / "day1.img", work / "day2.img"
+    b = Bench(size)
+    b.figures["image_bytes"] = size
     try:
         print(f"generating a {size / MiB:.0f} MiB disk-like image in {work} ...", flush=True)
         diskimage.create(day1, size, seed=1)
         shutil.copy(day1, day2)
-        results["changed_bytes"] = diskimage.mutate(day2, 0.05, block_size=MiB, seed=2)
+        b.figures["changed_bytes"] = diskimage.mutate(day2, 0.05, block_size=MiB, seed=2)
         timed(f"cat {day1} {day2} > /dev/null", shell=True)  # every reader starts from cache
-
-        results["ref_cp_local_s"] = timed("cp", day1, local)
-        results["ref_cp_local_sync_s"] = timed("sync")
-        local.unlink()
+        reference_runs(b, work, day1)
 
         mount_args = ["mount", mnt, "--store", store]
         if args.block_size:
             mount_args += ["--block-size", str(args.block_size)]
-        print("snapfs runs ...", flush=True)
         snapfs(*mount_args)
         pid = mounts.lookup(mnt).pid
-        a, b, c = mnt / "cn-hangzhou", mnt / "us-east-1", mnt / "eu-west-1"
-        for region in (a, b, c):
-            region.mkdir()
-        results["ingest_s"] = timed("cp", day1, a / "day1.img")
-        results["read_s"] = timed(f"cat {a / 'day1.img'} > /dev/null", shell=True)
-        results["read_again_s"] = timed(f"cat {a / 'day1.img'} > /dev/null", shell=True)
-        status = json.loads(snapfs("status", "--store", store, "--json").stdout)
-        totals = status["regions"][0]["totals"]
-        block = status["block_size"]
-        results["block_size"] = block
-        results["unique_bytes"] = totals["unique_bytes"]
-        results["stored_bytes"] = totals["stored_bytes"]
-        results["nonzero_block_bytes"] = nonzero_bytes(day1, block)
-
-        results["cp_copy_full_s"] = timed("cp", a / "day1.img", c)
-        start = time.perf_counter()
-        subprocess.run(["mv", str(a / "day1.img"), str(b)], check=True)
-        results["mv_returned_s"] = time.perf_counter() - start
-        wait_available(b / "day1.img")
-        results["mv_copy_full_s"] = time.perf_counter() - start
-        results["mv_copy_full_transferred"] = transferred(b / "day1.img")
-
-        results["ingest_incremental_s"] = timed("cp", day2, a / "day2.img")
-        results["cp_copy_incremental_s"] = timed("cp", a / "day2.img", c)
-        results["cp_copy_incremental_transferred"] = transferred(c / "day2.img")
-        start = time.perf_counter()
-        subprocess.run(["mv", str(a / "day2.img"), str(b)], check=True)
-        wait_available(b / "day2.img")
-        results["mv_copy_incremental_s"] = time.perf_counter() - start
-        results["mv_copy_incremental_transferred"] = transferred(b / "day2.img")
-        encrypted_runs(mnt, store, day1, day2, results)
-        results["daemon_peak_rss_bytes"] = peak_rss(pid)
+        snapfs_plain_runs(b, mnt, store, day1, day2)
+        snapfs_encrypted_runs(b, mnt, store, day1, day2)
+        if not args.no_sparse:
+            sparse_runs(b, mnt)
+        b.figures["daemon_peak_rss_bytes"] = peak_rss(pid)
         snapfs("umount", mnt)
-        if not args.no_restic:
-            print("restic runs ...", flush=True)
-            restic_runs(work, day1, day2, results)
+        if not args.no_restic and shutil.which("restic"):
+            restic_runs(b, work, day1, day2)
+        if not args.no_borg and shutil.which("borg"):
+            borg_runs(b, work, day1, day2)
     finally:
         if mounts.mount_fstype(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(results)
+    missed = report(b)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+    args.json.write_text(json.dumps({"rows": [asdict(r) | {"mb_s": r.mb_s} for r in b.rows],
+                                     "figures": b.figures, "targets_missed": missed}, indent=2))
     print(f"\nresults written to {args.json}")
+    if args.chart:
+        chart(b, args.chart)
     return 0
-
-
-def report(r: dict) -> None:
-    size = r["image_bytes"]
-
-    def rate(seconds: float) -> float:
-        return size / seconds / MB
-
-    ref = rate(r["ref_cp_local_s"])
-    print(f"\nimage {size / MiB:.0f} MiB ({r['changed_bytes'] / MiB:.0f} MiB changed for day 2), "
-          f"block size {r['block_size'] // 1024} KiB\n")
-    print(f"{'scenario':36} {'seconds':>8} {'MB/s':>7} {'vs cp':>6}  note")
-
-    def row(name: str, seconds: float, note: str = "") -> None:
-        print(f"{name:36} {seconds:8.2f} {rate(seconds):7.0f} {rate(seconds) / ref:5.2f}x  {note}")
-
-    row("cp to local disk (reference)", r["ref_cp_local_s"],
-        f"page cache; sync afterwards {r['ref_cp_local_sync_s']:.2f} s")
-    row("cp into a region (ingest)", r["ingest_s"], "target >= 300 MB/s; durable at close")
-    row("cat snapshot > /dev/null", r["read_s"], "target >= 600 MB/s")
-    row("cat snapshot again", r["read_again_s"])
-    row("cp of day 2 into the region", r["ingest_incremental_s"])
-    row("cp copy to another region, full", r["cp_copy_full_s"])
-    row("mv copy to another region, full", r["mv_copy_full_s"],
-        f"mv returned after {r['mv_returned_s']:.3f} s")
-    row("cp copy of day 2, incremental", r["cp_copy_incremental_s"])
-    row("mv copy of day 2, incremental", r["mv_copy_incremental_s"])
-    if "restic_backup_s" in r:
-        row("restic backup", r["restic_backup_s"])
-        row("restic copy, full", r["restic_copy_full_s"])
-        row("restic backup of day 2", r["restic_backup_incremental_s"])
-        row("restic copy, incremental", r["restic_copy_incremental_s"])
-        print()
-        print(f"full mv copy vs restic copy        {r['restic_copy_full_s'] / r['mv_copy_full_s']:6.2f}x "
-              "faster  (target >= 3x)")
-        print(f"incremental mv copy vs restic      "
-              f"{r['restic_copy_incremental_s'] / r['mv_copy_incremental_s']:6.2f}x faster  "
-              "(target >= 2x)")
-        print(f"incremental cp copy vs restic      "
-              f"{r['restic_copy_incremental_s'] / r['cp_copy_incremental_s']:6.2f}x faster")
-    if "enc_ingest_s" in r:
-        print("\nencrypted (AES-256-GCM, keyed ids; copies re-encrypt under another key):")
-        for name, key, plain_key in (
-            ("encrypted ingest", "enc_ingest_s", "ingest_s"),
-            ("encrypted cat", "enc_read_s", "read_s"),
-            ("encrypted mv copy, full", "enc_mv_copy_full_s", "mv_copy_full_s"),
-            ("encrypted mv copy, incremental", "enc_mv_copy_incremental_s",
-             "mv_copy_incremental_s"),
-        ):
-            row(name, r[key], f"{r[plain_key] / r[key]:.2f}x of the plain speed "
-                "(target >= 0.75)")
-    changed = max(r["changed_bytes"], 1)
-    print()
-    print(f"daemon peak RSS                  {r['daemon_peak_rss_bytes'] / MiB:8.1f} MiB  "
-          "(target < 300 MiB)")
-    print(f"non-zero blocks of the image     {r['nonzero_block_bytes'] / MiB:8.1f} MiB")
-    print(f"unique bytes kept                {r['unique_bytes'] / MiB:8.1f} MiB  "
-          f"({r['unique_bytes'] / max(r['nonzero_block_bytes'], 1):.3f}x of non-zero blocks)")
-    print(f"stored bytes (compressed)        {r['stored_bytes'] / MiB:8.1f} MiB  "
-          f"({r['stored_bytes'] / max(r['unique_bytes'], 1):.3f}x of unique)")
-    print(f"full mv copy transferred         {r['mv_copy_full_transferred'] / MiB:8.1f} MiB")
-    print("transferred / changed bytes (target <= 1.1):")
-    print(f"  incremental mv copy            {r['mv_copy_incremental_transferred'] / changed:8.3f}x")
-    print(f"  incremental cp copy            {r['cp_copy_incremental_transferred'] / changed:8.3f}x")
-    if "enc_mv_copy_incremental_transferred" in r:
-        print(f"  encrypted incremental mv copy  "
-              f"{r['enc_mv_copy_incremental_transferred'] / changed:8.3f}x")
-    if "restic_copy_incremental_added_bytes" in r:
-        print(f"  restic incremental copy        "
-              f"{r['restic_copy_incremental_added_bytes'] / changed:8.3f}x (repository growth)")
 
 
 if __name__ == "__main__":
