@@ -315,15 +315,13 @@ def restic_mount_read(repo: Path, env: dict, work: Path, image: Path) -> float:
     proc = subprocess.Popen(["restic", "-q", "-r", str(repo), "mount", str(mountpoint)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        path = mountpoint / "snapshots" / "latest" / str(image).lstrip("/")
+        relative = str(image).lstrip("/")
         deadline = time.monotonic() + 60
-        while not path.exists():
+        while not (found := list((mountpoint / "ids").glob(f"*/{relative}"))):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("restic mount did not come up")
             time.sleep(0.2)
-        # `latest` is day 2's snapshot, which holds only day2.img: read the day 1 snapshot.
-        snaps = sorted(p for p in (mountpoint / "snapshots").iterdir() if p.name != "latest")
-        path = snaps[0] / str(image).lstrip("/")
+        path = found[0]
         return timed(f"cat {path} > /dev/null", shell=True)
     finally:
         proc.terminate()

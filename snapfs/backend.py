@@ -127,6 +127,8 @@ class LocalBackend:
         self._lock = threading.Lock()  # the current pack, the unsynced map, the writer
         self._sync_lock = threading.Lock()
         self._unsynced: dict[str, Location] = {}
+        self._appending: dict[int, int] = {}  # pack -> puts reserved there, not yet recorded
+        self._retired_fds: dict[int, int] = {}  # full packs' fds, closed after their last put
         self._connections: list[sqlite3.Connection] = []
         self._writer: sqlite3.Connection | None = None
         self._pack_fd = -1
@@ -181,9 +183,10 @@ class LocalBackend:
         with self._lock:
             connections, self._connections = self._connections, []
             self._idle_readers = []
-            if self._pack_fd >= 0:
-                os.close(self._pack_fd)
-                self._pack_fd = -1
+            for fd in [self._pack_fd, *self._retired_fds.values()]:
+                if fd >= 0:
+                    os.close(fd)
+            self._pack_fd, self._retired_fds = -1, {}
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -233,6 +236,7 @@ class LocalBackend:
                 self._start_pack()
             fd, pack, offset = self._pack_fd, self._pack_id, self._pack_size
             self._pack_size += len(data)
+            self._appending[pack] = self._appending.get(pack, 0) + 1
         try:
             view = memoryview(data)
             written = 0
@@ -244,13 +248,27 @@ class LocalBackend:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"no space left in the block store at {self.root}") from exc
             raise
-        with self._lock:
-            self._unsynced[key] = Location(pack, offset, len(data))
+        else:
+            with self._lock:
+                self._unsynced[key] = Location(pack, offset, len(data))
+        finally:
+            with self._lock:
+                self._appending[pack] -= 1
+                if not self._appending[pack]:
+                    del self._appending[pack]
+                    retired = self._retired_fds.pop(pack, None)
+                    if retired is not None:
+                        os.close(retired)
 
     def _start_pack(self) -> None:
-        """Under `_lock`: close the full pack and open the next one (never an old one)."""
+        """Under `_lock`: retire the full pack and open the next one (never an old one). A
+        put still writing into the full pack holds its fd: closing it now would let the next
+        open reuse the number and send those bytes into the wrong pack."""
         if self._pack_fd >= 0:
-            os.close(self._pack_fd)
+            if self._pack_id in self._appending:
+                self._retired_fds[self._pack_id] = self._pack_fd
+            else:
+                os.close(self._pack_fd)
             self._pack_fd = -1
         pack = self._pack_id + 1
         try:
@@ -334,16 +352,24 @@ class LocalBackend:
             empty = [
                 pack
                 for pack in {loc.pack for _, loc in located}
-                if pack != self._pack_id
+                if not self._pack_in_use(pack)
                 and self._writer.execute(
                     "SELECT 1 FROM objects WHERE pack = ? LIMIT 1", [pack]
                 ).fetchone()
                 is None
-                and not any(loc.pack == pack for loc in self._unsynced.values())
             ]
         for pack in empty:
             with contextlib.suppress(FileNotFoundError):
                 self._pack_path(pack).unlink()
+
+    def _pack_in_use(self, pack: int) -> bool:
+        """Under `_lock`: being appended to, or holding objects not synced yet. (A put
+        reserves its range before writing it: a pack that looks empty may not be.)"""
+        return (
+            pack == self._pack_id
+            or pack in self._appending
+            or any(loc.pack == pack for loc in self._unsynced.values())
+        )
 
     def keys(self) -> Iterator[str]:
         """Every stored object key (packed, unsynced or a file of layouts 1-2); leftover
@@ -373,9 +399,11 @@ class LocalBackend:
             with self._lock:
                 batch = dict(self._unsynced)
             syncfs(self.root)
-            if not batch:
-                return
             with self._lock:
+                # An object deleted while syncfs ran must not get its location back.
+                batch = {k: loc for k, loc in batch.items() if self._unsynced.get(k) == loc}
+                if not batch:
+                    return
                 assert self._writer is not None, "read-only backend"
                 self._writer.execute("BEGIN IMMEDIATE")
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,37 @@ def test_packs_keep_synced_objects_and_reclaim_the_rest_after_a_crash(tmp_path: 
     after.delete_many(list(kept)[4:])  # the last object of a closed pack: the pack goes
     assert not pack.exists()
     after.close()
+
+
+def test_a_pack_still_being_appended_to_survives_losing_its_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put reserves its range, then writes it: the pack must not be unlinked meanwhile
+    because every object it has recorded was deleted (a GC racing an ingest)."""
+    backend = LocalBackend(tmp_path / "blocks")
+    backend.PACK_BYTES = 100
+    slow_data, writing, release = b"s" * 50, threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if bytes(data) == slow_data:
+            writing.set()
+            release.wait(10)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    backend.put("0" * 64, b"x" * 50)
+    slow = threading.Thread(target=backend.put, args=("1" * 64, slow_data))
+    slow.start()
+    assert writing.wait(10)
+    backend.put("2" * 64, b"n" * 50)  # the first pack is full: a second one starts
+    backend.sync()
+    backend.delete_many(["0" * 64])
+    release.set()
+    slow.join()
+    backend.sync()
+    assert backend.get("1" * 64) == slow_data
+    backend.close()
 
 
 def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
