@@ -194,7 +194,7 @@ class KeyRing:
         return self._master
 
     def _refresh(self) -> None:
-        (version,) = self.db.execute("PRAGMA data_version").fetchone()
+        (version,) = self.db.conn.execute("PRAGMA data_version").fetchone()
         if version != self._version:
             self._states = {r["id"]: _info(r) for r in self.db["keys"].rows}
             self._version = version

@@ -122,9 +122,18 @@ class Region:
 
     # --- writing blocks --------------------------------------------------------------------
 
-    async def store_block(self, plain: bytes, keys: BlockKeys | None = None) -> StoredBlock | None:
+    async def store_block(
+        self,
+        plain: bytes,
+        keys: BlockKeys | None = None,
+        copy_of: tuple[Region, bytes] | None = None,
+    ) -> StoredBlock | None:
         """Make `plain` durable-to-be in this region, encrypted under `keys` if given; None if
         it is all zeros (a hole). The id is pinned until the caller passes it to `committed()`.
+
+        `copy_of` (region, block id) names a stored object this block is expected to equal,
+        under the same keys (a `cp` copy): if the ids match, that object is copied as it is
+        instead of compressing the plaintext again, as a copy job does.
         """
         id_key = keys.id_key if keys is not None else None
         block_id = await trio.to_thread.run_sync(
@@ -132,8 +141,11 @@ class Region:
         )
         if block_id is None:
             return None
-        encode = functools.partial(codec.encode, plain, block_id, keys, self.name)
-        stored = await self.put_block(block_id, encode)
+        if copy_of is not None and copy_of[1] == block_id:
+            make = functools.partial(self._copy_or_encode, copy_of[0], plain, block_id, keys)
+        else:
+            make = functools.partial(codec.encode, plain, block_id, keys, self.name)
+        stored = await self.put_block(block_id, make)
         if stored.written:
             self.cache.put(block_id, plain)
         return stored
@@ -182,6 +194,16 @@ class Region:
         encoded = make_object()
         self.backend.put(encoded.block_id.hex(), encoded.data)
         return encoded
+
+    def _copy_or_encode(
+        self, source: Region, plain: bytes, block_id: bytes, keys: BlockKeys | None
+    ) -> codec.EncodedBlock:
+        """Worker thread: the source's object (verified: decoding is cheaper than
+        compressing), or, if it is gone or damaged there, our own encoding of `plain`."""
+        try:
+            return source.fetch_object(block_id)
+        except BlockCorrupt:
+            return codec.encode(plain, block_id, keys, self.name)
 
     def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
         """A stored object as it is, verified, for copying to another region without
@@ -253,13 +275,22 @@ class Region:
             if block_id not in self._loading and self.cache.get(block_id) is None:
                 # The load we waited for failed or was evicted at once: load it ourselves.
                 break
-        if self.keys is not None:
-            self.keys.prime()  # decoding in a worker thread needs the keys unwrapped here
         done = self._loading[block_id] = trio.Event()
         try:
-            plain = await trio.to_thread.run_sync(
-                self._get_and_decode, block_id, limiter=self.limiter
-            )
+            try:
+                plain = await trio.to_thread.run_sync(
+                    self._get_and_decode, block_id, limiter=self.limiter
+                )
+            except KeyNotFound:
+                if self.keys is None:
+                    raise
+                # Worker threads decode with keys unwrapped beforehand on this thread. Not
+                # priming before every block keeps SQLite (and a wait for the GIL after it)
+                # off the read path; a key not unwrapped yet is unwrapped now, once.
+                self.keys.prime()
+                plain = await trio.to_thread.run_sync(
+                    self._get_and_decode, block_id, limiter=self.limiter
+                )
         finally:
             del self._loading[block_id]
             done.set()

@@ -369,7 +369,9 @@ class SnapshotWriter:
             # stored; `cp` of a sparse image writes data blocks before it sets the size.
             plain = bytes(buf) if block_no * self.block_size < self.snap.size else b""
             try:
-                stored = await self.region.store_block(plain, self.snap.block_keys())
+                stored = await self.region.store_block(
+                    plain, self.snap.block_keys(), self._raw_copy_source(block_no)
+                )
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
                 log.error(
@@ -409,6 +411,18 @@ class SnapshotWriter:
                 log.error(
                     "snapshot %s (%s): commit failed: %s", self.snap.name, self.snap.id, self.error
                 )
+
+    def _raw_copy_source(self, block_no: int) -> tuple[Region, bytes] | None:
+        """The source's object for this block of a `cp` copy, when it could move as it is:
+        same keys (or none) and, for encrypted ones, the same region (objects are bound to
+        their region)."""
+        source = self.snap.copy_source
+        if source is None or source.kms_key_id != self.snap.kms_key_id:
+            return None
+        if source.encrypted and source.region is not self.region:
+            return None
+        block_id = source.region.index.block_id(source.id, block_no)
+        return (source.region, block_id) if block_id is not None else None
 
     async def _source_id(self, plain: bytes, stored: StoredBlock | None) -> bytes | None:
         """What the source's id of this content is: ours when both use the same keys (or
