@@ -23,6 +23,7 @@ from .codec import content_id
 from .errors import BlockCorrupt, SnapfsError, as_snapfs_error
 from .index import NewBlock
 from .names import snapshot_ino
+from .region import zeros
 
 if TYPE_CHECKING:
     from .copyjobs import CopyJob
@@ -179,7 +180,11 @@ class Snapshot:
         # map at any await below, so their blocks are looked up one at a time.
         stable = self.status == AVAILABLE and self.writer is None and self.copy_job is None
         ids = self._block_ids(first, last) if stable else {}
-        parts = []
+        if stable and not ids:
+            # All holes (a sparse image's free space): one shared zero buffer, no copying.
+            self._after_read(first, last, nursery)
+            return zeros(length)
+        parts: list[memoryview] = []
         for block_no in range(first, last + 1):
             try:
                 plain = await self._block_content(block_no, ids if stable else None)
@@ -189,14 +194,16 @@ class Snapshot:
                 ) from None
             start = offset - block_no * bs if block_no == first else 0
             end = offset + length - block_no * bs if block_no == last else bs
-            piece = plain[start:end]
-            if len(piece) < end - start:
-                piece += bytes(end - start - len(piece))
-            parts.append(piece)
+            parts.append(memoryview(plain)[start:end])
+            if len(parts[-1]) < end - start:  # a short (or hole) block: zeros after it
+                parts.append(memoryview(zeros(bs))[: end - start - len(parts[-1])])
+        self._after_read(first, last, nursery)
+        return b"".join(parts)  # the one copy of the reply
+
+    def _after_read(self, first: int, last: int, nursery: trio.Nursery | None) -> None:
         if nursery is not None and self.writer is None:
             self._read_ahead(first, last, nursery)
         self.last_read_block = last
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _block_content(self, block_no: int, ids: dict[int, bytes] | None) -> bytes:
         if self.writer is not None:
