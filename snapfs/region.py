@@ -35,6 +35,7 @@ from .cache import BlockCache
 from .errors import (
     AlreadyExists,
     BlockCorrupt,
+    InvalidParameter,
     NotFound,
     NotPermitted,
     ObjectMissing,
@@ -112,6 +113,7 @@ class Region:
         self._loading: dict[bytes, trio.Event] = {}
         self._gc_wanted = trio.Event()
         self._abandoned: set[bytes] = set()  # written objects whose batch was dropped
+        self._compression: str | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -144,7 +146,9 @@ class Region:
         if copy_of is not None and copy_of[1] == block_id:
             make = functools.partial(self._copy_or_encode, copy_of[0], plain, block_id, keys)
         else:
-            make = functools.partial(codec.encode, plain, block_id, keys, self.name)
+            make = functools.partial(
+                codec.encode, plain, block_id, keys, self.name, self.compression
+            )
         stored = await self.put_block(block_id, make)
         if stored.written:
             self.cache.put(block_id, plain)
@@ -203,7 +207,7 @@ class Region:
         try:
             return source.fetch_object(block_id)
         except BlockCorrupt:
-            return codec.encode(plain, block_id, keys, self.name)
+            return codec.encode(plain, block_id, keys, self.name, self.compression)
 
     def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
         """A stored object as it is, verified, for copying to another region without
@@ -422,6 +426,23 @@ class Region:
     @property
     def max_parallel_copies(self) -> int:
         return int(self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES)))
+
+    @property
+    def compression(self) -> str:
+        """How new blocks are compressed here (`lz4` or `zstd`); read once, it is on the
+        path of every block stored."""
+        if self._compression is None:
+            value = self.index.get_setting("compression", codec.DEFAULT_COMPRESSION)
+            self._compression = value if value in codec.CODECS_BY_NAME else "zstd"
+        return self._compression
+
+    def set_compression(self, name: str) -> None:
+        if name not in codec.CODECS_BY_NAME:
+            raise InvalidParameter(
+                f"compression is one of {', '.join(sorted(codec.CODECS_BY_NAME))}, got {name!r}"
+            )
+        self.index.set_setting("compression", name)
+        self._compression = name
 
     @property
     def snapshot_quota(self) -> int | None:

@@ -310,8 +310,12 @@ class SnapshotWriter:
         while pos < len(data):
             block_no, start = divmod(offset + pos, bs)
             count = min(bs - start, len(data) - pos)
-            buf = await self._buffer(block_no)
-            buf[start : start + count] = view[pos : pos + count]
+            if count == bs and block_no not in self.dirty and block_no not in self.inflight:
+                # The whole block is replaced: its old content need not be looked up.
+                self.dirty[block_no] = bytearray(view[pos : pos + count])
+            else:
+                buf = await self._buffer(block_no)
+                buf[start : start + count] = view[pos : pos + count]
             pos += count
             self.snap.size = max(self.snap.size, offset + pos)
             if start + count == bs:

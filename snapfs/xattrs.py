@@ -52,6 +52,7 @@ _REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
     "default_kms_key_id": lambda st, r: r.default_kms_key_id or "",
     "max_parallel_copies": lambda st, r: str(r.max_parallel_copies),
     "snapshot_quota": lambda st, r: None if r.snapshot_quota is None else str(r.snapshot_quota),
+    "compression": lambda st, r: r.compression,
     "copies_running": lambda st, r: str(st.copies.running(r)),
     "copies_queued": lambda st, r: str(st.copies.queued(r)),
 }
@@ -155,6 +156,8 @@ def _set_region(store: Store, region: Region, name: str, value: str) -> None:
         store.copies.reschedule(region)
     elif key == "snapshot_quota":
         region.index.set_setting(key, str(_positive(value, name, 1 << 40)))
+    elif key == "compression":
+        region.set_compression(value)
     elif key == "default_kms_key_id":
         region.index.set_setting(key, store.keys.usable(value.strip(), region.name).id)
     elif key == "encrypt_by_default":

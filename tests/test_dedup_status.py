@@ -7,9 +7,13 @@ from pathlib import Path
 
 from snapfs import diskimage
 
-from .conftest import SnapfsMount, run, wait_for
+from .conftest import SnapfsMount, run, sha256, wait_for
 
 MiB = 1 << 20
+
+
+def getfattr(path: Path, name: str) -> str:
+    return run("getfattr", "--only-values", "-n", name, path).stdout
 
 
 def test_second_snapshot_with_5_percent_changed_adds_only_those_blocks(
@@ -44,6 +48,33 @@ def test_second_snapshot_with_5_percent_changed_adds_only_those_blocks(
     run("rm", region / "tuesday.img")
     assert wait_for(lambda: len(mnt.objects("us-east-1")) == 0)
     assert mnt.region_status("us-east-1")["totals"]["stored_bytes"] == 0
+
+
+def test_region_compression_is_lz4_by_default_and_zstd_when_asked(
+    tmp_path: Path, mnt: SnapfsMount
+) -> None:
+    image = tmp_path / "text.img"
+    diskimage.create(image, 8 * MiB, seed=21, zeros=0.0, random_share=0.0)  # text only
+    fast, small = mnt.path / "us-east-1", mnt.path / "eu-west-1"
+    fast.mkdir()
+    small.mkdir()
+    assert getfattr(fast, "user.snapfs.compression") == "lz4"
+    run("setfattr", "-n", "user.snapfs.compression", "-v", "zstd", small)
+    bad = run("setfattr", "-n", "user.snapfs.compression", "-v", "gzip", small, check=False)
+    assert bad.returncode != 0 and "Invalid argument" in bad.stderr
+    assert getfattr(small, "user.snapfs.compression") == "zstd"
+    run("cp", image, fast / "a.img")
+    run("cp", image, small / "a.img")
+
+    def codecs(region: str) -> set[int]:
+        return {obj.read_bytes()[5] for obj in mnt.objects(region)}
+
+    assert codecs("us-east-1") == {2} and codecs("eu-west-1") == {1}  # header byte 5
+    assert sha256(fast / "a.img") == sha256(small / "a.img") == sha256(image)
+    stored = {r["name"]: r["totals"]["stored_bytes"] for r in mnt.status()["regions"]}
+    assert stored["eu-west-1"] < stored["us-east-1"] < 8 * MiB
+    mnt.remount()  # the setting is kept with the region
+    assert getfattr(small, "user.snapfs.compression") == "zstd"
 
 
 def test_zero_blocks_cost_nothing(region: Path, mnt: SnapfsMount) -> None:

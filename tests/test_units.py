@@ -23,13 +23,15 @@ MiB = 1 << 20
 # --- codec -----------------------------------------------------------------------------------
 
 
-def test_codec_compresses_text_and_keeps_random_raw() -> None:
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_codec_compresses_text_and_keeps_random_raw(compression: str) -> None:
     text = b"snapshot block log line 42\n" * 40_000
-    enc = codec.encode(text)
-    assert enc.codec == codec.CODEC_ZSTD and enc.stored_size < len(text) / 10
+    enc = codec.encode(text, compression=compression)
+    assert enc.codec == codec.CODECS_BY_NAME[compression]
+    assert enc.stored_size < len(text) / 10
     assert codec.decode(enc.data, enc.block_id) == text
     noise = os.urandom(MiB)
-    enc = codec.encode(noise)
+    enc = codec.encode(noise, compression=compression)
     assert enc.codec == codec.CODEC_RAW
     assert enc.stored_size == len(noise) + codec.HEADER.size
     assert codec.decode(enc.data, enc.block_id) == noise
@@ -44,10 +46,11 @@ def test_codec_header_is_versioned() -> None:
     assert header.plain_size == 3000
 
 
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "version", "wrong-id"])
-def test_codec_never_returns_damaged_data(damage: str) -> None:
+def test_codec_never_returns_damaged_data(damage: str, compression: str) -> None:
     plain = os.urandom(1000) + b"x" * 5000
-    enc = codec.encode(plain)
+    enc = codec.encode(plain, compression=compression)
     data, block_id = bytearray(enc.data), enc.block_id
     if damage == "flip":
         data[-10] ^= 0x01
