@@ -1,8 +1,10 @@
 """Storage backends: where a region's block objects live.
 
 A backend stores opaque objects under string keys (the hex block id). It knows nothing of
-blocks, snapshots or the index, so a region can move to another disk or, later, to an object
-store by swapping the backend. All methods block; callers run them in worker threads.
+blocks, snapshots or the index, so a region can move to another disk or to an object store
+by swapping the backend (`S3Backend` in s3backend.py). All methods block; callers run them in
+worker threads. `remote` tells the region whether I/O waits on a network (and so runs under
+the store's I/O limiter rather than the CPU one).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LocalBackend:
     """Block objects as files under `root`, fanned out as `ab/cd/abcd...` by key."""
 
     TMP_SUFFIX = ".tmp"
+    remote = False
 
     def __init__(self, root: Path):
         self.root = root
@@ -85,6 +88,13 @@ class LocalBackend:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def interrupt(self) -> None:
+        """Nothing waits on a local disk the way a remote store is waited for."""
 
     def keys(self) -> Iterator[str]:
         """Every stored object key; leftover temp files of an interrupted put are removed."""

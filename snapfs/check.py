@@ -121,12 +121,50 @@ def _object_path(root: Path, key: str) -> Path:
     return root / key[:2] / key[2:4] / key
 
 
+class _Objects:
+    """A region's objects as check sees them: a directory, or a bucket (s3backend.py)."""
+
+    def __init__(self, root: Path, backend: Any | None = None):
+        self.root = root
+        self.backend = backend
+
+    def keys(self) -> Iterator[str]:
+        """Every object key, temp files of an unfinished local put included."""
+        if self.backend is not None:
+            yield from self.backend.keys()
+        else:
+            for key, _path in _object_keys(self.root):
+                yield key
+
+    def read(self, key: str) -> bytes:
+        if self.backend is not None:
+            return self.backend.get(key)
+        return _object_path(self.root, key).read_bytes()
+
+    def delete(self, keys: list[str]) -> None:
+        if self.backend is not None:
+            self.backend.delete_many(keys)
+            return
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                _object_path(self.root, key).unlink()
+
+
+def _objects_of(directory: Path, row: dict[str, Any]) -> _Objects:
+    if (row.get("backend") or "local") == "local":
+        return _Objects(directory / "blocks")
+    from .s3backend import S3Backend, S3Location
+
+    location = S3Location.parse(row["backend"], row.get("endpoint"))
+    return _Objects(directory / "blocks", S3Backend(location, "blocks/", max_wait=60.0))
+
+
 def _verify(
-    root: Path, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
+    objects: _Objects, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
-        data = _object_path(root, block_id.hex()).read_bytes()
+        data = objects.read(block_id.hex())
     except FileNotFoundError:
         return "missing", 0
     try:
@@ -197,7 +235,7 @@ def _referenced(index: RegionIndex) -> list[bytes]:
 
 
 def _verify_blocks(
-    root: Path,
+    objects: _Objects,
     report: RegionReport,
     ids: list[bytes],
     keys_for: Callable[[bytes], Any],
@@ -208,7 +246,7 @@ def _verify_blocks(
     lost: list[bytes] = []
     for start in range(0, len(ids), BATCH):
         batch = ids[start : start + BATCH]
-        results = pool.map(lambda b: _verify(root, report.name, b, keys_for), batch)
+        results = pool.map(lambda b: _verify(objects, report.name, b, keys_for), batch)
         for block_id, (outcome, size) in zip(batch, results, strict=True):
             if outcome == "ok":
                 report.blocks_checked += 1
@@ -239,7 +277,9 @@ def _damaged_snapshots(
     return sorted(found.values(), key=lambda d: d.name or "")
 
 
-def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[Path]) -> None:
+def _repair(
+    index: RegionIndex, objects: _Objects, report: RegionReport, orphans: list[str]
+) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
     with dbutil.transaction(index.db) as conn:
@@ -253,9 +293,7 @@ def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[
         )
         dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
         conn.execute("DELETE FROM blocks WHERE refcount = 0")
-    for path in [*(_object_path(root, b.hex()) for b in dropped), *orphans]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    objects.delete([*(b.hex() for b in dropped), *orphans])
     report.repaired = {
         "refcounts": len(report.wrong_refcounts),
         "allocated_blocks": len(report.wrong_allocated),
@@ -266,16 +304,17 @@ def _repair(index: RegionIndex, root: Path, report: RegionReport, orphans: list[
 
 def _check_region(
     store: Path,
-    name: str,
+    row: dict[str, Any],
     block_size: int,
     keys_for: Callable[[bytes], Any],
     *,
     repair: bool,
     pool: concurrent.futures.Executor,
 ) -> RegionReport:
+    name = row["name"]
     report = RegionReport(name)
     directory = store / "regions" / name
-    root = directory / "blocks"
+    objects = _objects_of(directory, row)
     if not (directory / "index.db").exists():
         report.error = f"RegionIndex.NotFound: {directory / 'index.db'} is missing"
         return report
@@ -283,11 +322,11 @@ def _check_region(
     try:
         _count_checks(index, report)
         known = {r[0].hex() for r in index.db.execute("SELECT id FROM blocks")}
-        orphans = [path for key, path in _object_keys(root) if key not in known]
+        orphans = [key for key in objects.keys() if key not in known]  # noqa: SIM118
         report.orphans = len(orphans)
         referenced = _referenced(index)
         with _Progress(len(referenced)) as progress:
-            lost = _verify_blocks(root, report, referenced, keys_for, pool, progress)
+            lost = _verify_blocks(objects, report, referenced, keys_for, pool, progress)
         if lost and not repair:
             # Beside a running daemon a block can be collected after we listed it: only
             # what is still referenced now is damage.
@@ -297,7 +336,7 @@ def _check_region(
             report.corrupt = [h for h in report.corrupt if bytes.fromhex(h) in still]
         report.damaged_snapshots = _damaged_snapshots(index, lost, block_size)
         if repair:
-            _repair(index, root, report, orphans)
+            _repair(index, objects, report, orphans)
     finally:
         index.close()
     return report
@@ -327,13 +366,13 @@ def check(store: Path, *, repair: bool = False) -> CheckReport:
         catalogue = dbutil.connect(store / "store.db", readonly=True)
         try:
             block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
-            names = [r["name"] for r in catalogue["regions"].rows_where(order_by="id")]
+            rows = list(catalogue["regions"].rows_where(order_by="id"))
             keys_for = _key_lookup(store, catalogue)
             workers = max(2, os.cpu_count() or 2)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 regions = [
-                    _check_region(store, n, block_size, keys_for, repair=repair, pool=pool)
-                    for n in names
+                    _check_region(store, row, block_size, keys_for, repair=repair, pool=pool)
+                    for row in rows
                 ]
         finally:
             catalogue.close()
