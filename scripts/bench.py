@@ -140,6 +140,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where images and the store go (default: a temp dir in /tmp)")
     parser.add_argument("--no-restic", action="store_true", help="skip the restic runs")
+    parser.add_argument("--s3", action="store_true", help="also copies into an S3 region "
+                        "against rclone and restic (scripts/bench_s3.py)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
                         help="where to write the machine-readable results")
     args = parser.parse_args()
@@ -209,6 +211,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     report(results)
+    if args.s3:  # the S3 scenario lives in its own module (scripts/bench_s3.py)
+        import bench_s3
+        bench_s3.report(bench_s3.run(size, args.workdir))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {args.json}")

@@ -127,13 +127,15 @@ class _Objects:
     def __init__(self, root: Path, backend: Any | None = None):
         self.root = root
         self.backend = backend
+        self._paths: dict[str, Path] = {}  # where a listed local file really is
 
     def keys(self) -> Iterator[str]:
         """Every object key, temp files of an unfinished local put included."""
         if self.backend is not None:
             yield from self.backend.keys()
         else:
-            for key, _path in _object_keys(self.root):
+            for key, path in _object_keys(self.root):
+                self._paths[key] = path
                 yield key
 
     def read(self, key: str) -> bytes:
@@ -147,7 +149,7 @@ class _Objects:
             return
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
-                _object_path(self.root, key).unlink()
+                self._paths.get(key, _object_path(self.root, key)).unlink()
 
 
 def _objects_of(directory: Path, row: dict[str, Any]) -> _Objects:
