@@ -82,6 +82,8 @@ def test_region_create_unmounted_and_mounted(s3: S3Server, tmp_path: Path) -> No
         db.close()
         assert rows[1] == ("ap-south-1", f"s3://{BUCKET}/ap", s3.endpoint)
         assert rows[2] == ("us-east-1", "local", None)
+        backends = {r["name"]: r["backend"] for r in m.status()["regions"]}
+        assert backends["ap-south-1"] == f"s3://{BUCKET}/ap at {s3.endpoint}"
         secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
         assert not any(secret in p.read_bytes() for p in m.store.rglob("*") if p.is_file())
         m.remount()
@@ -250,3 +252,102 @@ def test_disaster_recovery_into_a_new_store(
         assert report["ok"], report
     finally:
         new.teardown()
+
+
+def test_attach_through_a_mounted_store(s3: S3Server, tmp_path: Path) -> None:
+    old = SnapfsMount(tmp_path / "old-store", tmp_path / "old-mnt")
+    old.mount()
+    try:
+        remote = create_s3_region(old, s3, "eu-west-1", "eu")
+        source = image(tmp_path / "disk.img", 2 * MiB, seed=71)
+        run("cp", source, remote / "disk.img")
+    finally:
+        old.teardown()
+    new = SnapfsMount(tmp_path / "new-store", tmp_path / "new-mnt")
+    new.mount()
+    try:
+        result = run(
+            *SNAPFS, "region", "attach", "eu-west-1", "--backend", f"s3://{BUCKET}/eu",
+            "--endpoint", s3.endpoint, "--store", new.store,
+        )  # fmt: skip
+        assert "1 snapshots" in result.stdout
+        assert os.listdir(new.path) == ["eu-west-1"]  # at once, through the daemon
+        assert sha256(new.path / "eu-west-1" / "disk.img") == sha256(source)
+        wrong = run(
+            *SNAPFS, "region", "attach", "us-west-2", "--backend", f"s3://{BUCKET}/eu",
+            "--endpoint", s3.endpoint, "--store", new.store, check=False,
+        )  # fmt: skip
+        assert wrong.returncode != 0 and "us-west-2" not in os.listdir(new.path)
+    finally:
+        new.teardown()
+
+
+# --- units: the backend's retry policy and the manifest format --------------------------------
+
+
+def test_backend_retries_then_gives_up_and_can_be_interrupted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from snapfs import s3backend
+    from snapfs.s3backend import BackendUnavailable, S3Backend, S3Location
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setattr(s3backend, "BACKOFF_FIRST", 0.05)
+    dead = S3Location.parse("s3://no-server/p", f"http://127.0.0.1:{_closed_port()}")
+    backend = S3Backend(dead, "blocks/", max_wait=0.5)
+    with caplog.at_level("WARNING"), pytest.raises(BackendUnavailable):
+        backend.put("ab" * 32, b"data")
+    assert "retry 1" in caplog.text and "PUT s3://no-server/p/blocks/" in caplog.text
+    patient = S3Backend(dead, "blocks/")  # the daemon's: retries until answered
+    threading.Timer(0.5, patient.interrupt).start()
+    with pytest.raises(BackendUnavailable, match="interrupted"):
+        patient.get("ab" * 32)
+
+
+def test_backend_locations_are_validated() -> None:
+    from snapfs.errors import InvalidParameter
+    from snapfs.s3backend import S3Location
+
+    loc = S3Location.parse("s3://bucket-1/a/b/", "http://127.0.0.1:9000")
+    assert (loc.bucket, loc.prefix, loc.url) == ("bucket-1", "a/b/", "s3://bucket-1/a/b")
+    assert S3Location.parse("s3://bucket-1").prefix == ""
+    for bad in ("bucket", "s3://", "s3://ab", "s3://Bad_Bucket/x"):
+        with pytest.raises(InvalidParameter):
+            S3Location.parse(bad)
+    with pytest.raises(InvalidParameter):
+        S3Location.parse("s3://bucket-1", "ftp://host")
+
+
+def test_manifest_format_roundtrip_and_authentication() -> None:
+    import uuid
+
+    from snapfs import manifests
+    from snapfs.errors import BlockCorrupt
+    from snapfs.keys import BlockKeys
+
+    keys = BlockKeys(str(uuid.uuid4()), os.urandom(32))
+    doc = {"id": "s-0123456789abcdef", "region": "eu-west-1", "name": "disk", "blocks": []}
+    plain = manifests.encode(doc, "eu-west-1", None)
+    assert manifests.decode(plain, "eu-west-1", doc["id"], lambda k: keys) == doc
+    sealed = manifests.encode(doc, "eu-west-1", keys)
+    assert b"disk" not in sealed
+    assert manifests.decode(sealed, "eu-west-1", doc["id"], lambda k: keys) == doc
+    with pytest.raises(BlockCorrupt):  # another snapshot's key, or another region
+        manifests.decode(sealed, "eu-west-1", "s-ffffffffffffffff", lambda k: keys)
+    with pytest.raises(BlockCorrupt):
+        manifests.decode(sealed, "us-east-1", doc["id"], lambda k: keys)
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(BlockCorrupt):
+        manifests.decode(bytes(tampered), "eu-west-1", doc["id"], lambda k: keys)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
