@@ -351,3 +351,40 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_transient_errors_are_retried_and_logged_permanent_ones_not(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.exceptions import ClientError
+
+    from snapfs import s3backend
+    from snapfs.s3backend import BackendDenied, S3Backend, S3Location
+
+    monkeypatch.setattr(s3backend, "BACKOFF_FIRST", 0.01)
+
+    def error(code: str, status: int) -> ClientError:
+        response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(response, "PutObject")  # type: ignore[arg-type]
+
+    class FlakyClient:
+        def __init__(self, failures: list[Exception]):
+            self.failures = failures
+            self.stored: dict[str, bytes] = {}
+
+        def put_object(self, Bucket: str, Key: str, Body: bytes) -> None:  # noqa: N803
+            if self.failures:
+                raise self.failures.pop(0)
+            self.stored[Key] = Body
+
+    flaky = FlakyClient([error("SlowDown", 503), error("InternalError", 500)])
+    backend = S3Backend(S3Location.parse("s3://bucket-1/p"), "blocks/", client=flaky)
+    with caplog.at_level("WARNING"):
+        backend.put("k1", b"data")
+    assert flaky.stored == {"p/blocks/k1": b"data"}
+    assert "retry 1" in caplog.text and "retry 2" in caplog.text
+    denied = FlakyClient([error("AccessDenied", 403)])
+    backend = S3Backend(S3Location.parse("s3://bucket-1/p"), "blocks/", client=denied)
+    with pytest.raises(BackendDenied):
+        backend.put("k1", b"data")
+    assert denied.stored == {}
