@@ -96,6 +96,8 @@ class LocalBackend:
     def interrupt(self) -> None:
         """Nothing waits on a local disk the way a remote store is waited for."""
 
+    interrupted = False
+
     def keys(self) -> Iterator[str]:
         """Every stored object key; leftover temp files of an interrupted put are removed."""
         for dirpath, _dirs, files in os.walk(self.root):

@@ -194,7 +194,10 @@ class ManifestPublisher:
         self._wanted.set()
 
     async def drain(self, timeout: float) -> bool:
-        """Wait until everything changed so far is published; False on timeout."""
+        """Wait until everything changed so far is published; False on timeout, or at once
+        if the store's retries were interrupted (its server did not answer at unmount)."""
+        if self.meta.interrupted and self.pending:
+            return False
         with trio.move_on_after(timeout):
             await self._idle.wait()
             return True

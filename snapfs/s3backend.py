@@ -177,6 +177,10 @@ class S3Backend:
         """End every retry loop now (and refuse new calls): the mount is stopping."""
         self._interrupted.set()
 
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
+
     # --- the retry loop ----------------------------------------------------------------------
 
     def _call(self, what: str, key: str, call: Callable[[], T]) -> T:

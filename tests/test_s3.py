@@ -30,6 +30,11 @@ def copy_done(path: Path, timeout: float = 60) -> str:
     )
 
 
+def attr_free_log(m: SnapfsMount) -> str:
+    """The log without the retry warnings (whose reasons say "failed")."""
+    return "\n".join(line for line in m.log().splitlines() if "retry" not in line)
+
+
 def create_s3_region(m: SnapfsMount, s3: S3Server, name: str, prefix: str) -> Path:
     result = run(
         *SNAPFS, "region", "create", name, "--backend", f"s3://{BUCKET}/{prefix}",
@@ -63,9 +68,11 @@ def test_region_create_unmounted_and_mounted(s3: S3Server, tmp_path: Path) -> No
     )  # fmt: skip
     assert "created region eu-west-1" in result.stdout
     assert (s3.data / BUCKET / "eu" / "meta" / "region.json").is_file()
+    run(*SNAPFS, "region", "create", "us-west-1", "--store", m.store)  # local by default
     m.mount()
     try:
-        assert os.listdir(m.path) == ["eu-west-1"]
+        assert sorted(os.listdir(m.path)) == ["eu-west-1", "us-west-1"]
+        os.rmdir(m.path / "us-west-1")
         create_s3_region(m, s3, "ap-south-1", "ap")  # through the daemon: visible at once
         assert sorted(os.listdir(m.path)) == ["ap-south-1", "eu-west-1"]
         (m.path / "us-east-1").mkdir()  # mkdir stays a local region
@@ -88,6 +95,9 @@ def test_region_create_unmounted_and_mounted(s3: S3Server, tmp_path: Path) -> No
         assert not any(secret in p.read_bytes() for p in m.store.rglob("*") if p.is_file())
         m.remount()
         assert sorted(os.listdir(m.path)) == ["ap-south-1", "eu-west-1", "us-east-1"]
+        # rmdir of an empty S3 region also clears its prefix in the bucket.
+        os.rmdir(m.path / "ap-south-1")
+        assert wait_for(lambda: not list((s3.data / BUCKET / "ap").rglob("*.json")), 10)
     finally:
         m.teardown()
 
@@ -202,6 +212,32 @@ def test_copy_into_s3_waits_out_an_outage(
         assert sha256(moved) == sha256(source)
         report = json.loads(m.cli("check", "--store", m.store, "--json").stdout)
         assert report["ok"], report
+    finally:
+        m.teardown()
+
+
+def test_unmount_while_the_server_is_down_stops_the_copy_to_resume_later(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=("--copy-bwlimit", "4M"))
+    m.mount()
+    try:
+        remote = create_s3_region(m, s3, "eu-west-1", "eu")
+        (m.path / "us-east-1").mkdir()
+        source = image(tmp_path / "disk.img", 16 * MiB, seed=81)
+        run("cp", source, m.path / "us-east-1" / "disk.img")
+        run("mv", m.path / "us-east-1" / "disk.img", remote / "disk.img")
+        assert wait_for(lambda: float(attr(remote / "disk.img", "progress")) >= 10, 30)
+        s3.stop()
+        assert wait_for(lambda: "retry" in m.log(), 10)
+        m.umount()  # does not wait for the server: the retries are interrupted
+        assert "stopped" in m.log() and "failed" not in attr_free_log(m)
+        s3.start()
+        m.mount()
+        moved = remote / "disk.img"
+        assert copy_done(moved, 120) == "available", m.log()
+        assert sha256(moved) == sha256(source)
+        assert "resuming at block" in m.log()
     finally:
         m.teardown()
 
