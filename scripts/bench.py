@@ -469,6 +469,8 @@ def main() -> int:
     parser.add_argument("--no-restic", action="store_true", help="skip the restic runs")
     parser.add_argument("--no-borg", action="store_true", help="skip the borg runs")
     parser.add_argument("--no-sparse", action="store_true", help="skip the 1 TiB sparse image")
+    parser.add_argument("--s3", action="store_true", help="also copies into an S3 region "
+                        "against rclone and restic (scripts/bench_s3.py)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json",
                         help="where to write the machine-readable results")
     parser.add_argument("--chart", type=Path, default=None,
@@ -511,6 +513,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     missed = report(b)
+    if args.s3:  # the S3 scenario lives in its own module (scripts/bench_s3.py)
+        import bench_s3
+
+        b.figures["s3"] = bench_s3.run(size, args.workdir)
+        bench_s3.report(b.figures["s3"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": [asdict(r) | {"mb_s": r.mb_s} for r in b.rows],
                                      "figures": b.figures, "targets_missed": missed}, indent=2))

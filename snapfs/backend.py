@@ -1,9 +1,11 @@
 """Storage backends: where a region's block objects live.
 
 A backend stores opaque objects under string keys (the hex block id). It knows nothing of
-blocks, snapshots or the index, so a region can move to another disk or, later, to an object
-store by swapping the backend. All methods block; callers run them in worker threads, several
-at once, so every method is thread-safe.
+blocks, snapshots or the index, so a region can move to another disk or to an object store
+by swapping the backend (`S3Backend` in s3backend.py). All methods block; callers run them in
+worker threads, several at once, so every method is thread-safe. `remote` tells the region
+whether I/O waits on a network (and so runs under the store's I/O limiter rather than the
+CPU one).
 
 The contract the region relies on (crash safety): after `put(key)` returns, `get(key)` gives
 the object back; after the next `sync()` returns, it survives a crash. `delete` of a key
@@ -114,6 +116,8 @@ class LocalBackend:
     """
 
     TMP_SUFFIX = ".tmp"
+    remote = False
+    interrupted = False
     LAYOUT = 3
     LAYOUT_FILE = ".layout"  # holds the layout number; absent before layout 2
     PACK_BYTES = 64 << 20  # a pack is closed once it reaches this size
@@ -361,6 +365,9 @@ class LocalBackend:
         for pack in empty:
             with contextlib.suppress(FileNotFoundError):
                 self._pack_path(pack).unlink()
+
+    def interrupt(self) -> None:
+        """Nothing waits on a local disk the way a remote store is waited for."""
 
     def _pack_in_use(self, pack: int) -> bool:
         """Under `_lock`: being appended to, or holding objects not synced yet. (A put

@@ -111,8 +111,18 @@ def _store_lock(store: Path, repair: bool) -> Iterator[bool]:
         os.close(fd)
 
 
+def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Any:
+    """The region's objects as check sees them: local packs, or a bucket (s3backend.py)."""
+    if (row.get("backend") or "local") == "local":
+        return LocalBackend(directory / "blocks", readonly=readonly)
+    from .s3backend import S3Backend, S3Location
+
+    location = S3Location.parse(row["backend"], row.get("endpoint"))
+    return S3Backend(location, "blocks/", max_wait=60.0)
+
+
 def _verify(
-    backend: LocalBackend, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
+    backend: Any, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
@@ -187,7 +197,7 @@ def _referenced(index: RegionIndex) -> list[bytes]:
 
 
 def _verify_blocks(
-    backend: LocalBackend,
+    backend: Any,
     report: RegionReport,
     ids: list[bytes],
     keys_for: Callable[[bytes], Any],
@@ -230,7 +240,7 @@ def _damaged_snapshots(
 
 
 def _repair(
-    index: RegionIndex, backend: LocalBackend, report: RegionReport, orphans: list[str]
+    index: RegionIndex, backend: Any, report: RegionReport, orphans: list[str]
 ) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
@@ -257,21 +267,21 @@ def _repair(
 
 def _check_region(
     store: Path,
-    name: str,
+    row: dict[str, Any],
     block_size: int,
     keys_for: Callable[[bytes], Any],
     *,
     repair: bool,
     pool: concurrent.futures.Executor,
 ) -> RegionReport:
+    name = row["name"]
     report = RegionReport(name)
     directory = store / "regions" / name
-    root = directory / "blocks"
     if not (directory / "index.db").exists():
         report.error = f"RegionIndex.NotFound: {directory / 'index.db'} is missing"
         return report
     index = RegionIndex(directory / "index.db", readonly=not repair)
-    backend = LocalBackend(root, readonly=not repair)
+    backend = _backend_of(directory, row, readonly=not repair)
     try:
         _count_checks(index, report)
         known = {r[0].hex() for r in index.db.execute("SELECT id FROM blocks")}
@@ -321,13 +331,13 @@ def check(store: Path, *, repair: bool = False) -> CheckReport:
         catalogue = dbutil.connect(store / "store.db", readonly=True)
         try:
             block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
-            names = [r["name"] for r in catalogue["regions"].rows_where(order_by="id")]
+            rows = list(catalogue["regions"].rows_where(order_by="id"))
             keys_for = _key_lookup(store, catalogue)
             workers = max(2, os.cpu_count() or 2)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 regions = [
-                    _check_region(store, n, block_size, keys_for, repair=repair, pool=pool)
-                    for n in names
+                    _check_region(store, row, block_size, keys_for, repair=repair, pool=pool)
+                    for row in rows
                 ]
         finally:
             catalogue.close()

@@ -388,6 +388,80 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+_REGION_ERRORS = {
+    errno.EEXIST: ("InvalidRegionId.Duplicate", "the region exists, or the prefix holds one"),
+    errno.ENOENT: ("InvalidRegionId.NotFound", "no snapfs region (or bucket) at that location"),
+    errno.EACCES: ("Forbidden.ObjectStore", "the object store refused the credentials"),
+    errno.EIO: ("ServiceUnavailable.ObjectStore", "the object store did not answer"),
+    errno.EINVAL: ("InvalidParameter", "a parameter was refused"),
+}
+
+
+def cmd_region(args: argparse.Namespace) -> int:
+    from . import regionadmin
+    from .names import check_region_name
+    from .s3backend import S3Location
+
+    check_region_name(args.name)
+    store = Path(args.store).expanduser() if args.store else default_store_path()
+    location = None
+    if args.backend is not None and args.backend != "local":
+        location = S3Location.parse(args.backend, args.endpoint)
+    if args.region_command == "attach" and location is None:
+        return _fail("InvalidParameter", "attach needs --backend s3://BUCKET[/PREFIX]")
+    mounted = mounts.find_by_store(store)
+    if mounted is not None:
+        return _region_through_mount(args, Path(mounted.mountpoint), location)
+    if args.region_command == "create":
+        if location is None:
+            _create_local_offline(store, args.name)
+        else:
+            regionadmin.create_offline(store, args.name, location)
+        print(f"created region {args.name}" + (f" on {location}" if location else ""))
+        return 0
+    assert location is not None
+    report = regionadmin.attach_offline(store, args.name, location)
+    for reason in report.skipped:
+        print(f"not restored: {reason}", file=sys.stderr)
+    print(f"attached region {args.name} from {location}: {len(report.restored)} snapshots")
+    return 0
+
+
+def _create_local_offline(store: Path, name: str) -> None:
+    from .store import Store
+
+    opened = Store(store)
+    try:
+        opened.create_region(name)
+    finally:
+        opened.close()
+
+
+def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) -> int:
+    """The daemon does it, so the mount shows the region at once."""
+    from . import regionadmin
+
+    try:
+        if location is None:
+            os.mkdir(mountpoint / args.name)
+        else:
+            attr = regionadmin.CREATE_ATTR
+            if args.region_command == "attach":
+                attr = regionadmin.ATTACH_ATTR
+            os.setxattr(mountpoint, attr, regionadmin.request(args.name, location))
+    except OSError as exc:
+        code, message = _REGION_ERRORS.get(exc.errno or 0, ("InternalError", str(exc)))
+        record = mounts.lookup(mountpoint)
+        where = f" (see the daemon log in {record.store})" if record else ""
+        return _fail(code, message + where)
+    if args.region_command == "create":
+        print(f"created region {args.name}" + (f" on {location}" if location else ""))
+    else:
+        count = len(os.listdir(mountpoint / args.name))
+        print(f"attached region {args.name} from {location}: {count} snapshots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapfs",
@@ -463,6 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     for k in keys.choices.values():
         k.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
     p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("region", help="regions on local disk or S3-compatible object storage")
+    verbs = p.add_subparsers(dest="region_command", required=True)
+    r = verbs.add_parser("create", help="a new region (local unless --backend is given)")
+    r.add_argument("--backend", help="s3://BUCKET[/PREFIX] (default: local disk)")
+    r = verbs.add_parser("attach", help="rebuild a region from its bucket (disaster recovery)")
+    r.add_argument("--backend", required=True, help="s3://BUCKET[/PREFIX]")
+    for r in verbs.choices.values():
+        r.add_argument("name", help="region name, e.g. eu-west-1")
+        r.add_argument("--endpoint", help="URL of an S3-compatible server (default: AWS)")
+        r.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
+    p.set_defaults(func=cmd_region)
 
     p = sub.add_parser("diff", help="byte ranges where two snapshots differ (block-aligned)")
     p.add_argument("first", help="a snapshot file: MOUNTPOINT/REGION/NAME")

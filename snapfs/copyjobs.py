@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 BATCH_BLOCKS = 64
 TRANSFERS_PER_JOB = 8
+# Into an object store each transfer mostly waits on a PUT's round trip: more run at once
+# (bounded again by the store's I/O limiter).
+TRANSFERS_PER_REMOTE_JOB = 16
 
 
 @dataclass(eq=False)
@@ -148,7 +151,12 @@ class CopyEngine:
             with job.scope:
                 await self._transfer(job)
         except Exception as exc:  # noqa: BLE001 - a failed copy is a state, not a crash
-            self._fail(job, as_snapfs_error(exc))
+            if job.scope.cancel_called:
+                # Stopped (unmount interrupts an object store's retries, which then raise):
+                # not a failure; the job resumes at the next mount.
+                log.info("copy into %s stopped: %s", job.dst.id, exc)
+            else:
+                self._fail(job, as_snapfs_error(exc))
         finally:
             job.scope = None
             self._running[region.name] -= 1
@@ -218,7 +226,8 @@ class CopyEngine:
         dst_region = job.dst.region
         stored: list[StoredBlock] = []
         mapping: dict[int, bytes] = {}
-        limiter = trio.Semaphore(TRANSFERS_PER_JOB)
+        remote = dst_region.remote or src.region.remote
+        limiter = trio.Semaphore(TRANSFERS_PER_REMOTE_JOB if remote else TRANSFERS_PER_JOB)
         # Objects can move unchanged when both sides use the same keys (or none) and, for
         # encrypted ones, the same region (the region is bound into each object's AEAD).
         dst_keys = job.dst.block_keys()

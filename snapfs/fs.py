@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import xattrs
+from . import regionadmin, xattrs
 from .errors import NotPermitted, SnapfsError
 from .region import Region
 from .snapshots import Snapshot
@@ -324,7 +324,17 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
-        xattrs.set(self.store, self._node(inode), _name(name), value)
+        attr = _name(name)
+        if inode == ROOT_INO and attr in (regionadmin.CREATE_ATTR, regionadmin.ATTACH_ATTR):
+            # `snapfs region create/attach` on a mounted store: network work, so awaited
+            # here rather than in the synchronous xattr table.
+            region_name, location = regionadmin.parse_request(value)
+            if attr == regionadmin.CREATE_ATTR:
+                await self.store.create_remote_region(region_name, location)
+            else:
+                await self.store.attach_region(region_name, location)
+            return
+        xattrs.set(self.store, self._node(inode), attr, value)
 
     @translate_errors
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:

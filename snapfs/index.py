@@ -21,7 +21,7 @@ All methods run on the trio thread that owns the connection; each is short.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,14 @@ class RegionIndex:
         self.db = dbutil.connect(path, readonly=readonly)
         if not readonly:
             dbutil.migrate(self.db, MIGRATIONS, f"region index {path}")
+        # Told after each commit that changes a snapshot's row, tags or name (its id) or the
+        # region's settings (None): a region on an object store republishes its manifests.
+        self.on_change: Callable[[str | None], None] | None = None
+
+    def _changed(self, *snapshot_ids: str | None) -> None:
+        if self.on_change is not None:
+            for snapshot_id in snapshot_ids:
+                self.on_change(snapshot_id)
 
     def close(self) -> None:
         self.db.close()
@@ -187,6 +195,7 @@ class RegionIndex:
     def set_setting(self, key: str, value: str) -> None:
         with dbutil.transaction(self.db) as conn:
             dbutil.set_meta(conn, key, value)
+        self._changed(None)
 
     # --- snapshots -------------------------------------------------------------------------
 
@@ -231,6 +240,7 @@ class RegionIndex:
                         job["created_at"],
                     ],
                 )
+        self._changed(displaced_id, row["id"])
 
     # --- tags and copy jobs ----------------------------------------------------------------
 
@@ -255,6 +265,7 @@ class RegionIndex:
                     "ON CONFLICT(snapshot_id, key) DO UPDATE SET value = excluded.value",
                     [snapshot_id, key, value],
                 )
+        self._changed(snapshot_id)
 
     def copy_jobs(self) -> list[dict[str, Any]]:
         if "copy_jobs" not in self.db.table_names():  # read-only look at a v1 index
@@ -273,6 +284,7 @@ class RegionIndex:
     def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
         with dbutil.transaction(self.db) as conn:
             self._update_snapshot(conn, snapshot_id, fields)
+        self._changed(snapshot_id)
 
     @staticmethod
     def _update_snapshot(conn: sqlite3.Connection, snapshot_id: str, fields: dict) -> None:
@@ -290,6 +302,7 @@ class RegionIndex:
             conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
             conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
             conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
+        self._changed(snapshot_id)
 
     def rename_snapshot(self, snapshot_id: str, name: str, *, displaced_id: str | None) -> None:
         """Rename; a snapshot already holding `name` is marked deleted in the same commit."""
@@ -297,12 +310,14 @@ class RegionIndex:
             if displaced_id is not None:
                 conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name, snapshot_id])
+        self._changed(displaced_id, snapshot_id)
 
     def exchange_names(self, id_a: str, id_b: str, name_a: str, name_b: str) -> None:
         with dbutil.transaction(self.db) as conn:
             conn.execute("UPDATE snapshots SET name = NULL WHERE id = ?", [id_a])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_a, id_b])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_b, id_a])
+        self._changed(id_a, id_b)
 
     def allocated_blocks(self, snapshot_id: str) -> int:
         row = self.db.execute(
@@ -376,6 +391,7 @@ class RegionIndex:
         with dbutil.transaction(self.db) as conn:
             conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
             self._update_snapshot(conn, snapshot_id, fields)
+        self._changed(snapshot_id)
 
     def truncate_map(self, snapshot_id: str, first_dropped: int, fields: dict[str, Any]) -> None:
         with dbutil.transaction(self.db) as conn:

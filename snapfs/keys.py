@@ -328,6 +328,8 @@ class BlockKeys:
         self.key_id_bytes = uuid.UUID(key_id).bytes
         self.id_key = _hkdf(material, b"snapfs block id v1")
         self.aead = AESGCM(_hkdf(material, b"snapfs block aead v1"))
+        # Snapshot manifests in a region's backend (manifests.py): a key of their own.
+        self.manifest_aead = AESGCM(_hkdf(material, b"snapfs manifest aead v1"))
 
 
 def _hkdf(material: bytes, info: bytes) -> bytes:

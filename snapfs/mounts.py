@@ -126,6 +126,20 @@ def lookup(mountpoint: Path) -> MountRecord | None:
     return MountRecord(data["mountpoint"], data["store"], int(data["pid"]))
 
 
+def find_by_store(store: Path) -> MountRecord | None:
+    """The live mount serving `store`, if any (for commands that must go through it)."""
+    wanted = str(Path(store).resolve())
+    for path in sorted(runtime_dir().glob("mount-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        record = MountRecord(data["mountpoint"], data["store"], int(data["pid"]))
+        if record.store == wanted and record.alive:
+            return record
+    return None
+
+
 def find_mount_root(path: Path) -> tuple[MountRecord, list[str]] | None:
     """The registered snapfs mount containing `path`, and the parts of `path` below it."""
     current = Path(os.path.abspath(path))

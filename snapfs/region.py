@@ -11,7 +11,10 @@ index:
   batch has pinned.
 
 CPU and disk work (hashing, compression, object I/O) runs in worker threads limited by a
-shared `trio.CapacityLimiter`, which is the backpressure for every writer and reader.
+shared `trio.CapacityLimiter`, which is the backpressure for every writer and reader. A region
+on an object store (`backend.remote`) moves its objects under a second, wider limiter
+(`io_limiter`): a PUT or GET mostly waits on the network, so more of them run at once than
+there are cores, while encoding and verifying stay under the CPU limiter.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -88,6 +91,8 @@ class Region:
         limiter: trio.CapacityLimiter,
         cache: BlockCache,
         keys: KeyRing | None = None,
+        backend: Any | None = None,
+        io_limiter: trio.CapacityLimiter | None = None,
     ):
         self.name = name
         self.keys = keys
@@ -97,7 +102,12 @@ class Region:
         self.limiter = limiter
         self.cache = cache
         self.index = RegionIndex(directory / "index.db")
-        self.backend = LocalBackend(directory / "blocks")
+        self.backend = backend if backend is not None else LocalBackend(directory / "blocks")
+        self.remote = bool(getattr(self.backend, "remote", False))
+        self.io_limiter = io_limiter if io_limiter is not None and self.remote else limiter
+        # Set by the store for a region on an object store: publishes what disaster recovery
+        # needs (manifests.py) into the region's own backend.
+        self.publisher: Any | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.created_ns = time.time_ns()
         # Objects some writer is putting right now; others wanting the same id wait.
@@ -179,9 +189,15 @@ class Region:
             return StoredBlock(block_id, known, written=False)
         done = self._writing[block_id] = trio.Event()
         try:
-            encoded = await trio.to_thread.run_sync(
-                self._make_and_put, make_object, limiter=self.limiter
-            )
+            if self.remote:
+                encoded = await trio.to_thread.run_sync(make_object, limiter=self.limiter)
+                await trio.to_thread.run_sync(
+                    self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
+                )
+            else:  # one thread hop: encoding and writing a file are both local work
+                encoded = await trio.to_thread.run_sync(
+                    self._make_and_put, make_object, limiter=self.limiter
+                )
         except BaseException:
             self._unpin(block_id)
             raise
@@ -282,9 +298,7 @@ class Region:
         done = self._loading[block_id] = trio.Event()
         try:
             try:
-                plain = await trio.to_thread.run_sync(
-                    self._get_and_decode, block_id, limiter=self.limiter
-                )
+                plain = await self._load(block_id)
             except KeyNotFound:
                 if self.keys is None:
                     raise
@@ -292,26 +306,41 @@ class Region:
                 # priming before every block keeps SQLite (and a wait for the GIL after it)
                 # off the read path; a key not unwrapped yet is unwrapped now, once.
                 self.keys.prime()
-                plain = await trio.to_thread.run_sync(
-                    self._get_and_decode, block_id, limiter=self.limiter
-                )
+                plain = await self._load(block_id)
         finally:
             del self._loading[block_id]
             done.set()
         self.cache.put(block_id, plain)
         return plain
 
-    def _get_and_decode(self, block_id: bytes) -> bytes:
+    async def _load(self, block_id: bytes) -> bytes:
+        """Fetch and decode a block in worker threads: a remote fetch waits on the network
+        under the I/O limiter, so it does not hold one of the CPU workers meanwhile."""
+        if self.remote:
+            data = await trio.to_thread.run_sync(self._get, block_id, limiter=self.io_limiter)
+            return await trio.to_thread.run_sync(
+                self._decode, block_id, data, limiter=self.limiter
+            )
+        return await trio.to_thread.run_sync(
+            self._get_and_decode, block_id, limiter=self.limiter
+        )
+
+    def _get(self, block_id: bytes) -> bytes:
         key = block_id.hex()
         try:
-            data = self.backend.get(key)
+            return self.backend.get(key)
         except FileNotFoundError:
             raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
+
+    def _decode(self, block_id: bytes, data: bytes) -> bytes:
         try:
             return codec.decode(data, block_id, self._keys_for, self.name)
         except BlockCorrupt as exc:
-            exc.message = f"block {key} in region {self.name}: {exc.message}"
+            exc.message = f"block {block_id.hex()} in region {self.name}: {exc.message}"
             raise
+
+    def _get_and_decode(self, block_id: bytes) -> bytes:
+        return self._decode(block_id, self._get(block_id))
 
     async def prefetch(self, block_id: bytes) -> None:
         """Read a block into the cache ahead of need; failures wait for the real read."""
@@ -362,7 +391,7 @@ class Region:
                     self.cache.discard(block_id)
                 try:
                     await trio.to_thread.run_sync(
-                        self._delete_objects, dropped, limiter=self.limiter
+                        self._delete_objects, dropped, limiter=self.io_limiter
                     )
                 finally:
                     self._unlinking.difference_update(dropped)
@@ -387,14 +416,14 @@ class Region:
         self._unlinking.update(doomed)
         self._gc_done = trio.Event()
         try:
-            await trio.to_thread.run_sync(self._delete_objects, doomed, limiter=self.limiter)
+            await trio.to_thread.run_sync(self._delete_objects, doomed, limiter=self.io_limiter)
         finally:
             self._unlinking.difference_update(doomed)
             self._gc_done.set()
         return len(doomed)
 
     def _delete_objects(self, block_ids: list[bytes]) -> None:
-        self.backend.delete_many(block_id.hex() for block_id in block_ids)
+        self.backend.delete_many([block_id.hex() for block_id in block_ids])
 
     async def collect_orphans(self) -> int:
         """Delete objects that no index row names (left by a crash between write and commit).
@@ -416,7 +445,7 @@ class Region:
             self.backend.reclaim_unmapped()
             return len(orphans)
 
-        removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.limiter)
+        removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.io_limiter)
         if removed:
             log.warning("region %s: removed %d orphaned block objects", self.name, removed)
         return removed

@@ -4,7 +4,7 @@ It opens the databases read-only (WAL lets it read while the daemon writes), so 
 whether or not the store is mounted. The JSON form is a stable interface for scripts:
 
     {"store": PATH, "block_size": N, "regions": [
-        {"name": R, "snapshots": [
+        {"name": R, "backend": "local" | "s3://BUCKET/PREFIX[ at ENDPOINT]", "snapshots": [
             {"name", "id", "status", "progress", "size", "allocated_bytes", "stored_bytes",
              "encrypted", "kms_key_id", "source_snapshot_id", "source_region",
              "transferred_bytes", "description", "tags": {K: V}, "retention_days",
@@ -38,6 +38,13 @@ def _ratio(num: int, den: int) -> float:
     return round(num / den, 3) if den else 1.0
 
 
+def _backend(row: dict[str, Any]) -> str:
+    """`local`, or where an S3 region lives (`s3://BUCKET/PREFIX at ENDPOINT`)."""
+    backend = row.get("backend") or "local"
+    endpoint = row.get("endpoint")
+    return f"{backend} at {endpoint}" if endpoint else backend
+
+
 def collect(
     store_path: Path, region: str | None = None, snapshot: str | None = None
 ) -> dict[str, Any]:
@@ -47,9 +54,11 @@ def collect(
     catalogue = dbutil.connect(store_db, readonly=True)
     try:
         block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
-        names = [r["name"] for r in catalogue["regions"].rows_where(order_by="id")]
+        rows = list(catalogue["regions"].rows_where(order_by="id"))
     finally:
         catalogue.close()
+    names = [r["name"] for r in rows]
+    backends = {r["name"]: _backend(r) for r in rows}
     if region is not None:
         if region not in names:
             raise RegionNotFound(f"region {region!r} does not exist")
@@ -57,6 +66,7 @@ def collect(
     regions = []
     for name in names:
         regions.append(_region(store_path / "regions" / name, name, block_size, snapshot))
+        regions[-1]["backend"] = backends[name]
     if snapshot is not None and not regions[0]["snapshots"]:
         raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
     return {"store": str(store_path), "block_size": block_size, "regions": regions}
@@ -143,7 +153,8 @@ def render(data: dict[str, Any]) -> None:
     if not data["regions"]:
         console.print("no regions yet: mkdir MOUNTPOINT/<region> creates one")
     for region in data["regions"]:
-        table = Table(title=f"region {region['name']}", title_justify="left")
+        where = "" if region["backend"] == "local" else f" on {region['backend']}"
+        table = Table(title=f"region {region['name']}{where}", title_justify="left")
         for column in (
             "snapshot",
             "id",

@@ -4,10 +4,12 @@ Layout (format version 1)::
 
     STORE/
       store.db                  catalogue: meta (format, block size, clean flag), regions
+                                (name, backend: 'local' or s3://BUCKET/PREFIX, endpoint), keys
       lock                      flock()ed by the daemon that has the store open; holds its pid
       snapfs.log                the daemon's log
       regions/<name>/index.db   the region's block index and snapshots (see index.py)
-      regions/<name>/blocks/    the region's block objects (see backend.py, codec.py)
+      regions/<name>/blocks/    a local region's block objects (see backend.py, codec.py);
+                                a region on S3 keeps them in its bucket (s3backend.py)
 
 The `Store` object is the metadata service the FUSE layer talks to: it owns the namespace
 (regions and snapshots by name and inode), the snapshot lifecycle (creating -> sealed
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 import trio
@@ -52,6 +55,9 @@ from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from .retention import Clock, retention_loop
 from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
 
+if TYPE_CHECKING:
+    from .s3backend import S3Location
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
@@ -63,6 +69,13 @@ ROOT_INO = 1
 DEFAULT_BLOCK_SIZE = 512 << 10
 CACHE_BYTES = 64 << 20
 WORKER_THREADS = 4
+# Concurrent object-store requests (PUT/GET/DELETE) of the whole store: they wait on the
+# network, not a core, so more run than WORKER_THREADS (s3backend.MAX_CONNECTIONS >= this).
+REMOTE_IO_THREADS = 16
+# Unmount: how long stopping copy jobs may wait on an object store's retries before they are
+# interrupted, and how long unpublished manifests are waited for.
+STOP_GRACE = 2.0
+PUBLISH_GRACE = 30.0
 
 
 def default_store_path() -> Path:
@@ -102,7 +115,13 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Regions on object storage: `backend` holds s3://BUCKET/PREFIX, `endpoint` the server
+    (NULL: AWS). Never credentials: those come from the environment, as for AWS tools."""
+    db.execute("ALTER TABLE regions ADD COLUMN endpoint TEXT")
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
 
 
 def open_catalogue(path: Path) -> sqlite_utils.Database:
@@ -132,6 +151,7 @@ class Store:
         self.path = path.resolve()
         self.clock = clock or Clock.from_environment()
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
+        self.io_limiter = trio.CapacityLimiter(REMOTE_IO_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
         self.regions: dict[str, Region] = {}
         self.by_ino: dict[int, Region | Snapshot] = {}
@@ -154,7 +174,7 @@ class Store:
             with dbutil.transaction(self.db) as conn:
                 dbutil.set_meta(conn, "open", "1")
             for row in self.db["regions"].rows_where(order_by="id"):
-                self._load_region(row["name"], row["id"])
+                self._load_region(row["name"], row["id"], row["backend"], row["endpoint"])
         except BaseException:
             self._unlock()
             raise
@@ -201,7 +221,14 @@ class Store:
             dbutil.set_meta(conn, "created_at", str(time.time()))
         return size
 
-    def _load_region(self, name: str, region_id: int) -> Region:
+    def _load_region(
+        self, name: str, region_id: int, backend_url: str = "local", endpoint: str | None = None
+    ) -> Region:
+        backend = None
+        if backend_url != "local":
+            from .s3backend import S3Backend, S3Location
+
+            backend = S3Backend(S3Location.parse(backend_url, endpoint), "blocks/")
         region = Region(
             name,
             ROOT_INO + region_id,
@@ -210,7 +237,14 @@ class Store:
             self.limiter,
             self.cache,
             self.keys,
+            backend=backend,
+            io_limiter=self.io_limiter,
         )
+        if backend is not None:
+            from .manifests import ManifestPublisher
+
+            region.publisher = ManifestPublisher(region, backend.sibling("meta/"), self.block_size)
+            region.index.on_change = region.publisher.changed
         self.regions[name] = region
         self.by_ino[region.ino] = region
         for row in region.index.snapshots(include_deleted=True):
@@ -271,6 +305,10 @@ class Store:
         for region, row in jobs:
             self._resume_job(region, row)
         for region in self.regions.values():
+            if region.publisher is not None:
+                # Cheap insurance that the bucket can rebuild the region: a stop may have
+                # come between a change and its upload (done in the background).
+                region.publisher.republish_all()
             if not self.was_clean:
                 await region.collect_orphans()
             await region.collect_garbage()
@@ -298,19 +336,44 @@ class Store:
         """Start background work (garbage collectors, copy jobs) that lives with the mount."""
         self.nursery = nursery
         for region in self.regions.values():
-            nursery.start_soon(region.gc_loop)
+            self._start_region(region)
         self.copies.start(nursery)
         nursery.start_soon(retention_loop, self, self.clock)
 
+    def _start_region(self, region: Region) -> None:
+        if self.nursery is None:
+            return
+        self.nursery.start_soon(region.gc_loop)
+        if region.publisher is not None:
+            self.nursery.start_soon(region.publisher.run)
+
     async def shutdown(self) -> None:
         """Stop copy jobs where they are (they resume at the next mount) and store what open
-        writers buffered; their snapshots stay `creating` (see recover)."""
-        await self.copies.stop_all()
+        writers buffered; their snapshots stay `creating` (see recover). Manifests still to
+        publish get a while; an object store that does not answer is then given up on (its
+        retries interrupted) rather than holding the unmount."""
+        with trio.move_on_after(STOP_GRACE) as waited:
+            await self.copies.stop_all()
+        if waited.cancelled_caught:
+            self._interrupt_backends()  # jobs waiting on a dead server's retries
+            await self.copies.stop_all()
         for region in self.regions.values():
             for snap in list(region.snapshots.values()):
                 if snap.writer is not None:
                     with contextlib.suppress(SnapfsError):
                         await snap.writer.flush()
+        for region in self.regions.values():
+            publisher = region.publisher
+            if publisher is not None and not await publisher.drain(PUBLISH_GRACE):
+                log.warning(
+                    "region %s: manifests not all published; they are at the next mount",
+                    region.name,
+                )
+        self._interrupt_backends()
+
+    def _interrupt_backends(self) -> None:
+        for region in self.regions.values():
+            region.backend.interrupt()
 
     def close(self, *, clean: bool = True) -> None:
         """Close the indexes; `clean` (the daemon shut down normally) spares the next mount
@@ -346,7 +409,7 @@ class Store:
 
     # --- regions ---------------------------------------------------------------------------
 
-    def create_region(self, name: str) -> Region:
+    def _check_new_region(self, name: str) -> None:
         check_region_name(name)
         if name in self.regions:
             raise SnapfsError(
@@ -354,21 +417,85 @@ class Store:
                 code="InvalidRegionId.Duplicate",
                 errno=errno.EEXIST,
             )
+
+    def _region_directory(self, name: str) -> Path:
         directory = self.path / "regions" / name
         if directory.exists():  # left by an interrupted create or remove: nothing references it
             shutil.rmtree(directory)
         directory.mkdir(parents=True, mode=0o700)
+        return directory
+
+    def _register_region(
+        self, name: str, backend_url: str = "local", endpoint: str | None = None
+    ) -> Region:
         # The catalogue row is the commit point: a crash before it leaves only a directory.
-        region_id = (
-            self.db["regions"]
-            .insert({"name": name, "created_at": time.time(), "backend": "local"})
-            .last_pk
-        )
-        region = self._load_region(name, region_id)
-        if self.nursery is not None:
-            self.nursery.start_soon(region.gc_loop)
+        row = {"name": name, "created_at": time.time(), "backend": backend_url}
+        row["endpoint"] = endpoint
+        region_id = self.db["regions"].insert(row).last_pk
+        region = self._load_region(name, region_id, backend_url, endpoint)
+        self._start_region(region)
+        return region
+
+    def create_region(self, name: str) -> Region:
+        """A local region (mkdir)."""
+        self._check_new_region(name)
+        self._region_directory(name)
+        region = self._register_region(name)
         log.info("created region %s", name)
         return region
+
+    async def create_remote_region(self, name: str, location: S3Location) -> Region:
+        """A region in a bucket (`snapfs region create --backend s3://...`): the bucket is
+        created if missing; a prefix that already holds a region is refused (attach it)."""
+        from . import regionadmin
+
+        self._check_new_region(name)
+        await trio.to_thread.run_sync(
+            regionadmin.claim_location, location, name, self.block_size, limiter=self.io_limiter
+        )
+        self._check_new_region(name)  # another create may have won meanwhile
+        self._region_directory(name)
+        region = self._register_region(name, location.url, location.endpoint)
+        if region.publisher is not None:
+            region.publisher.changed(None)
+        log.info("created region %s on %s", name, location)
+        return region
+
+    async def attach_region(self, name: str, location: S3Location) -> Any:
+        """Disaster recovery: rebuild a region and its snapshots from its bucket alone."""
+        from . import regionadmin
+
+        self._check_new_region(name)
+        directory = self._region_directory(name)
+        if self.keys is not None:
+            self.keys.prime()  # encrypted manifests are opened in a worker thread
+        try:
+            report = await trio.to_thread.run_sync(
+                regionadmin.rebuild_from_bucket,
+                location,
+                name,
+                self.block_size,
+                directory / "index.db",
+                self.keys,
+                limiter=self.io_limiter,
+            )
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._check_new_region(name)
+        region = self._register_region(name, location.url, location.endpoint)
+        if region.publisher is not None:
+            region.publisher.changed(None)
+        log.info(
+            "attached region %s from %s: %d snapshots restored, %d skipped",
+            name,
+            location,
+            len(report.restored),
+            len(report.skipped),
+        )
+        for reason in report.skipped:
+            log.warning("region %s: not restored: %s", name, reason)
+        return report
 
     def remove_region(self, name: str) -> None:
         region = self.region(name)
@@ -379,7 +506,20 @@ class Store:
         self.by_ino.pop(region.ino, None)
         region.close()  # also ends its collector task
         shutil.rmtree(region.directory, ignore_errors=True)
+        if region.remote and self.nursery is not None:
+            self.nursery.start_soon(self._destroy_remote, region)
         log.info("removed region %s", name)
+
+    async def _destroy_remote(self, region: Region) -> None:
+        """An empty region's bucket prefix still holds its metadata (and maybe garbage)."""
+        try:
+            await trio.to_thread.run_sync(
+                region.publisher.meta.destroy if region.publisher else region.backend.destroy,
+                limiter=self.io_limiter,
+            )
+            await trio.to_thread.run_sync(region.backend.destroy, limiter=self.io_limiter)
+        except Exception as exc:  # noqa: BLE001 - the region is gone; leftovers are harmless
+            log.warning("region %s: removing its objects failed: %s", region.name, exc)
 
     # --- snapshot lifecycle ----------------------------------------------------------------
 

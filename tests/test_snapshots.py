@@ -124,6 +124,10 @@ def test_rsync_temp_file_and_rename(image: Path, tmp_path: Path, region: Path) -
     # immutable, so rsync's temp file + rename is the way to update).
     old_id = xattr(region / "disk.img", "user.snapfs.id")
     diskimage.mutate(image, 0.1, seed=9)
+    # A later mtime, as a real change has: within the same second as the first copy, rsync's
+    # quick check (size + mtime) would skip the changed file and the test would race.
+    later = image.stat().st_mtime + 10
+    os.utime(image, (later, later))
     run("rsync", "-a", "--no-whole-file", image, region / "disk.img")
     assert sha256(region / "disk.img") == sha256(image)
     assert xattr(region / "disk.img", "user.snapfs.id") != old_id

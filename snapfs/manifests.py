@@ -1,0 +1,377 @@
+"""What a region on an object store keeps in its own bucket to be rebuilt from it alone.
+
+The region index (`index.db`) stays on local disk: it is the fast, transactional cache the
+daemon works from. For disaster recovery the region also writes, beside its block objects:
+
+    PREFIX/meta/region.json            region metadata (format, name, block size, settings)
+    PREFIX/meta/snapshots/<id>         one manifest per `available` snapshot
+
+A manifest (format version 1) is a 36-byte header and a payload::
+
+    offset size field
+    0      4    magic "SNFM"
+    4      1    format version (1)
+    5      1    flags: bit 0 = payload encrypted (AES-256-GCM, 16-byte tag at its end)
+    6      2    reserved (0)
+    8      16   key id (CMK UUID bytes) when encrypted, else zeros
+    24     12   nonce when encrypted, else zeros
+    36     ...  payload: zstd(JSON)
+
+The JSON holds the snapshot's metadata (name, size, mode, owner, times, lineage, description,
+retention, encryption, transferred bytes), its tags, and its block map as rows
+`[block_no, hex id, plain_size, stored_size, codec]` (enough to rebuild the `blocks` rows
+without reading an object). An encrypted snapshot's manifest is sealed under a key derived
+from its CMK (HKDF info "snapfs manifest aead v1"), with the header, the region name and the
+snapshot id as associated data: block ids, sizes and names stay unreadable without the key,
+and a manifest moved to another id or region does not open.
+
+Manifests are (re)published by `ManifestPublisher`, a task of the mount, shortly after a
+snapshot becomes available or its metadata changes, and deleted when it is deleted; after an
+unclean stop every manifest is republished and stale ones removed. `rebuild` turns manifests
+back into an index (`snapfs region attach`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+import zstandard
+from cryptography.exceptions import InvalidTag
+
+from . import db as dbutil
+from .errors import BlockCorrupt, SnapfsError
+from .index import RegionIndex
+
+if TYPE_CHECKING:
+    from .keys import BlockKeys
+    from .region import Region
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SNFM"
+VERSION = 1
+FLAG_ENCRYPTED = 1
+HEADER = struct.Struct("<4sBBH16s12s")
+REGION_KEY = "region.json"
+REGION_FORMAT = "snapfs-region"
+SNAPSHOTS = "snapshots/"
+DEBOUNCE = 0.2  # seconds: a burst of changes to one snapshot becomes one upload
+# Snapshot fields a manifest carries (status is always available, allocated_blocks is
+# recounted by the index's triggers).
+FIELDS = (
+    "id", "name", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
+    "created_at", "sealed_at", "source_snapshot_id", "source_region", "description",
+    "retention_days", "encrypted", "kms_key_id", "transferred_bytes",
+)  # fmt: skip
+
+
+def manifest_key(snapshot_id: str) -> str:
+    return SNAPSHOTS + snapshot_id
+
+
+# --- the format ----------------------------------------------------------------------------
+
+
+def encode(doc: dict[str, Any], region: str, keys: BlockKeys | None) -> bytes:
+    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
+    if keys is None:
+        return HEADER.pack(MAGIC, VERSION, 0, 0, bytes(16), bytes(12)) + payload
+    nonce = secrets.token_bytes(12)
+    header = HEADER.pack(MAGIC, VERSION, FLAG_ENCRYPTED, 0, keys.key_id_bytes, nonce)
+    sealed = keys.manifest_aead.encrypt(nonce, payload, _aad(header, region, doc["id"]))
+    return header + sealed
+
+
+def decode(
+    data: bytes, region: str, snapshot_id: str, keys_for: Callable[[bytes], BlockKeys]
+) -> dict[str, Any]:
+    """A manifest's JSON; BlockCorrupt if damaged or not this snapshot's, KeyNotFound etc.
+    from `keys_for` if its key is not here."""
+    if len(data) < HEADER.size:
+        raise BlockCorrupt(f"manifest {snapshot_id} is truncated")
+    magic, version, flags, _, key_id, nonce = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise BlockCorrupt(f"manifest {snapshot_id}: not a snapfs manifest v{VERSION}")
+    payload = data[HEADER.size :]
+    if flags & FLAG_ENCRYPTED:
+        keys = keys_for(key_id)
+        try:
+            payload = keys.manifest_aead.decrypt(
+                nonce, payload, _aad(data[: HEADER.size], region, snapshot_id)
+            )
+        except InvalidTag:
+            raise BlockCorrupt(f"manifest {snapshot_id} fails authentication") from None
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(payload))
+    if doc.get("id") != snapshot_id or doc.get("region") != region:
+        raise BlockCorrupt(f"manifest {snapshot_id} describes another snapshot or region")
+    return doc
+
+
+def _aad(header: bytes, region: str, snapshot_id: str) -> bytes:
+    return header + region.encode() + b"\0" + snapshot_id.encode()
+
+
+def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict | None:
+    """The manifest JSON of an available snapshot, from the index (any thread with its own
+    connection); None if the snapshot is not (or no longer) available."""
+    row = index.snapshot_row(snapshot_id)
+    if row is None or row["deleted"] or row["status"] != "available":
+        return None
+    blocks = index.db.execute(
+        "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec "
+        "FROM snapshot_blocks m JOIN blocks b ON b.id = m.block_id "
+        "WHERE m.snapshot_id = ? ORDER BY m.block_no",
+        [snapshot_id],
+    ).fetchall()
+    return {
+        "format": "snapfs-manifest",
+        "version": VERSION,
+        "region": region,
+        **{field: row[field] for field in FIELDS},
+        "tags": index.tags(snapshot_id),
+        "blocks": [[no, hexid.lower(), *sizes] for no, hexid, *sizes in blocks],
+    }
+
+
+def region_document(index: RegionIndex, name: str, block_size: int) -> dict[str, Any]:
+    settings = {
+        k: v
+        for k, v in index.db.execute("SELECT key, value FROM meta").fetchall()
+        if k != "schema_version"
+    }
+    return {
+        "format": REGION_FORMAT,
+        "version": VERSION,
+        "name": name,
+        "block_size": block_size,
+        "updated_at": time.time(),
+        "settings": settings,
+    }
+
+
+# --- publishing ----------------------------------------------------------------------------
+
+
+class ManifestPublisher:
+    """Keeps a region's bucket able to rebuild it: a task of the mount, fed by the index's
+    change hook (`RegionIndex.on_change`)."""
+
+    def __init__(self, region: Region, meta: Any, block_size: int):
+        self.region = region
+        self.meta = meta  # the region's backend for PREFIX/meta/
+        self.block_size = block_size
+        self._dirty: set[str | None] = set()
+        self._sweep = False
+        self._wanted = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def changed(self, snapshot_id: str | None) -> None:
+        """A snapshot (or, for None, the region's settings) changed: republish soon."""
+        self._dirty.add(snapshot_id)
+        self._poke()
+
+    def republish_all(self) -> None:
+        """Publish every snapshot and the region metadata, and remove manifests of
+        snapshots that are gone (after a stop that may have skipped some)."""
+        self._dirty.add(None)
+        self._dirty.update(row["id"] for row in self.region.index.snapshots())
+        self._sweep = True
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._wanted.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything changed so far is published; False on timeout, or at once
+        if the store's retries were interrupted (its server did not answer at unmount)."""
+        if self.meta.interrupted and self.pending:
+            return False
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+            return True
+        return False
+
+    @property
+    def pending(self) -> bool:
+        return not self._idle.is_set()
+
+    async def run(self) -> None:
+        while not self.region.closed:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            await trio.sleep(DEBOUNCE)
+            batch, self._dirty = self._dirty, set()
+            sweep, self._sweep = self._sweep, False
+            try:
+                await self._publish_batch(batch, sweep)
+            except Exception as exc:  # noqa: BLE001 - retried; the mount goes on
+                log.warning("region %s: publishing manifests failed (%s); will retry",
+                            self.region.name, exc)  # fmt: skip
+                self._dirty |= batch
+                self._sweep |= sweep
+                self._wanted.set()
+                await trio.sleep(5)
+                continue
+            if not self._dirty:
+                self._idle.set()
+
+    async def _publish_batch(self, batch: set[str | None], sweep: bool) -> None:
+        region = self.region
+        if region.keys is not None:
+            region.keys.prime()
+        for snapshot_id in batch:
+            if snapshot_id is None:
+                await self._run(self._put_region)
+                continue
+            row = region.index.snapshot_row(snapshot_id)
+            keys = None
+            if row is not None and row["encrypted"] and row["kms_key_id"]:
+                keys = region.keys.block_keys(row["kms_key_id"]) if region.keys else None
+            await self._run(self._put_snapshot, snapshot_id, keys)
+        if sweep:
+            await self._run(self._sweep_stale)
+
+    async def _run(self, fn: Callable[..., None], *args: Any) -> None:
+        await trio.to_thread.run_sync(fn, *args, limiter=self.region.io_limiter)
+
+    def _reader(self) -> RegionIndex:
+        return RegionIndex(self.region.index.path, readonly=True)
+
+    def _put_region(self) -> None:
+        index = self._reader()
+        try:
+            doc = region_document(index, self.region.name, self.block_size)
+        finally:
+            index.close()
+        self.meta.put(REGION_KEY, json.dumps(doc, indent=1).encode())
+
+    def _put_snapshot(self, snapshot_id: str, keys: BlockKeys | None) -> None:
+        index = self._reader()
+        try:
+            doc = snapshot_document(index, snapshot_id, self.region.name)
+            gone = doc is None and _gone(index, snapshot_id)
+        finally:
+            index.close()
+        if doc is not None:
+            self.meta.put(manifest_key(snapshot_id), encode(doc, self.region.name, keys))
+            log.debug("region %s: published manifest of %s", self.region.name, snapshot_id)
+        elif gone:
+            self.meta.delete(manifest_key(snapshot_id))
+
+    def _sweep_stale(self) -> None:
+        index = self._reader()
+        try:
+            live = {
+                row["id"]
+                for row in index.snapshots()
+                if row["status"] == "available" and not row["deleted"]
+            }
+        finally:
+            index.close()
+        stale = [
+            key
+            for key in self.meta.keys()  # noqa: SIM118 - a backend, not a dict
+            if key.startswith(SNAPSHOTS) and key[len(SNAPSHOTS) :] not in live
+        ]
+        if stale:
+            self.meta.delete_many(stale)
+            log.info("region %s: removed %d stale manifests", self.region.name, len(stale))
+
+
+def _gone(index: RegionIndex, snapshot_id: str) -> bool:
+    row = index.snapshot_row(snapshot_id)
+    return row is None or bool(row["deleted"])
+
+
+# --- rebuilding ------------------------------------------------------------------------------
+
+
+@dataclass
+class RebuildReport:
+    restored: list[str]
+    skipped: list[str]  # "name (id): reason"
+
+
+def rebuild(
+    index: RegionIndex,
+    region: str,
+    settings: dict[str, str],
+    manifests: dict[str, bytes],
+    present: set[str],
+    keys_for: Callable[[bytes], BlockKeys],
+) -> RebuildReport:
+    """Fill an empty index from a bucket's manifests; a snapshot whose manifest does not
+    open or whose blocks are not all in the bucket (`present`) is skipped and reported."""
+    report = RebuildReport([], [])
+    docs = []
+    for snapshot_id, data in sorted(manifests.items()):
+        try:
+            doc = decode(data, region, snapshot_id, keys_for)
+        except SnapfsError as exc:
+            report.skipped.append(f"{snapshot_id}: {exc}")
+            continue
+        missing = sum(1 for b in doc["blocks"] if b[1] not in present)
+        if missing:
+            report.skipped.append(
+                f"{doc['name']} ({doc['id']}): {missing} of its blocks are not in the bucket"
+            )
+            continue
+        docs.append(doc)
+    with dbutil.transaction(index.db) as conn:
+        for key, value in settings.items():
+            dbutil.set_meta(conn, key, value)
+        for doc in sorted(docs, key=lambda d: d["created_at"]):
+            _insert(conn, doc)
+            report.restored.append(doc["name"])
+    return report
+
+
+def _insert(conn: Any, doc: dict[str, Any]) -> None:
+    row = {field: doc[field] for field in FIELDS}
+    row.update(status="available", deleted=0)
+    cols = list(row)
+    conn.execute(
+        f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+        [row[c] for c in cols],
+    )
+    key_id = doc["kms_key_id"] if doc["encrypted"] else None
+    conn.executemany(
+        "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT(id) DO NOTHING",
+        [(bytes.fromhex(h), *sizes, key_id) for _, h, *sizes in doc["blocks"]],
+    )
+    conn.executemany(
+        "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?)",
+        [(doc["id"], no, bytes.fromhex(h)) for no, h, *_ in doc["blocks"]],
+    )
+    conn.executemany(
+        "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
+        [(doc["id"], k, v) for k, v in doc["tags"].items()],
+    )
+
+
+def key_lookup(ring: Any) -> Callable[[bytes], BlockKeys]:
+    """Header key id -> block keys, from a primed KeyRing (or none)."""
+
+    def lookup(key_id: bytes) -> BlockKeys:
+        if ring is None:
+            from .keys import KeyNotFound
+
+            raise KeyNotFound(
+                f"the key {uuid.UUID(bytes=key_id)} is not in this store: import it first"
+            )
+        return ring.loaded(str(uuid.UUID(bytes=key_id)))
+
+    return lookup

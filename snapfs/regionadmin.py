@@ -1,0 +1,173 @@
+"""`snapfs region create` and `snapfs region attach`: regions on object storage.
+
+Both work on a mounted store (the CLI sets a control attribute on the mount's root, and the
+daemon does the work, so `ls MNT` shows the region at once) or on an unmounted one (the CLI
+opens the store itself, holding its lock like a mount would).
+
+- create: the bucket is made if missing; the prefix must not hold a region yet (its
+  `meta/region.json` is the claim), else that region is refused here and should be attached.
+- attach: `meta/region.json` names the region (its name is bound into every encrypted
+  object's and manifest's authentication, so the name must be the same) and its block size
+  (the store's must match; a fresh store takes it). Every manifest is read and opened (keys
+  of encrypted snapshots must have been imported with `snapfs key import`), the bucket's
+  block objects are listed, and the index is rebuilt from the manifests whose blocks are all
+  there. The bucket is then this store's: one store owns a region's prefix at a time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import manifests
+from .errors import SnapfsError
+from .index import RegionIndex
+from .s3backend import S3Backend, S3Location
+
+log = logging.getLogger(__name__)
+
+ADMIN_WAIT = 20.0  # seconds an interactive command retries a server that does not answer
+FETCH_THREADS = 16
+CREATE_ATTR = "user.snapfs.create_region"
+ATTACH_ATTR = "user.snapfs.attach_region"
+
+
+def _meta(location: S3Location) -> S3Backend:
+    return S3Backend(location, "meta/", max_wait=ADMIN_WAIT)
+
+
+def read_region_document(meta: S3Backend) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(meta.get(manifests.REGION_KEY))
+    except FileNotFoundError:
+        return None
+    if doc.get("format") != manifests.REGION_FORMAT:
+        raise SnapfsError(
+            f"s3://{meta.bucket}/{meta.prefix}{manifests.REGION_KEY} is not snapfs region metadata",
+            code="InvalidRegion.Malformed",
+            errno=22,
+        )
+    return doc
+
+
+def claim_location(location: S3Location, name: str, block_size: int) -> None:
+    """Make the bucket if needed and write the new region's metadata at its prefix."""
+    meta = _meta(location)
+    meta.ensure_bucket()
+    existing = read_region_document(meta)
+    if existing is not None:
+        raise SnapfsError(
+            f"{location} already holds region {existing.get('name')!r}: use "
+            "`snapfs region attach` to bring it into this store",
+            code="InvalidRegionId.Duplicate",
+            errno=17,
+        )
+    doc = {
+        "format": manifests.REGION_FORMAT,
+        "version": manifests.VERSION,
+        "name": name,
+        "block_size": block_size,
+        "settings": {},
+    }
+    meta.put(manifests.REGION_KEY, json.dumps(doc, indent=1).encode())
+
+
+def region_block_size(location: S3Location, name: str) -> int:
+    """The block size of the region at `location`, after checking it is region `name`."""
+    doc = read_region_document(_meta(location))
+    if doc is None:
+        raise SnapfsError(
+            f"{location} holds no snapfs region", code="InvalidRegionId.NotFound", errno=2
+        )
+    if doc.get("name") != name:
+        raise SnapfsError(
+            f"{location} holds region {doc.get('name')!r}, not {name!r} (a region keeps its "
+            "name: it is bound into the authentication of its encrypted data)",
+            code="InvalidRegionId.Mismatch",
+            errno=22,
+        )
+    return int(doc["block_size"])
+
+
+def rebuild_from_bucket(
+    location: S3Location, name: str, block_size: int, index_path: Path, ring: Any
+) -> manifests.RebuildReport:
+    """Build a new region index at `index_path` from the bucket (worker thread)."""
+    meta = _meta(location)
+    doc = read_region_document(meta)
+    if region_block_size(location, name) != block_size:
+        raise SnapfsError(
+            f"region {name} uses {doc['block_size'] if doc else '?'}-byte blocks, this store "
+            f"{block_size}: attach it to a new store",
+            code="InvalidParameter.BlockSize",
+            errno=22,
+        )
+    assert doc is not None
+    keys = [k for k in meta.keys() if k.startswith(manifests.SNAPSHOTS)]  # noqa: SIM118
+    with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
+        blobs = dict(zip(keys, pool.map(meta.get, keys), strict=True))
+    found = {k[len(manifests.SNAPSHOTS) :]: data for k, data in blobs.items()}
+    present = set(S3Backend(location, "blocks/", max_wait=ADMIN_WAIT).keys())
+    settings = {str(k): str(v) for k, v in doc.get("settings", {}).items()}
+    index = RegionIndex(index_path)
+    try:
+        return manifests.rebuild(
+            index, name, settings, found, present, manifests.key_lookup(ring)
+        )
+    finally:
+        index.close()
+
+
+# --- without a mount ---------------------------------------------------------------------------
+
+
+def create_offline(store_path: Path, name: str, location: S3Location) -> None:
+    from .store import Store
+
+    async def run() -> None:
+        store = Store(store_path)
+        try:
+            await store.create_remote_region(name, location)
+        finally:
+            store.close()
+
+    trio.run(run)
+
+
+def attach_offline(store_path: Path, name: str, location: S3Location) -> manifests.RebuildReport:
+    from .store import Store
+
+    block_size = region_block_size(location, name)
+
+    async def run() -> manifests.RebuildReport:
+        store = Store(store_path, block_size=block_size)
+        try:
+            return await store.attach_region(name, location)
+        finally:
+            store.close()
+
+    return trio.run(run)
+
+
+def request(name: str, location: S3Location) -> bytes:
+    """The control attribute's value for the daemon."""
+    return json.dumps(
+        {"name": name, "backend": location.url, "endpoint": location.endpoint}
+    ).encode()
+
+
+def parse_request(raw: bytes) -> tuple[str, S3Location]:
+    try:
+        data = json.loads(raw)
+        return str(data["name"]), S3Location.parse(str(data["backend"]), data.get("endpoint"))
+    except (ValueError, KeyError, TypeError):
+        raise SnapfsError(
+            'a region request is JSON {"name": N, "backend": "s3://...", "endpoint": URL}',
+            code="InvalidParameter",
+            errno=22,
+        ) from None
