@@ -67,12 +67,21 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self.root_uid = os.getuid()
-        store.forget_entry = self._forget_entry
         self.root_gid = os.getgid()
+        # The kernel refuses cache invalidations (ENOSYS) until its INIT request has been
+        # answered; background work (the retention sweep at mount) can start before that.
+        self.connected = False
+        store.forget_entry = self._forget_entry
 
-    @staticmethod
-    def _forget_entry(parent_ino: int, name: str) -> None:
-        """Drop a name from the kernel's cache (it changed without a request through it)."""
+    def init(self) -> None:
+        self.connected = True
+
+    def _forget_entry(self, parent_ino: int, name: str) -> None:
+        """Drop a name from the kernel's cache (it changed without a request through it).
+
+        Before INIT the kernel has cached nothing, so there is nothing to drop."""
+        if not self.connected:
+            return
         try:
             pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
         except Exception:  # noqa: BLE001 - only a cache hint; the entry times out anyway
