@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import mounts
+from . import faults, mounts
 from .errors import SnapfsError
 from .fs import Operations
 from .store import Store
@@ -129,6 +129,7 @@ def run(
     tame_malloc()
     mountpoint = Path(os.path.abspath(mountpoint))
     try:
+        faults.check_configuration()
         if mounts.clear_stale_mount(mountpoint):
             log.warning("cleared a stale mount left at %s by a daemon that died", mountpoint)
         if mounts.mount_fstype(mountpoint) is not None:

@@ -40,6 +40,7 @@ from .errors import (
     ObjectMissing,
     QuotaExceeded,
 )
+from .faults import fault_point
 from .index import NewBlock, RegionIndex
 from .keys import KeyNotFound
 from .names import check_snapshot_filename
@@ -175,6 +176,7 @@ class Region:
             block_id, encoded.plain_size, encoded.stored_size, encoded.codec, encoded.key_id
         )
         self._uncommitted[block_id] = new
+        fault_point("object_written")
         return StoredBlock(block_id, new, written=True)
 
     def _make_and_put(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
@@ -324,6 +326,7 @@ class Region:
                 self._gc_done = trio.Event()
                 for block_id in dropped:
                     self.cache.discard(block_id)
+                fault_point("gc_rows_dropped")
                 try:
                     await trio.to_thread.run_sync(
                         self._delete_objects, dropped, limiter=self.limiter
@@ -360,6 +363,7 @@ class Region:
     def _delete_objects(self, block_ids: list[bytes]) -> None:
         for block_id in block_ids:
             self.backend.delete(block_id.hex())
+            fault_point("gc_object_deleted")
 
     async def collect_orphans(self) -> int:
         """Delete objects that no index row names (left by a crash between write and commit).

@@ -21,6 +21,7 @@ import trio
 
 from .codec import content_id
 from .errors import BlockCorrupt, SnapfsError, as_snapfs_error
+from .faults import fault_point
 from .index import NewBlock
 from .names import snapshot_ino
 
@@ -436,6 +437,7 @@ class SnapshotWriter:
             self.snap.copy_matched.add(block_no)
             if stored.written and stored.new is not None:
                 self.snap.transferred_bytes += stored.new.plain_size
+            fault_point("cp_copy_block")
 
     def _raise_deferred(self) -> None:
         if self.error is not None:
@@ -476,6 +478,7 @@ class SnapshotWriter:
             try:
                 if new_blocks:
                     await self.region.sync()
+                    fault_point("writer_synced")
                 snap = self.snap
                 fields = {
                     "size": snap.size, "mtime_ns": snap.mtime_ns, "ctime_ns": snap.ctime_ns,
@@ -494,6 +497,8 @@ class SnapshotWriter:
             for block in new_blocks:
                 self.new_blocks.pop(block.block_id, None)
             self.region.committed(pinned)
+            if mapping:
+                fault_point("writer_committed")
             self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
             if any(block_id is not None for _, block_id in mapping):
                 self.region.request_gc()

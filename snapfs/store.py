@@ -46,6 +46,7 @@ from .errors import (
     StoreBusy,
     StoreFormat,
 )
+from .faults import fault_point
 from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
@@ -507,6 +508,7 @@ class Store:
                 return
             if snap.deleted:  # unlinked while we waited: release() destroys it
                 return
+        fault_point("seal")
         # Everything is committed: seal without yielding, so that a request the kernel
         # queued after this release (a getfattr right after `cp` returns) sees `available`.
         self._end_cp_copy(snap, keep_lineage=self._is_exact_copy(snap))
@@ -651,6 +653,7 @@ class Store:
             retention_days=source.retention_days,
             tags={},
         )
+        fault_point("move_inserted")
         self._hide(source)
         # The kernel moves its dentry and inode (the source's) to the new name: until it
         # looks the name up again, the source's inode number must mean the destination, as
