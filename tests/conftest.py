@@ -64,11 +64,14 @@ class SnapfsMount:
     def cli(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
         return run(*SNAPFS, *args, check=check)
 
-    def mount(self, *extra: str) -> None:
+    def mount(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Mount; `env` adds to the daemon's environment for this mount only (e.g. a
+        SNAPFS_FAULT that makes it die at a named point)."""
         args = ["mount", self.path, "--store", self.store, *(extra or self.extra_args)]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
-        result = run(*SNAPFS, *args, check=False, env={**os.environ, **(self.env or {})})
+        daemon_env = {**os.environ, **(self.env or {}), **(env or {})}
+        result = run(*SNAPFS, *args, check=False, env=daemon_env)
         assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
 
     def umount(self) -> None:
@@ -89,6 +92,11 @@ class SnapfsMount:
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not _alive(pid), 10)
 
+    def alive(self) -> bool:
+        """The daemon serving this mount runs (False once it died or was unmounted)."""
+        pid = self.pid
+        return pid is not None and _alive(pid)
+
     def remount(self) -> None:
         self.umount()
         self.mount()
@@ -96,6 +104,10 @@ class SnapfsMount:
     def log(self) -> str:
         path = self.store / "snapfs.log"
         return path.read_text() if path.exists() else ""
+
+    def check(self, *args: str) -> tuple[int, dict]:
+        """`snapfs check --store --json`: its exit status and report."""
+        return check_store(self.store, *args)
 
     def status(self, *args: str) -> dict:
         return json.loads(self.cli("status", "--store", self.store, "--json", *args).stdout)
@@ -115,6 +127,17 @@ class SnapfsMount:
         if pid is not None and _alive(pid) and not wait_for(lambda: not _alive(pid), 30):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def check_store(store: Path, *args: str) -> tuple[int, dict]:
+    result = run(*SNAPFS, "check", "--store", store, "--json", *args, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def region_report(report: dict, name: str) -> dict:
+    """One region's part of a `snapfs check --json` report."""
+    return next(r for r in report["regions"] if r["name"] == name)
 
 
 def make_key(m: SnapfsMount, region: str) -> str:
