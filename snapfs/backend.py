@@ -20,6 +20,25 @@ from .errors import StoreFull
 
 log = logging.getLogger(__name__)
 
+# Room kept free on the store's filesystem when writing block objects: 1% of it, at least
+# 1 MiB and at most 64 MiB. New blocks are refused (ENOSPC) before the disk is quite full,
+# so that the index can still commit what was written, seal snapshots, record failures and
+# delete snapshots (SQLite needs room in its WAL even to delete): a full store stays
+# manageable, and nothing already stored is lost.
+RESERVE_SHARE = 0.01
+RESERVE_MIN = 1 << 20
+RESERVE_MAX = 64 << 20
+
+
+def space_reserve(path: Path) -> int:
+    st = os.statvfs(path)
+    return int(min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize * RESERVE_SHARE)))
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -47,6 +66,7 @@ class LocalBackend:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.reserve = space_reserve(root)
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key[2:4] / key
@@ -55,6 +75,11 @@ class LocalBackend:
         """Store an object atomically (temp file + rename); durable after the next sync()."""
         path = self._path(key)
         tmp = path.with_name(path.name + self.TMP_SUFFIX)
+        if free_bytes(self.root) < len(data) + self.reserve:
+            raise StoreFull(
+                f"no space left in the block store at {self.root} (the last "
+                f"{self.reserve >> 20} MiB are kept for the index)"
+            )
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

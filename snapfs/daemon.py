@@ -35,6 +35,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging(store_path: Path, *, to_stderr: bool, debug: bool = False) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # The log lives in the store: when its disk is full a line is lost, not turned into a
+    # traceback on stderr (which is on the same disk).
+    logging.raiseExceptions = False
     store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     handler = logging.handlers.RotatingFileHandler(
         store_path / "snapfs.log", maxBytes=32 << 20, backupCount=3

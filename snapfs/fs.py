@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ import pyfuse3
 import trio
 
 from . import xattrs
-from .errors import NotPermitted, SnapfsError
+from .errors import NotPermitted, SnapfsError, from_sqlite
 from .region import Region
 from .snapshots import Snapshot
 from .store import ROOT_INO, OpenFile, Store
@@ -42,6 +43,13 @@ def translate_errors(fn: F) -> F:
             level = logging.DEBUG if exc.errno in (errno.ENOENT, errno.ENODATA) else logging.WARNING
             log.log(level, "%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except sqlite3.Error as exc:
+            fault = from_sqlite(exc)  # a full disk or a damaged index: not a bug
+            if fault is None:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.error("%s: %s", fn.__name__, fault)
+            raise pyfuse3.FUSEError(fault.errno) from None
         except OSError as exc:
             log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None

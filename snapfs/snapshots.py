@@ -288,6 +288,7 @@ class SnapshotWriter:
         self.new_blocks: dict[bytes, NewBlock] = {}
         self.pinned: list[bytes] = []
         self.error: SnapfsError | None = None
+        self._store_failing = False
         self.handles = 0
         self.sealing = False
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
@@ -373,15 +374,20 @@ class SnapshotWriter:
                 stored = await self.region.store_block(plain, self.snap.block_keys())
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
-                log.error(
+                # Once per run of failures: a full disk fails every block, and the log is
+                # on that disk too.
+                log.log(
+                    logging.DEBUG if self._store_failing else logging.ERROR,
                     "snapshot %s (%s) block %d not stored: %s",
                     self.snap.name,
                     self.snap.id,
                     block_no,
                     self.error,
                 )
+                self._store_failing = True
                 self.dirty.setdefault(block_no, buf)
                 return
+            self._store_failing = False
             if stored is None:
                 self.pending[block_no] = None
             else:

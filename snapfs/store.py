@@ -45,6 +45,7 @@ from .errors import (
     SnapfsError,
     StoreBusy,
     StoreFormat,
+    as_snapfs_error,
 )
 from .faults import fault_point
 from .keys import KeyNotFound, KeyRing, unlock_master
@@ -212,9 +213,14 @@ class Store:
             self.cache,
             self.keys,
         )
+        try:
+            rows = region.index.snapshots(include_deleted=True)
+        except BaseException:
+            region.close()
+            raise
         self.regions[name] = region
         self.by_ino[region.ino] = region
-        for row in region.index.snapshots(include_deleted=True):
+        for row in rows:
             snap = Snapshot.from_row(row, region)
             self.by_id[snap.id] = snap
             if not snap.deleted:
@@ -495,35 +501,34 @@ class Store:
         writer = snap.writer
         assert writer is not None
         writer.sealing = True  # no new writer may join while the last data is stored
-        if not writer.is_flushed():
-            try:
+        try:
+            if not writer.is_flushed():
                 await writer.flush()
-            except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
-                # close() already reported this. The snapshot stays unsealed, so it is
-                # removed at the next mount rather than sealed incomplete.
-                log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, exc)
-                await writer.discard()
-                snap.writer = None
-                self._end_cp_copy(snap, keep_lineage=False)
-                return
-            if snap.deleted:  # unlinked while we waited: release() destroys it
-                return
-        fault_point("seal")
-        # Everything is committed: seal without yielding, so that a request the kernel
-        # queued after this release (a getfattr right after `cp` returns) sees `available`.
-        self._end_cp_copy(snap, keep_lineage=self._is_exact_copy(snap))
-        snap.sealed_at = time.time()
+                if snap.deleted:  # unlinked while we waited: release() destroys it
+                    return
+            fault_point("seal")
+            # Everything is committed: seal without yielding, so that a request the kernel
+            # queued after this release (a getfattr right after `cp` returns) sees
+            # `available`. The index first: memory changes only once the seal is durable.
+            exact_copy = self._is_exact_copy(snap)
+            lineage = _lineage(snap) if exact_copy or snap.copy_source is None else _NO_LINEAGE
+            sealed_at = time.time()
+            snap.region.index.update_snapshot(
+                snap.id,
+                status=AVAILABLE,
+                sealed_at=sealed_at,
+                size=snap.size,
+                mtime_ns=snap.mtime_ns,
+                ctime_ns=snap.ctime_ns,
+                **lineage,
+            )
+        except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
+            await self._fail_creation(snap, as_snapfs_error(exc))
+            return
+        self._end_cp_copy(snap, keep_lineage=exact_copy)
+        snap.sealed_at = sealed_at
         snap.status = AVAILABLE
         snap.writer = None
-        snap.region.index.update_snapshot(
-            snap.id,
-            status=AVAILABLE,
-            sealed_at=snap.sealed_at,
-            size=snap.size,
-            mtime_ns=snap.mtime_ns,
-            ctime_ns=snap.ctime_ns,
-            **_lineage(snap),
-        )
         log.info(
             "region %s: sealed snapshot %s (%s), %d bytes%s",
             snap.region.name,
@@ -532,6 +537,23 @@ class Store:
             snap.size,
             f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
         )
+
+    async def _fail_creation(self, snap: Snapshot, error: SnapfsError) -> None:
+        """A snapshot that could not be completed (the store is full, its index failed):
+        `failed`, with the reason in user.snapfs.error, so that a reader gets EIO, never
+        zeros in place of blocks that were written but not stored. close() already reported
+        the error to the writer. Like a failed copy it stays until deleted."""
+        log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, error)
+        if snap.writer is not None:
+            await snap.writer.discard()
+            snap.writer = None
+        self._end_cp_copy(snap, keep_lineage=False)
+        snap.status, snap.error = FAILED, str(error)
+        try:
+            snap.region.index.update_snapshot(snap.id, status=FAILED, error=snap.error)
+        except Exception as exc:  # noqa: BLE001 - still `creating` on disk: removed at mount
+            log.error("snapshot %s (%s): its failure is not recorded: %s", snap.name, snap.id,
+                      as_snapfs_error(exc))  # fmt: skip
 
     def _is_exact_copy(self, snap: Snapshot) -> bool:
         source = snap.copy_source
@@ -580,10 +602,10 @@ class Store:
 
     def _hide(self, snap: Snapshot) -> None:
         """Take a snapshot out of its region's namespace; its data stays while in use."""
+        snap.region.index.update_snapshot(snap.id, deleted=1)  # first: it may fail (disk full)
         if snap.region.snapshots.get(snap.name) is snap:
             del snap.region.snapshots[snap.name]
         snap.deleted = True
-        snap.region.index.update_snapshot(snap.id, deleted=1)
         if not snap.open_handles and self.by_ino.get(snap.ino) is snap:
             del self.by_ino[snap.ino]
 
@@ -593,9 +615,9 @@ class Store:
         if snap.in_use:
             self._hide(snap)
         else:
+            await self._destroy(snap)  # the index first: a failed delete leaves the name
             del region.snapshots[name]
             snap.deleted = True
-            await self._destroy(snap)
 
     async def _destroy(self, snap: Snapshot) -> None:
         if snap.writer is not None:
@@ -877,21 +899,30 @@ class Store:
         """Metadata changes, allowed in every state (tar and rsync set them after writing)."""
         fields: dict[str, int] = {}
         if mode is not None:
-            snap.mode = fields["mode"] = stat.S_IMODE(mode)
+            fields["mode"] = stat.S_IMODE(mode)
         if uid is not None:
-            snap.uid = fields["uid"] = uid
+            fields["uid"] = uid
         if gid is not None:
-            snap.gid = fields["gid"] = gid
+            fields["gid"] = gid
         if atime_ns is not None:
-            snap.atime_ns = fields["atime_ns"] = atime_ns
+            fields["atime_ns"] = atime_ns
         if mtime_ns is not None:
-            snap.mtime_ns = fields["mtime_ns"] = mtime_ns
-        snap.touch_ctime()
-        fields["ctime_ns"] = snap.ctime_ns
-        snap.region.index.update_snapshot(snap.id, **fields)
+            fields["mtime_ns"] = mtime_ns
+        fields["ctime_ns"] = time.time_ns()
+        snap.region.index.update_snapshot(snap.id, **fields)  # first: nothing changes if it fails
+        for name, value in fields.items():
+            setattr(snap, name, value)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.path)
+
+
+_NO_LINEAGE: dict[str, object] = {
+    "source_snapshot_id": None,
+    "source_region": None,
+    "description": None,
+    "transferred_bytes": 0,
+}
 
 
 def _lineage(snap: Snapshot) -> dict[str, object]:

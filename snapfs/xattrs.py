@@ -101,8 +101,8 @@ def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
             return
         if name in (PREFIX + "description", PREFIX + "retention_days"):
             field = name[len(PREFIX) :]
-            setattr(node, field, None)
             node.region.index.update_snapshot(node.id, **{field: None})
+            setattr(node, field, None)
             return
     if isinstance(node, Region) and name in (
         PREFIX + "snapshot_quota",
@@ -121,12 +121,15 @@ def _text(raw: bytes) -> str:
 
 
 def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
+    # The index first, then memory: a refusal or a failed commit (disk full) changes nothing.
     if name == PREFIX + "description":
-        snap.description = params.check_description(value)
-        snap.region.index.update_snapshot(snap.id, description=snap.description)
+        description = params.check_description(value)
+        snap.region.index.update_snapshot(snap.id, description=description)
+        snap.description = description
     elif name == PREFIX + "retention_days":
-        snap.retention_days = params.check_retention_days(value)
-        snap.region.index.update_snapshot(snap.id, retention_days=snap.retention_days)
+        days = params.check_retention_days(value)
+        snap.region.index.update_snapshot(snap.id, retention_days=days)
+        snap.retention_days = days
     elif name.startswith(TAG_PREFIX):
         key = params.check_tag_key(name[len(TAG_PREFIX) :])
         params.check_tag_value(value)
