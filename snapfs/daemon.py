@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import pyfuse3
 import trio
 
 from . import faults, mounts
-from .errors import SnapfsError
+from .errors import SnapfsError, from_sqlite
 from .fs import Operations
 from .store import Store
 
@@ -107,6 +108,19 @@ async def serve(
         nursery.cancel_scope.cancel()
 
 
+def open_store(store_path: Path, block_size: int | None, copy_bandwidth_limit: int | None) -> Store:
+    """The store, or a SnapfsError (a damaged or full catalogue is a refusal, not a crash)."""
+    try:
+        return Store(store_path, block_size=block_size, copy_bandwidth_limit=copy_bandwidth_limit)
+    except sqlite3.Error as exc:
+        error = from_sqlite(exc)
+        if error is None:
+            raise
+        raise SnapfsError(
+            f"store {store_path}: {error.message}", code=error.code, errno=error.errno
+        ) from None
+
+
 def run(
     mountpoint: Path,
     store_path: Path,
@@ -143,7 +157,7 @@ def run(
             raise SnapfsError(
                 f"mountpoint {mountpoint} is not a directory", code="MountPoint.NotFound", errno=2
             )
-        store = Store(store_path, block_size=block_size, copy_bandwidth_limit=copy_bandwidth_limit)
+        store = open_store(store_path, block_size, copy_bandwidth_limit)
     except SnapfsError as exc:
         log.error("%s", exc)
         report(f"error {exc}")

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .cache import BlockCache
 from .copyjobs import CopyEngine, CopyJob
 from .errors import (
     AlreadyExists,
+    IndexDamaged,
     InvalidParameter,
     NotPermitted,
     NotReady,
@@ -46,6 +48,7 @@ from .errors import (
     StoreBusy,
     StoreFormat,
     as_snapfs_error,
+    from_sqlite,
 )
 from .faults import fault_point
 from .keys import KeyNotFound, KeyRing, unlock_master
@@ -136,6 +139,7 @@ class Store:
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
         self.regions: dict[str, Region] = {}
+        self.damaged_regions: dict[str, str] = {}  # name -> why its index cannot be read
         self.by_ino: dict[int, Region | Snapshot] = {}
         # Every snapshot by id, including deleted ones kept while open or read by a copy.
         self.by_id: dict[str, Snapshot] = {}
@@ -156,7 +160,7 @@ class Store:
             with dbutil.transaction(self.db) as conn:
                 dbutil.set_meta(conn, "open", "1")
             for row in self.db["regions"].rows_where(order_by="id"):
-                self._load_region(row["name"], row["id"])
+                self._load_region_if_readable(row["name"], row["id"])
         except BaseException:
             self._unlock()
             raise
@@ -202,6 +206,19 @@ class Store:
             dbutil.set_meta(conn, "block_size", str(size))
             dbutil.set_meta(conn, "created_at", str(time.time()))
         return size
+
+    def _load_region_if_readable(self, name: str, region_id: int) -> None:
+        """Load a region at mount; one whose index cannot be read is left out, logged, and
+        kept out of the namespace's reach (mkdir of its name is refused, so its data is
+        never replaced), while the other regions are served."""
+        try:
+            self._load_region(name, region_id)
+        except sqlite3.DatabaseError as exc:
+            error = from_sqlite(exc) or IndexDamaged(str(exc))
+            self.damaged_regions[name] = str(error)
+            log.error(
+                "region %s is not served: its index is damaged (%s); run snapfs check", name, error
+            )
 
     def _load_region(self, name: str, region_id: int) -> Region:
         region = Region(
@@ -355,6 +372,10 @@ class Store:
 
     def create_region(self, name: str) -> Region:
         check_region_name(name)
+        if name in self.damaged_regions:
+            raise IndexDamaged(
+                f"region {name!r} exists but is not served: {self.damaged_regions[name]}"
+            )
         if name in self.regions:
             raise SnapfsError(
                 f"region {name!r} already exists",
