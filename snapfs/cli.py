@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Whatever snapfs creates (store, indexes, objects, logs, key files, the daemon's too)
+    # is for its owner only; snapshots' own modes come from the callers, not from this.
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

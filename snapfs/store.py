@@ -110,9 +110,20 @@ def _v2(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[dbutil.Migration] = [_v1, _v2]
 
 
+def make_private(path: Path) -> None:
+    """The store directory is its owner's alone: block objects, indexes, logs and the key
+    file inside it must not be readable by other users, whatever the umask was when it (or
+    an existing directory given as --store, e.g. a tmpfs root of mode 1777) was made."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("store %s was accessible to other users (mode %o); now 0700", path, mode)
+        path.chmod(0o700)
+
+
 def open_catalogue(path: Path) -> sqlite_utils.Database:
     """The store's catalogue, created and migrated as needed (also used without a mount)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(path)
     catalogue = dbutil.connect(path / "store.db")
     dbutil.migrate(catalogue, MIGRATIONS, f"store {path}")
     return catalogue
