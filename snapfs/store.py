@@ -209,7 +209,7 @@ class Store:
                     "when a store is created"
                 )
             return int(stored)
-        size = requested or DEFAULT_BLOCK_SIZE
+        size = DEFAULT_BLOCK_SIZE if requested is None else requested
         if size < 4096 or size > (16 << 20) or size & (size - 1):
             raise InvalidParameter("block size must be a power of two from 4 KiB to 16 MiB")
         with dbutil.transaction(self.db) as conn:

@@ -13,6 +13,7 @@ uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from . import params
@@ -146,7 +147,9 @@ def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
 
 
 def _positive(value: str, name: str, limit: int) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= limit:
+    # ASCII digits only, and few of them: str.isdigit() accepts "²", which int() refuses,
+    # and int() refuses more than 4300 digits.
+    if not re.fullmatch(r"[0-9]{1,20}", value) or not 1 <= int(value) <= limit:
         raise InvalidParameter(f"{name} must be a whole number from 1 to {limit}, got {value!r}")
     return int(value)
 
@@ -178,24 +181,54 @@ def _set_region(store: Store, region: Region, name: str, value: str) -> None:
 
 
 def _copy_request(store: Store, dst_region: Region, value: str) -> None:
-    try:
-        request = json.loads(value)
-        source = str(request["source"])
-    except (ValueError, KeyError, TypeError):
-        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}') from None
-    src_region_name, _, src_name = source.partition("/")
+    request = _parse_copy_request(value)
+    src_region_name, _, src_name = request["source"].partition("/")
     name = request.get("name") or src_name
     description = request.get("description")
     retention = request.get("retention_days")
-    tags = params.check_tags([(str(k), str(v)) for k, v in (request.get("tags") or {}).items()])
+    tags = params.check_tags(list((request.get("tags") or {}).items()))
     if request.get("name"):
         params.check_cloud_snapshot_name(name)
-    encrypted = request.get("encrypted")
-    if encrypted not in (None, True, False):
-        raise InvalidParameter("encrypted is true, false or absent")
     store.copy_snapshot(
         store.region(src_region_name), src_name, dst_region, name,
         description=None if description is None else params.check_description(description),
         retention_days=None if retention is None else params.check_retention_days(retention),
-        tags=tags, encrypted=encrypted, kms_key_id=request.get("kms_key_id") or None,
+        tags=tags, encrypted=request.get("encrypted"),
+        kms_key_id=request.get("kms_key_id") or None,
     )  # fmt: skip
+
+
+# The JSON types each field of a copy request may have (None: absent or null).
+_COPY_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "name": (str,),
+    "description": (str,),
+    "retention_days": (int, str),
+    "tags": (dict,),
+    "encrypted": (bool,),
+    "kms_key_id": (str,),
+}
+
+
+def _parse_copy_request(value: str) -> dict:
+    """The request as a dict whose fields have the types the CopySnapshot rules expect; any
+    other JSON (a list, a number for a name, a boolean for a retention...) is EINVAL."""
+    try:
+        request = json.loads(value)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict) or not isinstance(request.get("source"), str):
+        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}')
+    for key, item in request.items():
+        types = _COPY_FIELDS.get(key)
+        if types is None:
+            raise InvalidParameter(f"a copy request has no field {key!r}")
+        # bool is an int to Python, never a retention to a user
+        if item is not None and (
+            not isinstance(item, types) or (bool not in types and isinstance(item, bool))
+        ):
+            raise InvalidParameter(f"the copy request's {key} has the wrong type")
+    tags = request.get("tags") or {}
+    if not all(isinstance(v, str) for v in tags.values()):
+        raise InvalidParameter("tag values in a copy request are strings")
+    return request
