@@ -350,7 +350,7 @@ def _keyring(args: argparse.Namespace):
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_passphrase
+    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_export, read_passphrase
 
     ring = _keyring(args)
     if args.key_command == "create":
@@ -383,7 +383,7 @@ def cmd_key(args: argparse.Namespace) -> int:
             if not args.out:
                 print(text)
         else:
-            info = ring.import_(json.loads(Path(args.file).read_text()), passphrase)
+            info = ring.import_(read_export(Path(args.file)), passphrase)
             print(f"imported key for region {info.region}")
             print(info.id)
     return 0

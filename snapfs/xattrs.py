@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from . import params
 from .errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
+from .names import is_text
 from .region import Region
 from .retention import expires_at, iso8601
 from .snapshots import FAILED, Snapshot
@@ -231,4 +232,7 @@ def _parse_copy_request(value: str) -> dict:
     tags = request.get("tags") or {}
     if not all(isinstance(v, str) for v in tags.values()):
         raise InvalidParameter("tag values in a copy request are strings")
+    texts = [v for v in request.values() if isinstance(v, str)] + [*tags, *tags.values()]
+    if not all(is_text(t) for t in texts):  # JSON can carry lone surrogates ("\ud800")
+        raise InvalidParameter("a copy request's strings must be Unicode text")
     return request

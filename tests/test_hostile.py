@@ -227,15 +227,27 @@ copy_requests = st.one_of(
 )
 
 
+RAW_REQUESTS = [
+    b"", b"{", b"null", b"[]", b'"us-east-1/disk.img"', b"\xff\xfe",
+    b'{"source": "us-east-1/disk.img", "description": "\\ud800 lone surrogate"}',
+    b'{"source": "us-east-1/disk.img", "tags": {"\\udfff": "v"}}',
+    b'{"source": "\\ud800/disk.img"}', b'{"source": "us-east-1/disk.img", "name": NaN}',
+    b'{"source": "us-east-1/disk.img", "retention_days": 1e400}',
+]  # fmt: skip
+
+
 @settings(FUZZ, max_examples=150)
-@given(request=copy_requests)
+@given(request=copy_requests | st.sampled_from(RAW_REQUESTS))
 def test_copy_requests(survives: SnapfsMount, request: object) -> None:
     region = survives.path / "eu-west-1"
     before = set(os.listdir(region))
-    try:
-        raw = json.dumps(request).encode()
-    except (ValueError, UnicodeEncodeError):
-        return
+    if isinstance(request, bytes):
+        raw = request
+    else:
+        try:
+            raw = json.dumps(request).encode()
+        except (ValueError, UnicodeEncodeError):
+            return
     started = False
     with clean_refusal():
         os.setxattr(region, "user.snapfs.copy", raw)
@@ -431,6 +443,32 @@ def test_sizes_and_offsets(
             os.close(fd)
     finally:
         os.unlink(path)
+
+
+@settings(FUZZ, max_examples=40)
+@given(content=st.one_of(
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"format": st.just("snapfs-key-export-v1")},
+        optional={k: json_values for k in ("id", "region", "salt", "wrapped", "alias",
+                                           "enabled", "created_at")},
+    ).map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=200),
+    st.sampled_from([b'{"format": "snapfs-key-export-v1", "id": "\\ud800", "region": "x"}']),
+))  # fmt: skip
+def test_key_import_files(survives: SnapfsMount, content: bytes) -> None:
+    export = survives.store.parent / "hostile-export.json"
+    export.write_bytes(content)
+    old = os.environ.get("SNAPFS_EXPORT_PASSPHRASE")
+    os.environ["SNAPFS_EXPORT_PASSPHRASE"] = "hostile"
+    try:
+        code, err = run_cli("key", "import", str(export), "--store", str(survives.store))
+    finally:
+        if old is None:
+            del os.environ["SNAPFS_EXPORT_PASSPHRASE"]
+        else:
+            os.environ["SNAPFS_EXPORT_PASSPHRASE"] = old
+    assert code == 1 and CLOUD_ERROR.search(err), err
 
 
 @pytest.mark.parametrize("size", ["-1", "0", "3", "4095", "12345", str(1 << 40), "abc", "1e6"])
