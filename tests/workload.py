@@ -285,4 +285,5 @@ def trace_hits(log_text: str) -> dict[str, int]:
 
 
 def copy_store(template: Path, store: Path) -> None:
+    store.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", "-a", str(template), str(store)], check=True)
