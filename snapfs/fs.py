@@ -266,7 +266,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def flush(self, fh: int) -> None:
-        await self.store.flush(self.handles[fh])
+        await self.store.flush(self.handles[fh], closing=True)  # FLUSH: a close(2)
 
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

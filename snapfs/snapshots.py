@@ -289,6 +289,7 @@ class SnapshotWriter:
         self.pinned: list[bytes] = []
         self.error: SnapfsError | None = None
         self._store_failing = False
+        self._closed_mark = False  # the index holds the close mark (see flush)
         self.handles = 0
         self.sealing = False
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
@@ -299,6 +300,7 @@ class SnapshotWriter:
 
     async def write(self, offset: int, data: bytes) -> int:
         self._raise_deferred()
+        self._unmark_closed()
         bs = self.block_size
         view = memoryview(data)
         pos = 0
@@ -463,8 +465,15 @@ class SnapshotWriter:
             or self._commit_lock.locked()
         )
 
-    async def flush(self) -> None:
-        """Store every buffered block and commit: after this, the data survives a crash."""
+    async def flush(self, *, closing: bool = False) -> None:
+        """Store every buffered block and commit: after this, the data survives a crash.
+
+        At a close (`closing`) of the only handle open for writing, with everything
+        committed, the snapshot gets the close mark (its `sealed_at` set while it is still
+        `creating`): if the daemon dies before the release that seals it, the next mount
+        seals it instead of removing it, since `cp` has seen its close succeed. A later write
+        or truncate (through a duplicated descriptor) takes the mark away first.
+        """
         for block_no in list(self.dirty):
             await self._store(block_no)
         while self.inflight:
@@ -472,6 +481,16 @@ class SnapshotWriter:
         self._raise_deferred()
         await self.commit()
         self._raise_deferred()
+        if closing and self.handles == 1 and self.is_flushed() and not self._closed_mark:
+            # No await from the check to the commit: nothing can be written in between.
+            self.region.index.update_snapshot(self.snap.id, sealed_at=time.time())
+            self._closed_mark = True
+
+    def _unmark_closed(self) -> None:
+        """Data is about to change after a close: the close mark must go first (durably)."""
+        if self._closed_mark:
+            self.region.index.update_snapshot(self.snap.id, sealed_at=None)
+            self._closed_mark = False
 
     async def commit(self, **fields: Any) -> None:
         """Sync the objects of the pending blocks, then commit them in one transaction."""
@@ -511,6 +530,7 @@ class SnapshotWriter:
 
     async def truncate(self, size: int) -> None:
         """Shrink or grow; bytes past a shrink read as zeros if the file grows again."""
+        self._unmark_closed()
         await self.flush()
         bs = self.block_size
         if size < self.snap.size:

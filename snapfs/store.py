@@ -263,6 +263,9 @@ class Store:
           gone; an unsealed snapshot never becomes visible as complete), are removed, as
           are `cp` copies that were still being written; a deleted snapshot that an
           unfinished copy job reads from is kept until the job is done;
+        - but a snapshot whose last writer had closed it, everything committed and nothing
+          written since (the close mark, see SnapshotWriter.flush), is sealed: the daemon
+          died between the close that `cp` saw succeed and the release that seals;
         - after an unclean stop, objects no index row names are deleted;
         - unreferenced blocks are collected.
         """
@@ -287,6 +290,9 @@ class Store:
                     continue
                 if row["deleted"]:
                     reason = "was deleted while open"
+                elif row["status"] in (CREATING, COPYING) and row["sealed_at"] is not None:
+                    self._seal_closed(region, row)
+                    continue
                 elif row["status"] in (CREATING, COPYING):
                     reason = "was still being written"
                 else:
@@ -309,6 +315,35 @@ class Store:
             if not self.was_clean:
                 await region.collect_orphans()
             await region.collect_garbage()
+
+    def _seal_closed(self, region: Region, row: dict) -> None:
+        """Seal, at mount, a snapshot that was complete at its last close. A `cp` copy keeps
+        its lineage if its block map is its source's, as its seal would have decided."""
+        snap = self.by_id[row["id"]]
+        source = self.by_id.get(row["source_snapshot_id"] or "")
+        exact_copy = (
+            row["status"] == COPYING
+            and source is not None
+            and source.status == AVAILABLE
+            and source.size == snap.size
+            and source.kms_key_id == snap.kms_key_id
+            and maps_equal(source, snap)
+        )
+        lineage = _lineage(snap) if exact_copy or row["status"] == CREATING else _NO_LINEAGE
+        region.index.update_snapshot(
+            snap.id, status=AVAILABLE, sealed_at=row["sealed_at"], **lineage
+        )
+        snap.status, snap.sealed_at = AVAILABLE, row["sealed_at"]
+        for name, value in lineage.items():
+            setattr(snap, name, value)
+        log.warning(
+            "region %s: sealed snapshot %s (%s) at mount: it was complete at its last close "
+            "when snapfs stopped%s",
+            region.name,
+            snap.name,
+            snap.id,
+            f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
+        )
 
     def _resume_job(self, region: Region, row: dict) -> None:
         source = self.by_id.get(row["src_snapshot_id"])
@@ -508,9 +543,10 @@ class Store:
             self._readers.setdefault(pid, []).append(handle)
         return handle
 
-    async def flush(self, handle: OpenFile) -> None:
+    async def flush(self, handle: OpenFile, *, closing: bool = False) -> None:
+        """fsync, or (`closing`) the close of a file descriptor."""
         if handle.writable and handle.snap.writer is not None:
-            await handle.snap.writer.flush()
+            await handle.snap.writer.flush(closing=closing)
 
     async def release(self, handle: OpenFile) -> None:
         snap = handle.snap

@@ -224,15 +224,18 @@ EXPECTED = {
 ALWAYS = {(SRC, "base.img"), (SRC, "keep.img"), (DST, "old.img")}
 
 
-def verify(m: SnapfsMount, images: Images) -> dict[str, int]:
-    """After a remount without the fault: the promises of the module docstring. Returns
-    counts for the report (snapshots verified, bytes compared)."""
+def verify(
+    m: SnapfsMount, images: Images, must_exist: set[tuple[str, str]] = frozenset()
+) -> dict[str, int]:
+    """After a remount without the fault: the promises of the module docstring, and
+    `must_exist` (snapshots whose writing the workload saw complete). Returns counts for
+    the report (snapshots verified, bytes compared)."""
     present: dict[tuple[str, str], Path] = {}
     for region in (SRC, DST, VAULT):
         for name in os.listdir(m.path / region):
             assert (region, name) in EXPECTED, f"unexpected snapshot {region}/{name}"
             present[(region, name)] = m.path / region / name
-    missing = ALWAYS - present.keys()
+    missing = (ALWAYS | must_exist) - present.keys()
     assert not missing, f"sealed snapshots lost: {sorted(missing)}"
     movers = [key for key in present if key[1] == "mover.img"]
     assert len(movers) == 1, f"the moved snapshot exists {len(movers)} times: {movers}"
@@ -260,6 +263,13 @@ def verify(m: SnapfsMount, images: Images) -> dict[str, int]:
     assert code == 0 and report["ok"], report
     assert "Traceback" not in m.log(), m.log()
     return {"snapshots": len(present), "bytes": verified}
+
+
+# Snapshots whose `cp` had returned when the daemon died at these points: they must survive.
+COMPLETED_BEFORE = {
+    ("seal", 1): {(SRC, "new.img")},  # ingest's cp closed; the release was sealing
+    ("seal", 2): {(SRC, "new.img"), (DST, "base.img")},  # the cp copy's likewise
+}
 
 
 def daemon_stderr(m: SnapfsMount) -> str:
