@@ -44,6 +44,8 @@ POINTS: dict[str, str] = {
     "gc_rows_dropped": "garbage collection dropped index rows, their objects still exist",
     "gc_object_deleted": "garbage collection deleted one object of a batch",
     "retention_released": "retention released one expired snapshot; others may be due",
+    "recover_removed": "mount: an unfinished snapshot's rows were removed, others may remain",
+    "orphan_deleted": "mount: one orphaned object deleted, the scan not finished",
 }
 
 

@@ -382,6 +382,7 @@ class Region:
                 if block_id not in known:
                     self.backend.delete(key)
                     removed += 1
+                    fault_point("orphan_deleted")
             return removed
 
         removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.limiter)

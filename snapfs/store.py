@@ -305,6 +305,7 @@ class Store:
                     reason,
                 )
                 region.index.delete_snapshot(row["id"])
+                fault_point("recover_removed")
                 snap = self.by_id.pop(row["id"], None)
                 if snap is not None and not snap.deleted:
                     del region.snapshots[snap.name]

@@ -64,15 +64,20 @@ class SnapfsMount:
     def cli(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
         return run(*SNAPFS, *args, check=check)
 
-    def mount(self, *extra: str, env: dict[str, str] | None = None) -> None:
+    def mount(
+        self, *extra: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Mount; `env` adds to the daemon's environment for this mount only (e.g. a
-        SNAPFS_FAULT that makes it die at a named point)."""
+        SNAPFS_FAULT that makes it die at a named point); `check=False` returns a failed
+        `snapfs mount` instead of failing the test."""
         args = ["mount", self.path, "--store", self.store, *(extra or self.extra_args)]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
         daemon_env = {**os.environ, **(self.env or {}), **(env or {})}
         result = run(*SNAPFS, *args, check=False, env=daemon_env)
-        assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
+        if check:
+            assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
+        return result
 
     def umount(self) -> None:
         result = self.cli("umount", self.path, check=False)

@@ -64,3 +64,26 @@ def test_crash_at(
         workload.verify(m, images, workload.COMPLETED_BEFORE.get((point, hit), set()))
     finally:
         m.teardown()
+
+
+def test_crash_during_recovery(template: tuple[Path, workload.Images], tmp_path: Path) -> None:
+    """The daemon dies during ingest, then twice more while the next mounts recover (after
+    removing the unfinished snapshot, and half-way through deleting orphaned objects);
+    recovery picks up where it stopped and the store ends up whole."""
+    store, images = template
+    workload.copy_store(store, tmp_path / "store")
+    m = SnapfsMount(
+        tmp_path / "store", tmp_path / "mnt", env=workload.clock_env(tmp_path / "clock")
+    )
+    try:
+        m.mount(env=workload.fault_env("object_written", 150))
+        assert workload.Workload(m, images, tmp_path / "clock").run_steps() == "ingest"
+        for point, hit in (("recover_removed", 1), ("orphan_deleted", 20)):
+            failed = m.mount(env=workload.fault_env(point, hit), check=False)
+            assert failed.returncode != 0 and not m.is_mounted()
+            assert f"fault injection: dying at {point} " in m.log()
+        m.mount()
+        assert "removed" in m.log() and "orphaned block objects" in m.log()
+        workload.verify(m, images)
+    finally:
+        m.teardown()
