@@ -272,11 +272,6 @@ COMPLETED_BEFORE = {
 }
 
 
-def daemon_stderr(m: SnapfsMount) -> str:
-    path = m.store / "daemon.err"
-    return path.read_text() if path.exists() else ""
-
-
 def fault_env(point: str, hit: int) -> dict[str, str]:
     return {"SNAPFS_FAULT": f"{point}:{hit}"}
 
