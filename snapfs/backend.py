@@ -22,13 +22,33 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreFull
+from .faults import fault_point
 
 log = logging.getLogger(__name__)
+
+# Room kept free on the store's filesystem when writing block objects: 1% of it, at least
+# 1 MiB and at most 64 MiB. New blocks are refused (ENOSPC) before the disk is quite full,
+# so that the index can still commit what was written, seal snapshots, record failures and
+# delete snapshots (SQLite needs room in its WAL even to delete): a full store stays
+# manageable, and nothing already stored is lost.
+RESERVE_SHARE = 0.01
+RESERVE_MIN = 1 << 20
+RESERVE_MAX = 64 << 20
+
+
+def space_reserve(path: Path) -> int:
+    st = os.statvfs(path)
+    return int(min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize * RESERVE_SHARE)))
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -141,6 +161,7 @@ class LocalBackend:
         if readonly:
             return
         root.mkdir(parents=True, exist_ok=True)
+        self.reserve = space_reserve(root)
         if self._layout() < 2:
             self._migrate_from_layout_1()
         self.packs_dir.mkdir(exist_ok=True)
@@ -235,6 +256,11 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes) -> None:
         """Append an object to the current pack; durable after the next `sync()`."""
+        if free_bytes(self.root) < len(data) + self.reserve:
+            raise StoreFull(
+                f"no space left in the block store at {self.root} (the last "
+                f"{self.reserve >> 20} MiB are kept for the index)"
+            )
         with self._lock:
             if self._pack_fd < 0 or self._pack_size >= self.PACK_BYTES:
                 self._start_pack()
@@ -315,16 +341,19 @@ class LocalBackend:
     def delete(self, key: str) -> None:
         self.delete_many([key])
 
-    def delete_many(self, keys: Iterable[str]) -> None:
+    def delete_many(self, keys: Iterable[str], each: Callable[[], None] | None = None) -> None:
         """Punch the objects out of their packs, then forget them (one transaction); a pack
         left without objects is unlinked. A crash midway leaves mapped zeros that nothing
-        names, which orphan collection deletes again."""
+        names, which orphan collection deletes again. `each` is called after every object
+        is punched (a fault point for the crash tests)."""
         located: list[tuple[str, Location]] = []
         for key in keys:
             location = self.locate(key)
             if location is None:
                 with contextlib.suppress(FileNotFoundError):
                     object_path(self.root, key).unlink()
+                if each is not None:
+                    each()
             else:
                 located.append((key, location))
         if not located:
@@ -337,6 +366,8 @@ class LocalBackend:
             try:
                 for offset, length in ranges:
                     punch_hole(fd, offset, length)
+                    if each is not None:
+                        each()
             finally:
                 os.close(fd)
         with self._lock:
@@ -460,6 +491,7 @@ class LocalBackend:
                     if offset > position:
                         punch_hole(f.fileno(), position, offset - position)
                     position = max(position, offset + length)
+            fault_point("pack_reclaimed")
         if reclaimed:
             log.warning("block store %s: reclaimed %d unmapped pack bytes", self.root, reclaimed)
         return reclaimed

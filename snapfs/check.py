@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from typing import Any
 from . import codec
 from . import db as dbutil
 from .backend import LocalBackend
-from .errors import BlockCorrupt, SnapfsError, StoreBusy
+from .errors import BlockCorrupt, IndexDamaged, SnapfsError, StoreBusy
 from .index import RegionIndex
 from .keys import KeyDisabled, KeyNotFound, KeyRing, unlock_master
 
@@ -50,6 +51,7 @@ class DamagedSnapshot:
     name: str
     id: str
     offsets: list[int] = field(default_factory=list)
+    map_unreadable: bool = False  # its block map is on a damaged index page
 
 
 @dataclass
@@ -64,6 +66,7 @@ class RegionReport:
     wrong_allocated: list[dict[str, Any]] = field(default_factory=list)
     orphans: int = 0
     unreferenced: int = 0  # rows with no references left (normally collected at once)
+    index_problems: list[str] = field(default_factory=list)  # SQLite's integrity check
     damaged_snapshots: list[DamagedSnapshot] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -74,6 +77,7 @@ class RegionReport:
             self.missing
             or self.corrupt
             or self.error
+            or self.index_problems
             or (self.wrong_refcounts and "refcounts" not in self.repaired)
             or (self.wrong_allocated and "allocated_blocks" not in self.repaired)
         )
@@ -196,6 +200,58 @@ def _referenced(index: RegionIndex) -> list[bytes]:
     return [r[0] for r in index.db.execute("SELECT DISTINCT block_id FROM snapshot_blocks")]
 
 
+INDEX_PROBLEMS_SHOWN = 20
+
+
+def _index_problems(index: RegionIndex) -> list[str]:
+    """SQLite's own check of every page of the index (quick_check: b-trees, not the
+    UNIQUE constraints), and which tables cannot be read through; empty when it is sound."""
+    try:
+        lines = [r[0] for r in index.db.execute(f"PRAGMA quick_check({INDEX_PROBLEMS_SHOWN})")]
+    except sqlite3.DatabaseError as exc:  # damage bad enough to stop the check itself
+        lines = [str(exc)]
+    if lines == ["ok"]:
+        return []
+    try:
+        schema = index.db.execute("SELECT rootpage, name, type FROM sqlite_master").fetchall()
+    except sqlite3.DatabaseError:
+        return lines
+    lines = [_name_tree(line, {root: name for root, name, _ in schema if root}) for line in lines]
+    for name in (name for root, name, kind in schema if kind == "table" and root):
+        try:
+            for _ in index.db.execute(f'SELECT * FROM "{name}"'):
+                pass
+        except sqlite3.DatabaseError as exc:
+            lines.append(f"{name} cannot be read through: {exc}")
+    return lines
+
+
+def _name_tree(line: str, roots: dict[int, str]) -> str:
+    """'Tree 7 page 12 ...' -> 'Tree 7 (snapshot_blocks) page 12 ...'."""
+    words = line.split(" ", 2)
+    if len(words) > 2 and words[0] == "Tree" and words[1].isdigit() and int(words[1]) in roots:
+        return f"Tree {words[1]} ({roots[int(words[1])]}) {words[2]}"
+    return line
+
+
+def _salvage_references(index: RegionIndex) -> tuple[list[bytes], list[DamagedSnapshot]]:
+    """A damaged index: read each snapshot's block map on its own, so that the snapshots
+    on damaged pages are named and the blocks of all the others are still verified."""
+    referenced: set[bytes] = set()
+    unreadable: list[DamagedSnapshot] = []
+    snapshots = index.db.execute("SELECT id, name FROM snapshots").fetchall()
+    for snapshot_id, name in snapshots:
+        try:
+            rows = index.db.execute(
+                "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id]
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            unreadable.append(DamagedSnapshot(name, snapshot_id, map_unreadable=True))
+            continue
+        referenced.update(r[0] for r in rows)
+    return sorted(referenced), unreadable
+
+
 def _verify_blocks(
     backend: Any,
     report: RegionReport,
@@ -280,9 +336,17 @@ def _check_region(
     if not (directory / "index.db").exists():
         report.error = f"RegionIndex.NotFound: {directory / 'index.db'} is missing"
         return report
-    index = RegionIndex(directory / "index.db", readonly=not repair)
+    try:
+        index = RegionIndex(directory / "index.db", readonly=not repair)
+    except (sqlite3.DatabaseError, SnapfsError) as exc:
+        report.error = f"{IndexDamaged.code}: {directory / 'index.db'} cannot be opened: {exc}"
+        return report
     backend = _backend_of(directory, row, readonly=not repair)
     try:
+        report.index_problems = _index_problems(index)
+        if report.index_problems:
+            _check_damaged_index(index, backend, report, block_size, keys_for, pool)
+            return report  # never repaired automatically: what is lost must stay visible
         _count_checks(index, report)
         known = {r[0].hex() for r in index.db.execute("SELECT id FROM blocks")}
         stored = backend.keys()
@@ -301,10 +365,37 @@ def _check_region(
         report.damaged_snapshots = _damaged_snapshots(index, lost, block_size)
         if repair:
             _repair(index, backend, report, orphans)
+    except sqlite3.DatabaseError as exc:  # a page quick_check could not see, read now
+        report.error = f"{IndexDamaged.code}: {directory / 'index.db'}: {exc}"
     finally:
         index.close()
         backend.close()
     return report
+
+
+def _check_damaged_index(
+    index: RegionIndex,
+    backend: Any,
+    report: RegionReport,
+    block_size: int,
+    keys_for: Callable[[bytes], Any],
+    pool: concurrent.futures.Executor,
+) -> None:
+    """What can still be checked in an index with damaged pages: the snapshots whose maps
+    are unreadable are named; the blocks of the others are verified. Counts and orphans are
+    not judged (the rows they are computed from may be on the damaged pages)."""
+    try:
+        referenced, unreadable = _salvage_references(index)
+    except sqlite3.DatabaseError as exc:  # the snapshots table itself is damaged
+        report.error = f"{IndexDamaged.code}: the snapshot list is unreadable: {exc}"
+        return
+    with _Progress(len(referenced)) as progress:
+        lost = _verify_blocks(backend, report, referenced, keys_for, pool, progress)
+    try:
+        damaged = _damaged_snapshots(index, lost, block_size)
+    except sqlite3.DatabaseError:
+        damaged = []
+    report.damaged_snapshots = sorted(damaged + unreadable, key=lambda d: d.name or "")
 
 
 def _key_lookup(store: Path, catalogue: Any) -> Callable[[bytes], Any]:
@@ -354,9 +445,14 @@ def render(report: CheckReport) -> None:
         )
         if r.error:
             print(f"  {r.error}")
+        for problem in r.index_problems:
+            print(f"  index damaged: {problem}")
         if r.unverified:
             print(f"  {len(r.unverified)} blocks not verified: their key is disabled")
         for d in r.damaged_snapshots:
+            if d.map_unreadable:
+                print(f"  snapshot {d.name} ({d.id}) is damaged: its block map is unreadable")
+                continue
             offsets = ", ".join(str(o) for o in d.offsets[:20])
             more = f" and {len(d.offsets) - 20} more" if len(d.offsets) > 20 else ""
             print(f"  snapshot {d.name} ({d.id}) is damaged at offset {offsets}{more}")

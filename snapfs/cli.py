@@ -11,13 +11,14 @@ import errno
 import json
 import os
 import select
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import mounts, params, status
-from .errors import SnapfsError
+from .errors import SnapfsError, from_sqlite
 from .store import default_store_path
 
 MOUNT_TIMEOUT = 120.0
@@ -66,7 +67,7 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
     ]
     if args.allow_other:
         cmd.append("--allow-other")
-    if args.block_size:
+    if args.block_size is not None:  # 0 is a bad size, not "the default"
         cmd += ["--block-size", str(args.block_size)]
     if args.copy_bwlimit:
         cmd += ["--copy-bwlimit", str(args.copy_bwlimit)]
@@ -349,7 +350,7 @@ def _keyring(args: argparse.Namespace):
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_passphrase
+    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_export, read_passphrase
 
     ring = _keyring(args)
     if args.key_command == "create":
@@ -382,7 +383,7 @@ def cmd_key(args: argparse.Namespace) -> int:
             if not args.out:
                 print(text)
         else:
-            info = ring.import_(json.loads(Path(args.file).read_text()), passphrase)
+            info = ring.import_(read_export(Path(args.file)), passphrase)
             print(f"imported key for region {info.region}")
             print(info.id)
     return 0
@@ -574,12 +575,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options_without_value(args: argparse.Namespace) -> str | None:
+    """argparse (CPython 3.11-3.12) turns `--name=--` into an empty list instead of the
+    string "--": such an option was given no value. Returns its flag, or None."""
+    for key, value in vars(args).items():
+        values = value if key == "tag" else [value]  # --tag collects a list of strings
+        if any(isinstance(v, list) for v in values):
+            return "--" + key.replace("_", "-")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Whatever snapfs creates (store, indexes, objects, logs, key files, the daemon's too)
+    # is for its owner only; snapshots' own modes come from the callers, not from this.
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
+    missing = _options_without_value(args)
+    if missing:
+        return _fail("InvalidParameter", f"{missing} needs a value", 2)
     try:
         return args.func(args)
     except SnapfsError as exc:
         return _fail(exc.code, exc.message)
+    except sqlite3.Error as exc:  # a store's index that is damaged, full or unreadable
+        error = from_sqlite(exc)
+        if error is None:
+            raise
+        return _fail(error.code, error.message)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `snapfs status | head`

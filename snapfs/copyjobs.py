@@ -28,6 +28,7 @@ import trio
 
 from . import codec
 from .errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
+from .faults import fault_point
 from .region import StoredBlock
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class CopyEngine:
             self._forget(job)
             self._schedule(region)
         if job.state in ("done", "failed"):
+            fault_point("copy_finished")
             try:
                 self.store.copy_finished(job, succeeded=job.state == "done")
             except Exception:  # noqa: BLE001 - never let bookkeeping end the mount
@@ -299,7 +301,9 @@ class CopyEngine:
             new_blocks = {s.block_id: s.new for s in stored if s.new is not None}
             written = sum(s.new.plain_size for s in stored if s.written and s.new)
             if new_blocks:
+                fault_point("copy_batch_written")
                 await dst_region.sync()
+                fault_point("copy_batch_synced")
             dst = job.dst
             next_block, done = batch[-1][0] + 1, job.done_blocks + len(batch)
             transferred = dst.transferred_bytes + written
@@ -317,6 +321,7 @@ class CopyEngine:
             )
             raise
         dst_region.committed(pins)
+        fault_point("copy_batch_committed")
         job.next_block, job.done_blocks = next_block, done
         dst.transferred_bytes = transferred
         dst.allocated_blocks = dst_region.index.allocated_blocks(dst.id)

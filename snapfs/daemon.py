@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import mounts
-from .errors import SnapfsError
+from . import faults, mounts
+from .errors import SnapfsError, from_sqlite
 from .fs import Operations
 from .store import Store
 
@@ -35,6 +36,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging(store_path: Path, *, to_stderr: bool, debug: bool = False) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # The log lives in the store: when its disk is full a line is lost, not turned into a
+    # traceback on stderr (which is on the same disk).
+    logging.raiseExceptions = False
     store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     handler = logging.handlers.RotatingFileHandler(
         store_path / "snapfs.log", maxBytes=32 << 20, backupCount=3
@@ -104,6 +108,19 @@ async def serve(
         nursery.cancel_scope.cancel()
 
 
+def open_store(store_path: Path, block_size: int | None, copy_bandwidth_limit: int | None) -> Store:
+    """The store, or a SnapfsError (a damaged or full catalogue is a refusal, not a crash)."""
+    try:
+        return Store(store_path, block_size=block_size, copy_bandwidth_limit=copy_bandwidth_limit)
+    except sqlite3.Error as exc:
+        error = from_sqlite(exc)
+        if error is None:
+            raise
+        raise SnapfsError(
+            f"store {store_path}: {error.message}", code=error.code, errno=error.errno
+        ) from None
+
+
 def run(
     mountpoint: Path,
     store_path: Path,
@@ -129,6 +146,7 @@ def run(
     tame_malloc()
     mountpoint = Path(os.path.abspath(mountpoint))
     try:
+        faults.check_configuration()
         if mounts.clear_stale_mount(mountpoint):
             log.warning("cleared a stale mount left at %s by a daemon that died", mountpoint)
         if mounts.mount_fstype(mountpoint) is not None:
@@ -139,7 +157,7 @@ def run(
             raise SnapfsError(
                 f"mountpoint {mountpoint} is not a directory", code="MountPoint.NotFound", errno=2
             )
-        store = Store(store_path, block_size=block_size, copy_bandwidth_limit=copy_bandwidth_limit)
+        store = open_store(store_path, block_size, copy_bandwidth_limit)
     except SnapfsError as exc:
         log.error("%s", exc)
         report(f"error {exc}")

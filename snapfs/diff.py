@@ -22,7 +22,7 @@ from typing import Any
 
 from . import db as dbutil
 from . import mounts
-from .errors import InvalidParameter, NotFound, NotReady
+from .errors import InvalidParameter, NotFound, NotReady, RegionNotFound
 from .index import RegionIndex
 
 MAP_CHUNK = 4096
@@ -70,7 +70,10 @@ def _locate(path: Path) -> tuple[Path, str, str]:
     record, parts = found
     if len(parts) != 2:
         raise InvalidParameter(f"{path} is not a snapshot (MOUNTPOINT/REGION/NAME)")
-    return Path(record.store), parts[0], parts[1]
+    store = Path(record.store)
+    if not (store / "regions" / parts[0] / "index.db").is_file():
+        raise RegionNotFound(f"region {parts[0]!r} does not exist")
+    return store, parts[0], parts[1]
 
 
 def _side(path: Path, index: RegionIndex, region: str, name: str) -> Side:

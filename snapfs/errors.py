@@ -8,6 +8,7 @@ surfaces as `EIO`.
 from __future__ import annotations
 
 import errno as errno_mod
+import sqlite3
 from collections.abc import Iterator
 
 
@@ -118,6 +119,41 @@ class AttributeNotSupported(SnapfsError):
     errno = errno_mod.ENOTSUP
 
 
+class IndexDamaged(SnapfsError):
+    """A region's SQLite index (or the catalogue) is unreadable: a damaged page."""
+
+    code = "RegionIndex.Damaged"
+    errno = errno_mod.EIO
+
+
+# SQLite's primary result codes (the low byte of an extended code) that are faults of the
+# store's disk or files, not of snapfs: they become clean refusals, never tracebacks.
+_SQLITE_FAULTS: dict[int, type[SnapfsError] | tuple[str, int]] = {
+    sqlite3.SQLITE_FULL: StoreFull,  # the disk (or the WAL's room on it) is full
+    sqlite3.SQLITE_CORRUPT: IndexDamaged,  # a damaged page
+    sqlite3.SQLITE_NOTADB: IndexDamaged,  # the file is not a database (any more)
+    sqlite3.SQLITE_IOERR: ("StoreIOError", errno_mod.EIO),  # the disk failed a read or write
+    sqlite3.SQLITE_CANTOPEN: ("StoreIOError", errno_mod.EIO),
+    sqlite3.SQLITE_READONLY: ("StoreReadOnly", errno_mod.EROFS),
+    sqlite3.SQLITE_BUSY: ("StoreBusy", errno_mod.EBUSY),  # another process holds the index
+}
+
+
+def from_sqlite(exc: sqlite3.Error) -> SnapfsError | None:
+    """The SnapfsError for an SQLite failure caused by the store's disk or files (full,
+    damaged, unreadable); None for anything else, which is a bug in snapfs."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    fault = _SQLITE_FAULTS.get(code & 0xFF)
+    if fault is None:
+        return None
+    message = f"the store's index: {exc}"
+    if isinstance(fault, tuple):
+        return SnapfsError(message, code=fault[0], errno=fault[1])
+    return fault(message)
+
+
 def as_snapfs_error(exc: BaseException) -> SnapfsError:
     """Any failure as a SnapfsError, keeping the errno of an OSError (ENOSPC stays ENOSPC)."""
     if isinstance(exc, BaseExceptionGroup):  # a nursery wraps its failed children
@@ -125,6 +161,8 @@ def as_snapfs_error(exc: BaseException) -> SnapfsError:
         exc = next((e for e in leaves if isinstance(e, SnapfsError)), leaves[0])
     if isinstance(exc, SnapfsError):
         return exc
+    if isinstance(exc, sqlite3.Error) and (known := from_sqlite(exc)) is not None:
+        return known
     if isinstance(exc, OSError) and exc.errno:
         if exc.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
             return StoreFull(f"no space left for new blocks: {exc}")

@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ import pyfuse3
 import trio
 
 from . import regionadmin, xattrs
-from .errors import NotPermitted, SnapfsError
+from .errors import NotPermitted, SnapfsError, from_sqlite
 from .region import Region
 from .snapshots import Snapshot
 from .store import ROOT_INO, OpenFile, Store
@@ -42,6 +43,13 @@ def translate_errors(fn: F) -> F:
             level = logging.DEBUG if exc.errno in (errno.ENOENT, errno.ENODATA) else logging.WARNING
             log.log(level, "%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except sqlite3.Error as exc:
+            fault = from_sqlite(exc)  # a full disk or a damaged index: not a bug
+            if fault is None:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.error("%s: %s", fn.__name__, fault)
+            raise pyfuse3.FUSEError(fault.errno) from None
         except OSError as exc:
             log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
@@ -67,12 +75,21 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self.root_uid = os.getuid()
-        store.forget_entry = self._forget_entry
         self.root_gid = os.getgid()
+        # The kernel refuses cache invalidations (ENOSYS) until its INIT request has been
+        # answered; background work (the retention sweep at mount) can start before that.
+        self.connected = False
+        store.forget_entry = self._forget_entry
 
-    @staticmethod
-    def _forget_entry(parent_ino: int, name: str) -> None:
-        """Drop a name from the kernel's cache (it changed without a request through it)."""
+    def init(self) -> None:
+        self.connected = True
+
+    def _forget_entry(self, parent_ino: int, name: str) -> None:
+        """Drop a name from the kernel's cache (it changed without a request through it).
+
+        Before INIT the kernel has cached nothing, so there is nothing to drop."""
+        if not self.connected:
+            return
         try:
             pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
         except Exception:  # noqa: BLE001 - only a cache hint; the entry times out anyway
@@ -249,7 +266,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def flush(self, fh: int) -> None:
-        await self.store.flush(self.handles[fh])
+        await self.store.flush(self.handles[fh], closing=True)  # FLUSH: a close(2)
 
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import db as dbutil
 from .errors import SnapfsError
-from .names import check_region_name
+from .names import check_region_name, is_text
 
 MASTER_FILE = "master.key"
 PASSPHRASE_ENV = "SNAPFS_PASSPHRASE"
@@ -288,16 +288,17 @@ class KeyRing:
             "wrapped": base64.b64encode(sealed).decode(),
         }
 
-    def import_(self, data: dict[str, Any], passphrase: str) -> KeyInfo:
-        if data.get("format") != EXPORT_FORMAT:
-            raise SnapfsError("not a snapfs key export", code="InvalidParameter", errno=22)
-        key_id = check_key_id(data["id"])
+    def import_(self, data: Any, passphrase: str) -> KeyInfo:
+        export = _check_export(data)
+        key_id = check_key_id(export["id"])
         try:
             material = _open(
-                _scrypt(passphrase, bytes.fromhex(data["salt"])),
-                base64.b64decode(data["wrapped"]),
+                _scrypt(passphrase, bytes.fromhex(export["salt"])),
+                base64.b64decode(export["wrapped"], validate=True),
                 key_id.encode(),
             )
+        except (ValueError, TypeError):  # bad hex or base64, a cut-off ciphertext
+            raise _not_an_export("its salt or wrapped key is malformed") from None
         except InvalidTag:
             raise WrongPassphrase("wrong passphrase for this key export") from None
         self._refresh()
@@ -309,10 +310,10 @@ class KeyRing:
             )
         row = {
             "id": key_id,
-            "region": check_region_name(data["region"]),
-            "alias": data.get("alias"),
-            "enabled": int(bool(data.get("enabled", True))),
-            "created_at": float(data.get("created_at", time.time())),
+            "region": check_region_name(export["region"]),
+            "alias": export.get("alias"),
+            "enabled": int(bool(export.get("enabled", True))),
+            "created_at": float(export.get("created_at") or time.time()),
             "wrapped": _seal(self._master_key(), material, key_id.encode()),
         }
         self.db["keys"].insert(row)
@@ -334,6 +335,42 @@ class BlockKeys:
 
 def _hkdf(material: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
+
+
+# The fields of a key export and the JSON types each may have.
+_EXPORT_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (str,), "id": (str,), "region": (str,), "salt": (str,), "wrapped": (str,),
+    "alias": (str, type(None)), "enabled": (bool,), "created_at": (int, float, type(None)),
+}  # fmt: skip
+_EXPORT_REQUIRED = ("format", "id", "region", "salt", "wrapped")
+
+
+def _not_an_export(why: str) -> SnapfsError:
+    return SnapfsError(f"not a snapfs key export: {why}", code="InvalidParameter", errno=22)
+
+
+def _check_export(data: Any) -> dict[str, Any]:
+    """A key export read from a file the user named: any other JSON is refused cleanly."""
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise _not_an_export(f"its format is not {EXPORT_FORMAT}")
+    for name in _EXPORT_REQUIRED:
+        if name not in data:
+            raise _not_an_export(f"it has no {name}")
+    for name, value in data.items():
+        types = _EXPORT_FIELDS.get(name)
+        if types is not None and not isinstance(value, types):
+            raise _not_an_export(f"its {name} has the wrong type")
+        if isinstance(value, str) and not is_text(value):
+            raise _not_an_export(f"its {name} is not Unicode text")
+    return data
+
+
+def read_export(path: Path) -> Any:
+    """The JSON of a key export file; a file that is not JSON is InvalidParameter."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        raise _not_an_export(f"{path} is not JSON") from None
 
 
 def export_to_file(ring: KeyRing, key_id: str, path: Path | None, passphrase: str) -> str:

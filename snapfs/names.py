@@ -23,13 +23,26 @@ def check_region_name(name: str) -> str:
 
 
 def check_snapshot_filename(name: str) -> str:
-    """Any valid POSIX file name, so that tools writing temp files and renaming them work."""
+    """Any valid POSIX file name that is UTF-8 text, so that tools writing temp files and
+    renaming them work. Names are text in the index, in `snapfs status --json` and in the
+    cloud APIs, so bytes that are not UTF-8 (decoded with surrogateescape) are refused."""
     raw = name.encode("utf-8", "surrogateescape")
     if not raw or name in (".", "..") or b"/" in raw or b"\0" in raw:
         raise InvalidName(f"snapshot name {name!r} is not a valid file name")
     if len(raw) > NAME_MAX:
         raise InvalidName(f"snapshot name is {len(raw)} bytes, the limit is {NAME_MAX}")
+    if not is_text(name):
+        raise InvalidName(f"snapshot name {name!r} is not UTF-8 text")
     return name
+
+
+def is_text(value: str) -> bool:
+    """True unless `value` holds bytes that were not UTF-8 (os.fsdecode's surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_cloud_snapshot_name(name: str) -> str:

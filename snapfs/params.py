@@ -4,7 +4,7 @@ the command line so both refuse the same values with the same codes."""
 from __future__ import annotations
 
 from .errors import InvalidParameter, SnapfsError
-from .names import check_cloud_snapshot_name
+from .names import check_cloud_snapshot_name, is_text
 
 __all__ = [
     "check_cloud_snapshot_name",
@@ -48,6 +48,8 @@ def check_retention_days(value: str | int) -> int:
 
 
 def _check_tag_text(text: str, what: str, code: str, *, allow_empty: bool) -> str:
+    if not is_text(text):
+        raise _refuse(code, f"the tag {what} must be UTF-8 text")
     if (not text and not allow_empty) or len(text) > 128:
         raise _refuse(
             code, f"the tag {what} must be {'0' if allow_empty else '1'} to 128 characters"

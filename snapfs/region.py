@@ -44,6 +44,7 @@ from .errors import (
     ObjectMissing,
     QuotaExceeded,
 )
+from .faults import fault_point
 from .index import NewBlock, RegionIndex
 from .keys import KeyNotFound
 from .names import check_snapshot_filename
@@ -208,6 +209,7 @@ class Region:
             block_id, encoded.plain_size, encoded.stored_size, encoded.codec, encoded.key_id
         )
         self._uncommitted[block_id] = new
+        fault_point("object_written")
         return StoredBlock(block_id, new, written=True)
 
     def _make_and_put(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
@@ -389,6 +391,7 @@ class Region:
                 self._gc_done = trio.Event()
                 for block_id in dropped:
                     self.cache.discard(block_id)
+                fault_point("gc_rows_dropped")
                 try:
                     await trio.to_thread.run_sync(
                         self._delete_objects, dropped, limiter=self.io_limiter
@@ -423,7 +426,9 @@ class Region:
         return len(doomed)
 
     def _delete_objects(self, block_ids: list[bytes]) -> None:
-        self.backend.delete_many([block_id.hex() for block_id in block_ids])
+        self.backend.delete_many(
+            [block_id.hex() for block_id in block_ids], lambda: fault_point("gc_object_deleted")
+        )
 
     async def collect_orphans(self) -> int:
         """Delete objects that no index row names (left by a crash between write and commit).
@@ -441,14 +446,13 @@ class Region:
                     continue
                 if block_id not in known:
                     orphans.append(key)
-            self.backend.delete_many(orphans)
-            self.backend.reclaim_unmapped()
+            self.backend.delete_many(orphans, lambda: fault_point("orphan_deleted"))
+            if orphans:
+                log.warning("region %s: removed %d orphaned block objects", self.name, len(orphans))
+            self.backend.reclaim_unmapped()  # then the bytes of objects that were never synced
             return len(orphans)
 
-        removed = await trio.to_thread.run_sync(scan_and_delete, limiter=self.io_limiter)
-        if removed:
-            log.warning("region %s: removed %d orphaned block objects", self.name, removed)
-        return removed
+        return await trio.to_thread.run_sync(scan_and_delete, limiter=self.io_limiter)
 
     # --- settings (region xattrs) ----------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .faults import fault_point
 from .snapshots import AVAILABLE, FAILED
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ async def release_expired(store: Store, now: float) -> int:
             await store.unlink(region, snap.name)
             store.forget_entry(region.ino, snap.name)
             released += 1
+            fault_point("retention_released")
     return released
 
 

@@ -274,7 +274,9 @@ class S3Backend:
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key),
         )
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: list[str], each: Callable[[], None] | None = None) -> None:
+        """Delete in batches of DELETE_BATCH; `each` is called after every object is gone
+        (a fault point for the crash tests)."""
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": self.prefix + k} for k in keys[start : start + DELETE_BATCH]]
             self._call(
@@ -284,6 +286,8 @@ class S3Backend:
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 ),
             )
+            for _ in batch if each is not None else ():
+                each()
 
     def keys(self) -> Iterator[str]:
         """Every object key under the prefix (relative to it), page by page."""

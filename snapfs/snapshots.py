@@ -21,6 +21,7 @@ import trio
 
 from .codec import content_id
 from .errors import BlockCorrupt, SnapfsError, as_snapfs_error
+from .faults import fault_point
 from .index import NewBlock
 from .names import snapshot_ino
 from .region import zeros
@@ -294,6 +295,8 @@ class SnapshotWriter:
         self.new_blocks: dict[bytes, NewBlock] = {}
         self.pinned: list[bytes] = []
         self.error: SnapfsError | None = None
+        self._store_failing = False
+        self._closed_mark = False  # the index holds the close mark (see flush)
         self.handles = 0
         self.sealing = False
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
@@ -304,6 +307,7 @@ class SnapshotWriter:
 
     async def write(self, offset: int, data: bytes) -> int:
         self._raise_deferred()
+        self._unmark_closed()
         bs = self.block_size
         view = memoryview(data)
         pos = 0
@@ -385,15 +389,20 @@ class SnapshotWriter:
                 )
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
-                log.error(
+                # Once per run of failures: a full disk fails every block, and the log is
+                # on that disk too.
+                log.log(
+                    logging.DEBUG if self._store_failing else logging.ERROR,
                     "snapshot %s (%s) block %d not stored: %s",
                     self.snap.name,
                     self.snap.id,
                     block_no,
                     self.error,
                 )
+                self._store_failing = True
                 self.dirty.setdefault(block_no, buf)
                 return
+            self._store_failing = False
             if stored is None:
                 self.pending[block_no] = None
             else:
@@ -461,6 +470,7 @@ class SnapshotWriter:
             self.snap.copy_matched.add(block_no)
             if stored.written and stored.new is not None:
                 self.snap.transferred_bytes += stored.new.plain_size
+            fault_point("cp_copy_block")
 
     def _raise_deferred(self) -> None:
         if self.error is not None:
@@ -480,8 +490,15 @@ class SnapshotWriter:
             or self._commit_lock.locked()
         )
 
-    async def flush(self) -> None:
-        """Store every buffered block and commit: after this, the data survives a crash."""
+    async def flush(self, *, closing: bool = False) -> None:
+        """Store every buffered block and commit: after this, the data survives a crash.
+
+        At a close (`closing`) of the only handle open for writing, with everything
+        committed, the snapshot gets the close mark (its `sealed_at` set while it is still
+        `creating`): if the daemon dies before the release that seals it, the next mount
+        seals it instead of removing it, since `cp` has seen its close succeed. A later write
+        or truncate (through a duplicated descriptor) takes the mark away first.
+        """
         for block_no in list(self.dirty):
             await self._store(block_no)
         while self.inflight:
@@ -489,6 +506,16 @@ class SnapshotWriter:
         self._raise_deferred()
         await self.commit()
         self._raise_deferred()
+        if closing and self.handles == 1 and self.is_flushed() and not self._closed_mark:
+            # No await from the check to the commit: nothing can be written in between.
+            self.region.index.update_snapshot(self.snap.id, sealed_at=time.time())
+            self._closed_mark = True
+
+    def _unmark_closed(self) -> None:
+        """Data is about to change after a close: the close mark must go first (durably)."""
+        if self._closed_mark:
+            self.region.index.update_snapshot(self.snap.id, sealed_at=None)
+            self._closed_mark = False
 
     async def commit(self, **fields: Any) -> None:
         """Sync the objects of the pending blocks, then commit them in one transaction."""
@@ -501,6 +528,7 @@ class SnapshotWriter:
             try:
                 if new_blocks:
                     await self.region.sync()
+                    fault_point("writer_synced")
                 snap = self.snap
                 fields = {
                     "size": snap.size, "mtime_ns": snap.mtime_ns, "ctime_ns": snap.ctime_ns,
@@ -519,12 +547,15 @@ class SnapshotWriter:
             for block in new_blocks:
                 self.new_blocks.pop(block.block_id, None)
             self.region.committed(pinned)
+            if mapping:
+                fault_point("writer_committed")
             self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
             if any(block_id is not None for _, block_id in mapping):
                 self.region.request_gc()
 
     async def truncate(self, size: int) -> None:
         """Shrink or grow; bytes past a shrink read as zeros if the file grows again."""
+        self._unmark_closed()
         await self.flush()
         bs = self.block_size
         if size < self.snap.size:

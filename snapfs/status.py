@@ -117,7 +117,8 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
                     "expires_at": expires_at(row["created_at"], row["retention_days"]),
                     "error": row["error"] if row["status"] == "failed" else None,
                     "created_at": row["created_at"],
-                    "sealed_at": row["sealed_at"],
+                    # while `creating`, sealed_at is the close mark (see SnapshotWriter.flush)
+                    "sealed_at": row["sealed_at"] if row["status"] == "available" else None,
                 }
             )
         all_rows = index.snapshots()

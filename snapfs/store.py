@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .cache import BlockCache
 from .copyjobs import CopyEngine, CopyJob
 from .errors import (
     AlreadyExists,
+    IndexDamaged,
     InvalidParameter,
     NotPermitted,
     NotReady,
@@ -48,7 +50,10 @@ from .errors import (
     SnapfsError,
     StoreBusy,
     StoreFormat,
+    as_snapfs_error,
+    from_sqlite,
 )
+from .faults import fault_point
 from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
@@ -124,9 +129,20 @@ def _v3(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
 
 
+def make_private(path: Path) -> None:
+    """The store directory is its owner's alone: block objects, indexes, logs and the key
+    file inside it must not be readable by other users, whatever the umask was when it (or
+    an existing directory given as --store, e.g. a tmpfs root of mode 1777) was made."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("store %s was accessible to other users (mode %o); now 0700", path, mode)
+        path.chmod(0o700)
+
+
 def open_catalogue(path: Path) -> sqlite_utils.Database:
     """The store's catalogue, created and migrated as needed (also used without a mount)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(path)
     catalogue = dbutil.connect(path / "store.db")
     dbutil.migrate(catalogue, MIGRATIONS, f"store {path}")
     return catalogue
@@ -154,6 +170,7 @@ class Store:
         self.io_limiter = trio.CapacityLimiter(REMOTE_IO_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
         self.regions: dict[str, Region] = {}
+        self.damaged_regions: dict[str, str] = {}  # name -> why its index cannot be read
         self.by_ino: dict[int, Region | Snapshot] = {}
         # Every snapshot by id, including deleted ones kept while open or read by a copy.
         self.by_id: dict[str, Snapshot] = {}
@@ -174,7 +191,9 @@ class Store:
             with dbutil.transaction(self.db) as conn:
                 dbutil.set_meta(conn, "open", "1")
             for row in self.db["regions"].rows_where(order_by="id"):
-                self._load_region(row["name"], row["id"], row["backend"], row["endpoint"])
+                self._load_region_if_readable(
+                    row["name"], row["id"], row["backend"], row["endpoint"]
+                )
         except BaseException:
             self._unlock()
             raise
@@ -212,7 +231,7 @@ class Store:
                     "when a store is created"
                 )
             return int(stored)
-        size = requested or DEFAULT_BLOCK_SIZE
+        size = DEFAULT_BLOCK_SIZE if requested is None else requested
         if size < 4096 or size > (16 << 20) or size & (size - 1):
             raise InvalidParameter("block size must be a power of two from 4 KiB to 16 MiB")
         with dbutil.transaction(self.db) as conn:
@@ -220,6 +239,21 @@ class Store:
             dbutil.set_meta(conn, "block_size", str(size))
             dbutil.set_meta(conn, "created_at", str(time.time()))
         return size
+
+    def _load_region_if_readable(
+        self, name: str, region_id: int, backend_url: str, endpoint: str | None
+    ) -> None:
+        """Load a region at mount; one whose index cannot be read is left out, logged, and
+        kept out of the namespace's reach (mkdir of its name is refused, so its data is
+        never replaced), while the other regions are served."""
+        try:
+            self._load_region(name, region_id, backend_url, endpoint)
+        except sqlite3.DatabaseError as exc:
+            error = from_sqlite(exc) or IndexDamaged(str(exc))
+            self.damaged_regions[name] = str(error)
+            log.error(
+                "region %s is not served: its index is damaged (%s); run snapfs check", name, error
+            )
 
     def _load_region(
         self, name: str, region_id: int, backend_url: str = "local", endpoint: str | None = None
@@ -245,9 +279,14 @@ class Store:
 
             region.publisher = ManifestPublisher(region, backend.sibling("meta/"), self.block_size)
             region.index.on_change = region.publisher.changed
+        try:
+            rows = region.index.snapshots(include_deleted=True)
+        except BaseException:
+            region.close()
+            raise
         self.regions[name] = region
         self.by_ino[region.ino] = region
-        for row in region.index.snapshots(include_deleted=True):
+        for row in rows:
             snap = Snapshot.from_row(row, region)
             self.by_id[snap.id] = snap
             if not snap.deleted:
@@ -262,6 +301,9 @@ class Store:
           gone; an unsealed snapshot never becomes visible as complete), are removed, as
           are `cp` copies that were still being written; a deleted snapshot that an
           unfinished copy job reads from is kept until the job is done;
+        - but a snapshot whose last writer had closed it, everything committed and nothing
+          written since (the close mark, see SnapshotWriter.flush), is sealed: the daemon
+          died between the close that `cp` saw succeed and the release that seals;
         - after an unclean stop, objects no index row names are deleted;
         - unreferenced blocks are collected.
         """
@@ -286,6 +328,9 @@ class Store:
                     continue
                 if row["deleted"]:
                     reason = "was deleted while open"
+                elif row["status"] in (CREATING, COPYING) and row["sealed_at"] is not None:
+                    self._seal_closed(region, row)
+                    continue
                 elif row["status"] in (CREATING, COPYING):
                     reason = "was still being written"
                 else:
@@ -298,6 +343,7 @@ class Store:
                     reason,
                 )
                 region.index.delete_snapshot(row["id"])
+                fault_point("recover_removed")
                 snap = self.by_id.pop(row["id"], None)
                 if snap is not None and not snap.deleted:
                     del region.snapshots[snap.name]
@@ -312,6 +358,35 @@ class Store:
             if not self.was_clean:
                 await region.collect_orphans()
             await region.collect_garbage()
+
+    def _seal_closed(self, region: Region, row: dict) -> None:
+        """Seal, at mount, a snapshot that was complete at its last close. A `cp` copy keeps
+        its lineage if its block map is its source's, as its seal would have decided."""
+        snap = self.by_id[row["id"]]
+        source = self.by_id.get(row["source_snapshot_id"] or "")
+        exact_copy = (
+            row["status"] == COPYING
+            and source is not None
+            and source.status == AVAILABLE
+            and source.size == snap.size
+            and source.kms_key_id == snap.kms_key_id
+            and maps_equal(source, snap)
+        )
+        lineage = _lineage(snap) if exact_copy or row["status"] == CREATING else _NO_LINEAGE
+        region.index.update_snapshot(
+            snap.id, status=AVAILABLE, sealed_at=row["sealed_at"], **lineage
+        )
+        snap.status, snap.sealed_at = AVAILABLE, row["sealed_at"]
+        for name, value in lineage.items():
+            setattr(snap, name, value)
+        log.warning(
+            "region %s: sealed snapshot %s (%s) at mount: it was complete at its last close "
+            "when snapfs stopped%s",
+            region.name,
+            snap.name,
+            snap.id,
+            f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
+        )
 
     def _resume_job(self, region: Region, row: dict) -> None:
         source = self.by_id.get(row["src_snapshot_id"])
@@ -411,6 +486,10 @@ class Store:
 
     def _check_new_region(self, name: str) -> None:
         check_region_name(name)
+        if name in self.damaged_regions:
+            raise IndexDamaged(
+                f"region {name!r} exists but is not served: {self.damaged_regions[name]}"
+            )
         if name in self.regions:
             raise SnapfsError(
                 f"region {name!r} already exists",
@@ -609,9 +688,10 @@ class Store:
             self._readers.setdefault(pid, []).append(handle)
         return handle
 
-    async def flush(self, handle: OpenFile) -> None:
+    async def flush(self, handle: OpenFile, *, closing: bool = False) -> None:
+        """fsync, or (`closing`) the close of a file descriptor."""
         if handle.writable and handle.snap.writer is not None:
-            await handle.snap.writer.flush()
+            await handle.snap.writer.flush(closing=closing)
 
     async def release(self, handle: OpenFile) -> None:
         snap = handle.snap
@@ -634,34 +714,34 @@ class Store:
         writer = snap.writer
         assert writer is not None
         writer.sealing = True  # no new writer may join while the last data is stored
-        if not writer.is_flushed():
-            try:
+        try:
+            if not writer.is_flushed():
                 await writer.flush()
-            except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
-                # close() already reported this. The snapshot stays unsealed, so it is
-                # removed at the next mount rather than sealed incomplete.
-                log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, exc)
-                await writer.discard()
-                snap.writer = None
-                self._end_cp_copy(snap, keep_lineage=False)
-                return
-            if snap.deleted:  # unlinked while we waited: release() destroys it
-                return
-        # Everything is committed: seal without yielding, so that a request the kernel
-        # queued after this release (a getfattr right after `cp` returns) sees `available`.
-        self._end_cp_copy(snap, keep_lineage=self._is_exact_copy(snap))
-        snap.sealed_at = time.time()
+                if snap.deleted:  # unlinked while we waited: release() destroys it
+                    return
+            fault_point("seal")
+            # Everything is committed: seal without yielding, so that a request the kernel
+            # queued after this release (a getfattr right after `cp` returns) sees
+            # `available`. The index first: memory changes only once the seal is durable.
+            exact_copy = self._is_exact_copy(snap)
+            lineage = _lineage(snap) if exact_copy or snap.copy_source is None else _NO_LINEAGE
+            sealed_at = time.time()
+            snap.region.index.update_snapshot(
+                snap.id,
+                status=AVAILABLE,
+                sealed_at=sealed_at,
+                size=snap.size,
+                mtime_ns=snap.mtime_ns,
+                ctime_ns=snap.ctime_ns,
+                **lineage,
+            )
+        except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
+            await self._fail_creation(snap, as_snapfs_error(exc))
+            return
+        self._end_cp_copy(snap, keep_lineage=exact_copy)
+        snap.sealed_at = sealed_at
         snap.status = AVAILABLE
         snap.writer = None
-        snap.region.index.update_snapshot(
-            snap.id,
-            status=AVAILABLE,
-            sealed_at=snap.sealed_at,
-            size=snap.size,
-            mtime_ns=snap.mtime_ns,
-            ctime_ns=snap.ctime_ns,
-            **_lineage(snap),
-        )
         log.info(
             "region %s: sealed snapshot %s (%s), %d bytes%s",
             snap.region.name,
@@ -670,6 +750,23 @@ class Store:
             snap.size,
             f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
         )
+
+    async def _fail_creation(self, snap: Snapshot, error: SnapfsError) -> None:
+        """A snapshot that could not be completed (the store is full, its index failed):
+        `failed`, with the reason in user.snapfs.error, so that a reader gets EIO, never
+        zeros in place of blocks that were written but not stored. close() already reported
+        the error to the writer. Like a failed copy it stays until deleted."""
+        log.error("snapshot %s (%s) not sealed: %s", snap.name, snap.id, error)
+        if snap.writer is not None:
+            await snap.writer.discard()
+            snap.writer = None
+        self._end_cp_copy(snap, keep_lineage=False)
+        snap.status, snap.error = FAILED, str(error)
+        try:
+            snap.region.index.update_snapshot(snap.id, status=FAILED, error=snap.error)
+        except Exception as exc:  # noqa: BLE001 - still `creating` on disk: removed at mount
+            log.error("snapshot %s (%s): its failure is not recorded: %s", snap.name, snap.id,
+                      as_snapfs_error(exc))  # fmt: skip
 
     def _is_exact_copy(self, snap: Snapshot) -> bool:
         source = snap.copy_source
@@ -718,10 +815,10 @@ class Store:
 
     def _hide(self, snap: Snapshot) -> None:
         """Take a snapshot out of its region's namespace; its data stays while in use."""
+        snap.region.index.update_snapshot(snap.id, deleted=1)  # first: it may fail (disk full)
         if snap.region.snapshots.get(snap.name) is snap:
             del snap.region.snapshots[snap.name]
         snap.deleted = True
-        snap.region.index.update_snapshot(snap.id, deleted=1)
         if not snap.open_handles and self.by_ino.get(snap.ino) is snap:
             del self.by_ino[snap.ino]
 
@@ -731,9 +828,9 @@ class Store:
         if snap.in_use:
             self._hide(snap)
         else:
+            await self._destroy(snap)  # the index first: a failed delete leaves the name
             del region.snapshots[name]
             snap.deleted = True
-            await self._destroy(snap)
 
     async def _destroy(self, snap: Snapshot) -> None:
         if snap.writer is not None:
@@ -791,6 +888,7 @@ class Store:
             retention_days=source.retention_days,
             tags={},
         )
+        fault_point("move_inserted")
         self._hide(source)
         # The kernel moves its dentry and inode (the source's) to the new name: until it
         # looks the name up again, the source's inode number must mean the destination, as
@@ -1014,21 +1112,30 @@ class Store:
         """Metadata changes, allowed in every state (tar and rsync set them after writing)."""
         fields: dict[str, int] = {}
         if mode is not None:
-            snap.mode = fields["mode"] = stat.S_IMODE(mode)
+            fields["mode"] = stat.S_IMODE(mode)
         if uid is not None:
-            snap.uid = fields["uid"] = uid
+            fields["uid"] = uid
         if gid is not None:
-            snap.gid = fields["gid"] = gid
+            fields["gid"] = gid
         if atime_ns is not None:
-            snap.atime_ns = fields["atime_ns"] = atime_ns
+            fields["atime_ns"] = atime_ns
         if mtime_ns is not None:
-            snap.mtime_ns = fields["mtime_ns"] = mtime_ns
-        snap.touch_ctime()
-        fields["ctime_ns"] = snap.ctime_ns
-        snap.region.index.update_snapshot(snap.id, **fields)
+            fields["mtime_ns"] = mtime_ns
+        fields["ctime_ns"] = time.time_ns()
+        snap.region.index.update_snapshot(snap.id, **fields)  # first: nothing changes if it fails
+        for name, value in fields.items():
+            setattr(snap, name, value)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.path)
+
+
+_NO_LINEAGE: dict[str, object] = {
+    "source_snapshot_id": None,
+    "source_region": None,
+    "description": None,
+    "transferred_bytes": 0,
+}
 
 
 def _lineage(snap: Snapshot) -> dict[str, object]:

@@ -13,10 +13,12 @@ uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from . import params
 from .errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
+from .names import is_text
 from .region import Region
 from .retention import expires_at, iso8601
 from .snapshots import FAILED, Snapshot
@@ -102,8 +104,8 @@ def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
             return
         if name in (PREFIX + "description", PREFIX + "retention_days"):
             field = name[len(PREFIX) :]
-            setattr(node, field, None)
             node.region.index.update_snapshot(node.id, **{field: None})
+            setattr(node, field, None)
             return
     if isinstance(node, Region) and name in (
         PREFIX + "snapshot_quota",
@@ -122,12 +124,15 @@ def _text(raw: bytes) -> str:
 
 
 def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
+    # The index first, then memory: a refusal or a failed commit (disk full) changes nothing.
     if name == PREFIX + "description":
-        snap.description = params.check_description(value)
-        snap.region.index.update_snapshot(snap.id, description=snap.description)
+        description = params.check_description(value)
+        snap.region.index.update_snapshot(snap.id, description=description)
+        snap.description = description
     elif name == PREFIX + "retention_days":
-        snap.retention_days = params.check_retention_days(value)
-        snap.region.index.update_snapshot(snap.id, retention_days=snap.retention_days)
+        days = params.check_retention_days(value)
+        snap.region.index.update_snapshot(snap.id, retention_days=days)
+        snap.retention_days = days
     elif name.startswith(TAG_PREFIX):
         key = params.check_tag_key(name[len(TAG_PREFIX) :])
         params.check_tag_value(value)
@@ -144,7 +149,9 @@ def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
 
 
 def _positive(value: str, name: str, limit: int) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= limit:
+    # ASCII digits only, and few of them: str.isdigit() accepts "²", which int() refuses,
+    # and int() refuses more than 4300 digits.
+    if not re.fullmatch(r"[0-9]{1,20}", value) or not 1 <= int(value) <= limit:
         raise InvalidParameter(f"{name} must be a whole number from 1 to {limit}, got {value!r}")
     return int(value)
 
@@ -178,24 +185,57 @@ def _set_region(store: Store, region: Region, name: str, value: str) -> None:
 
 
 def _copy_request(store: Store, dst_region: Region, value: str) -> None:
-    try:
-        request = json.loads(value)
-        source = str(request["source"])
-    except (ValueError, KeyError, TypeError):
-        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}') from None
-    src_region_name, _, src_name = source.partition("/")
+    request = _parse_copy_request(value)
+    src_region_name, _, src_name = request["source"].partition("/")
     name = request.get("name") or src_name
     description = request.get("description")
     retention = request.get("retention_days")
-    tags = params.check_tags([(str(k), str(v)) for k, v in (request.get("tags") or {}).items()])
+    tags = params.check_tags(list((request.get("tags") or {}).items()))
     if request.get("name"):
         params.check_cloud_snapshot_name(name)
-    encrypted = request.get("encrypted")
-    if encrypted not in (None, True, False):
-        raise InvalidParameter("encrypted is true, false or absent")
     store.copy_snapshot(
         store.region(src_region_name), src_name, dst_region, name,
         description=None if description is None else params.check_description(description),
         retention_days=None if retention is None else params.check_retention_days(retention),
-        tags=tags, encrypted=encrypted, kms_key_id=request.get("kms_key_id") or None,
+        tags=tags, encrypted=request.get("encrypted"),
+        kms_key_id=request.get("kms_key_id") or None,
     )  # fmt: skip
+
+
+# The JSON types each field of a copy request may have (None: absent or null).
+_COPY_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "name": (str,),
+    "description": (str,),
+    "retention_days": (int, str),
+    "tags": (dict,),
+    "encrypted": (bool,),
+    "kms_key_id": (str,),
+}
+
+
+def _parse_copy_request(value: str) -> dict:
+    """The request as a dict whose fields have the types the CopySnapshot rules expect; any
+    other JSON (a list, a number for a name, a boolean for a retention...) is EINVAL."""
+    try:
+        request = json.loads(value)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict) or not isinstance(request.get("source"), str):
+        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}')
+    for key, item in request.items():
+        types = _COPY_FIELDS.get(key)
+        if types is None:
+            raise InvalidParameter(f"a copy request has no field {key!r}")
+        # bool is an int to Python, never a retention to a user
+        if item is not None and (
+            not isinstance(item, types) or (bool not in types and isinstance(item, bool))
+        ):
+            raise InvalidParameter(f"the copy request's {key} has the wrong type")
+    tags = request.get("tags") or {}
+    if not all(isinstance(v, str) for v in tags.values()):
+        raise InvalidParameter("tag values in a copy request are strings")
+    texts = [v for v in request.values() if isinstance(v, str)] + [*tags, *tags.values()]
+    if not all(is_text(t) for t in texts):  # JSON can carry lone surrogates ("\ud800")
+        raise InvalidParameter("a copy request's strings must be Unicode text")
+    return request

@@ -47,7 +47,7 @@ class StoredObject:
     name: str  # the key: the block id in hex
     blocks: Path = field(compare=False)
 
-    def _location(self) -> tuple[int, int, int] | None:
+    def location(self) -> tuple[int, int, int] | None:
         db = sqlite3.connect(self.blocks / "packs.db")
         try:
             return db.execute(
@@ -56,27 +56,27 @@ class StoredObject:
         finally:
             db.close()
 
-    def _pack(self, pack: int) -> Path:
+    def pack_path(self, pack: int) -> Path:
         return self.blocks / "packs" / f"{pack:08d}.pack"
 
     def read_bytes(self) -> bytes:
-        location = self._location()
+        location = self.location()
         if location is None:
             return object_path(self.blocks, self.name).read_bytes()
         pack, offset, length = location
-        with open(self._pack(pack), "rb") as f:
+        with open(self.pack_path(pack), "rb") as f:
             f.seek(offset)
             return f.read(length)
 
     def write_bytes(self, data: bytes) -> None:
         """Replace the object's bytes (any length): appended to its pack, then pointed at."""
-        location = self._location()
+        location = self.location()
         if location is None:
             path = object_path(self.blocks, self.name)
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(data)
             return
-        path = self._pack(location[0])
+        path = self.pack_path(location[0])
         with open(path, "ab") as f:
             offset = f.tell()
             f.write(data)
@@ -89,10 +89,10 @@ class StoredObject:
         db.close()
 
     def exists(self) -> bool:
-        return self._location() is not None or object_path(self.blocks, self.name).exists()
+        return self.location() is not None or object_path(self.blocks, self.name).exists()
 
     def unlink(self) -> None:
-        if self._location() is None:
+        if self.location() is None:
             object_path(self.blocks, self.name).unlink()
             return
         db = sqlite3.connect(self.blocks / "packs.db")
@@ -143,12 +143,20 @@ class SnapfsMount:
     def cli(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
         return run(*SNAPFS, *args, check=check)
 
-    def mount(self, *extra: str) -> None:
+    def mount(
+        self, *extra: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Mount; `env` adds to the daemon's environment for this mount only (e.g. a
+        SNAPFS_FAULT that makes it die at a named point); `check=False` returns a failed
+        `snapfs mount` instead of failing the test."""
         args = ["mount", self.path, "--store", self.store, *(extra or self.extra_args)]
         if self.block_size:
             args += ["--block-size", str(self.block_size)]
-        result = run(*SNAPFS, *args, check=False, env={**os.environ, **(self.env or {})})
-        assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
+        daemon_env = {**os.environ, **(self.env or {}), **(env or {})}
+        result = run(*SNAPFS, *args, check=False, env=daemon_env)
+        if check:
+            assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log()}"
+        return result
 
     def umount(self) -> None:
         result = self.cli("umount", self.path, check=False)
@@ -168,6 +176,11 @@ class SnapfsMount:
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not _alive(pid), 10)
 
+    def alive(self) -> bool:
+        """The daemon serving this mount runs (False once it died or was unmounted)."""
+        pid = self.pid
+        return pid is not None and _alive(pid)
+
     def remount(self) -> None:
         self.umount()
         self.mount()
@@ -175,6 +188,10 @@ class SnapfsMount:
     def log(self) -> str:
         path = self.store / "snapfs.log"
         return path.read_text() if path.exists() else ""
+
+    def check(self, *args: str) -> tuple[int, dict]:
+        """`snapfs check --store --json`: its exit status and report."""
+        return check_store(self.store, *args)
 
     def status(self, *args: str) -> dict:
         return json.loads(self.cli("status", "--store", self.store, "--json", *args).stdout)
@@ -193,6 +210,17 @@ class SnapfsMount:
         if pid is not None and _alive(pid) and not wait_for(lambda: not _alive(pid), 30):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def check_store(store: Path, *args: str) -> tuple[int, dict]:
+    result = run(*SNAPFS, "check", "--store", store, "--json", *args, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def region_report(report: dict, name: str) -> dict:
+    """One region's part of a `snapfs check --json` report."""
+    return next(r for r in report["regions"] if r["name"] == name)
 
 
 def make_key(m: SnapfsMount, region: str) -> str:

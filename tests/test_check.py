@@ -4,25 +4,16 @@ block file and a wrong reference count, names the damaged snapshots and offsets,
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from pathlib import Path
 
 from snapfs import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, run, sha256
+from .conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, region_report, run, sha256
+from .conftest import check_store as check
 
 MiB = 1 << 20
-
-
-def check(store: Path, *args: str) -> tuple[int, dict]:
-    result = run(*SNAPFS, "check", "--store", store, "--json", *args, check=False)
-    return result.returncode, json.loads(result.stdout)
-
-
-def region_report(report: dict, name: str) -> dict:
-    return next(r for r in report["regions"] if r["name"] == name)
 
 
 def block_users(store: Path, region: str, block_hex: str) -> list[tuple[str, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -176,3 +177,60 @@ def test_foreground_mount_logs_to_stderr_and_umount_ends_it(tmp_path: Path) -> N
         if proc.poll() is None:
             m.teardown()
             proc.kill()
+
+
+def test_a_closed_snapshot_survives_a_crash_before_its_seal(
+    images: list[Path], region: Path, mnt: SnapfsMount
+) -> None:
+    """`cp` returns once close() has committed everything; the seal follows at the release.
+    A daemon dying in between (SNAPFS_FAULT=seal) must not lose what `cp` reported done:
+    the next mount seals it (a `cp` copy with its lineage)."""
+    other = mnt.path / "eu-west-1"
+    other.mkdir()
+    run("cp", images[0], region / "a.img")
+    mnt.umount()
+    mnt.mount(env={"SNAPFS_FAULT": "seal:2"})  # the second seal: the cp copy's
+    run("cp", images[1], region / "b.img")
+    # A copy as cp makes it (the source open for reading while the copy is written); cp
+    # itself would then fail closing the source, after the daemon died.
+    with open(region / "a.img", "rb") as source:
+        with open(other / "a.img", "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        # close() of the copy returned: everything is committed; the release kills.
+        assert wait_for(lambda: not mnt.alive(), 10)
+        with pytest.raises(OSError):
+            source.close()
+    assert "fault injection: dying at seal" in mnt.log()
+    mnt.mount()
+    assert sha256(region / "b.img") == sha256(images[1])
+    assert sha256(other / "a.img") == sha256(images[0])
+    assert os.getxattr(other / "a.img", "user.snapfs.status") == b"available"
+    source_id = os.getxattr(region / "a.img", "user.snapfs.id")
+    assert os.getxattr(other / "a.img", "user.snapfs.source_snapshot_id") == source_id
+    assert "sealed snapshot a.img" in mnt.log() and "at mount" in mnt.log()
+    mnt.umount()
+    assert_index_consistent(mnt, "eu-west-1")
+    mnt.mount()
+
+
+def test_a_write_after_a_close_takes_the_close_mark_away(region: Path, mnt: SnapfsMount) -> None:
+    """A close of one descriptor marks the snapshot complete; a write through another
+    (dup'd) one must unmark it first, or a crash would seal a snapshot missing that write's
+    neighbours. Closed and not written since: sealed at the next mount; written since:
+    removed, like any snapshot being written."""
+    kept, dropped = region / "kept.img", region / "dropped.img"
+    writers = []
+    for path in (kept, dropped):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"first " * 50_000)
+        os.close(os.dup(fd))  # FLUSH of the only open file: the close mark
+        writers.append(fd)
+    os.pwrite(writers[1], b"second", 1 << 20)  # through the other descriptor: unmarked
+    mnt.kill9()
+    for fd in writers:
+        with pytest.raises(OSError):
+            os.close(fd)
+    mnt.mount()
+    assert kept.read_bytes() == b"first " * 50_000
+    assert os.getxattr(kept, "user.snapfs.status") == b"available"
+    assert not dropped.exists()

@@ -184,9 +184,7 @@ def test_encrypted_s3_region_with_diff_check_and_retention(
     assert wait_for(lambda: len(s3.objects(BUCKET, "eu")) == before - 1, 10)
 
 
-def test_copy_into_s3_waits_out_an_outage(
-    s3: S3Server, tmp_path: Path
-) -> None:
+def test_copy_into_s3_waits_out_an_outage(s3: S3Server, tmp_path: Path) -> None:
     m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=("--copy-bwlimit", "4M"))
     m.mount()
     try:
