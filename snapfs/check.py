@@ -295,9 +295,7 @@ def _damaged_snapshots(
     return sorted(found.values(), key=lambda d: d.name or "")
 
 
-def _repair(
-    index: RegionIndex, backend: Any, report: RegionReport, orphans: list[str]
-) -> None:
+def _repair(index: RegionIndex, backend: Any, report: RegionReport, orphans: list[str]) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
     with dbutil.transaction(index.db) as conn:

@@ -43,6 +43,7 @@ POINTS: dict[str, str] = {
     "copy_finished": "a copy job's end is committed, its source not yet released",
     "gc_rows_dropped": "garbage collection dropped index rows, their objects still exist",
     "gc_object_deleted": "garbage collection deleted one object of a batch",
+    "purge_chunk": "a deleted snapshot's block map: one chunk of rows gone, the rest not yet",
     "retention_released": "retention released one expired snapshot; others may be due",
     "recover_removed": "mount: an unfinished snapshot's rows were removed, others may remain",
     "orphan_deleted": "mount: one orphaned object deleted, the scan not finished",

@@ -295,6 +295,18 @@ class RegionIndex:
             f"UPDATE snapshots SET {assignments} WHERE id = ?", [*fields.values(), snapshot_id]
         )
 
+    def delete_map_chunk(self, snapshot_id: str, limit: int) -> int:
+        """Delete up to `limit` rows of a snapshot's block map (its first blocks); returns how
+        many went. Deleting a large snapshot a chunk at a time keeps each transaction short."""
+        with dbutil.transaction(self.db) as conn:
+            cur = conn.execute(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no IN "
+                "(SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? "
+                "ORDER BY block_no LIMIT ?)",
+                [snapshot_id, snapshot_id, limit],
+            )
+        return cur.rowcount
+
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Drop a snapshot and its block map; its blocks' refcounts fall by the triggers."""
         with dbutil.transaction(self.db) as conn:
@@ -414,9 +426,11 @@ class RegionIndex:
         row = self.db.execute("SELECT 1 FROM blocks WHERE id = ?", [block_id]).fetchone()
         return row is not None
 
-    def unreferenced_blocks(self, limit: int = 10_000) -> list[bytes]:
+    def unreferenced_blocks(self, limit: int = 10_000, after: bytes = b"") -> list[bytes]:
+        """Ids of blocks no snapshot names, in id order from just after `after`."""
         rows = self.db.execute(
-            "SELECT id FROM blocks WHERE refcount <= 0 LIMIT ?", [limit]
+            "SELECT id FROM blocks WHERE refcount <= 0 AND id > ? ORDER BY id LIMIT ?",
+            [after, limit],
         ).fetchall()
         return [r[0] for r in rows]
 

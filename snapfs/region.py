@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
+GC_BATCH = 512  # unreferenced blocks dropped per index transaction
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -320,12 +321,8 @@ class Region:
         under the I/O limiter, so it does not hold one of the CPU workers meanwhile."""
         if self.remote:
             data = await trio.to_thread.run_sync(self._get, block_id, limiter=self.io_limiter)
-            return await trio.to_thread.run_sync(
-                self._decode, block_id, data, limiter=self.limiter
-            )
-        return await trio.to_thread.run_sync(
-            self._get_and_decode, block_id, limiter=self.limiter
-        )
+            return await trio.to_thread.run_sync(self._decode, block_id, data, limiter=self.limiter)
+        return await trio.to_thread.run_sync(self._get_and_decode, block_id, limiter=self.limiter)
 
     def _get(self, block_id: bytes) -> bytes:
         key = block_id.hex()
@@ -380,27 +377,32 @@ class Region:
             if self.closed:
                 return 0
             freed += await self._delete_abandoned()
+            after = b""
             while True:
-                candidates = [b for b in self.index.unreferenced_blocks() if b not in self._pins]
-                if not candidates:
+                # A batch at a time, in id order: dropping rows runs on the trio thread, and
+                # a short transaction per batch keeps requests answered while a large delete
+                # is collected (the object deletion in between lets them in).
+                batch = self.index.unreferenced_blocks(GC_BATCH, after=after)
+                if not batch:
                     break
-                dropped = self.index.drop_unreferenced(candidates)
-                if not dropped:
-                    break
-                self._unlinking.update(dropped)
-                self._gc_done = trio.Event()
-                for block_id in dropped:
-                    self.cache.discard(block_id)
-                fault_point("gc_rows_dropped")
-                try:
-                    await trio.to_thread.run_sync(
-                        self._delete_objects, dropped, limiter=self.io_limiter
-                    )
-                finally:
-                    self._unlinking.difference_update(dropped)
-                    self._gc_done.set()
-                freed += len(dropped)
-                if len(candidates) == len(dropped) and len(dropped) < 10_000:
+                after = batch[-1]
+                candidates = [b for b in batch if b not in self._pins]
+                dropped = self.index.drop_unreferenced(candidates) if candidates else []
+                if dropped:
+                    self._unlinking.update(dropped)
+                    self._gc_done = trio.Event()
+                    for block_id in dropped:
+                        self.cache.discard(block_id)
+                    fault_point("gc_rows_dropped")
+                    try:
+                        await trio.to_thread.run_sync(
+                            self._delete_objects, dropped, limiter=self.io_limiter
+                        )
+                    finally:
+                        self._unlinking.difference_update(dropped)
+                        self._gc_done.set()
+                    freed += len(dropped)
+                if len(batch) < GC_BATCH:
                     break
         if freed:
             log.info("region %s: freed %d unreferenced blocks", self.name, freed)

@@ -116,9 +116,7 @@ def rebuild_from_bucket(
     settings = {str(k): str(v) for k, v in doc.get("settings", {}).items()}
     index = RegionIndex(index_path)
     try:
-        return manifests.rebuild(
-            index, name, settings, found, present, manifests.key_lookup(ring)
-        )
+        return manifests.rebuild(index, name, settings, found, present, manifests.key_lookup(ring))
     finally:
         index.close()
 

@@ -73,6 +73,7 @@ ROOT_INO = 1
 # the bytes a small scattered change costs. It is also EBS's direct-API block size.
 DEFAULT_BLOCK_SIZE = 512 << 10
 CACHE_BYTES = 64 << 20
+PURGE_CHUNK = 512  # block-map rows deleted per transaction when a snapshot goes
 WORKER_THREADS = 4
 # Concurrent object-store requests (PUT/GET/DELETE) of the whole store: they wait on the
 # network, not a core, so more run than WORKER_THREADS (s3backend.MAX_CONNECTIONS >= this).
@@ -840,13 +841,39 @@ class Store:
         self._drop(snap)
 
     def _drop(self, snap: Snapshot) -> None:
-        """Delete a snapshot that nothing uses any more; its unshared blocks are collected."""
-        snap.region.index.delete_snapshot(snap.id)
+        """Delete a snapshot that nothing uses any more; its unshared blocks are collected.
+
+        It is marked deleted at once (one small commit); its block map then goes a chunk at
+        a time in a background task, so deleting a multi-terabyte snapshot (millions of map
+        rows) does not stall requests. A crash meanwhile leaves it marked deleted, and the
+        next mount's recovery finishes the job.
+        """
+        if not snap.deleted:
+            snap.region.index.update_snapshot(snap.id, deleted=1)
+            snap.deleted = True
         for ino in (snap.ino, *snap.inode_aliases):
             if self.by_ino.get(ino) is snap:
                 del self.by_ino[ino]
         self.by_id.pop(snap.id, None)
-        snap.region.request_gc()
+        if self.nursery is None:
+            snap.region.index.delete_snapshot(snap.id)
+            snap.region.request_gc()
+        else:
+            self.nursery.start_soon(self._purge, snap)
+
+    async def _purge(self, snap: Snapshot) -> None:
+        index = snap.region.index
+        try:
+            while index.delete_map_chunk(snap.id, PURGE_CHUNK) == PURGE_CHUNK:
+                fault_point("purge_chunk")
+                snap.region.request_gc()
+                await trio.sleep(0)  # let requests in between chunks
+            index.delete_snapshot(snap.id)
+        except Exception:  # noqa: BLE001 - left marked deleted; the next mount finishes it
+            log.exception("region %s: deleting snapshot %s failed", snap.region.name, snap.id)
+            return
+        finally:
+            snap.region.request_gc()
         log.info("region %s: deleted snapshot %s (%s)", snap.region.name, snap.name, snap.id)
 
     async def rename(

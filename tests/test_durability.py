@@ -234,3 +234,32 @@ def test_a_write_after_a_close_takes_the_close_mark_away(region: Path, mnt: Snap
     assert kept.read_bytes() == b"first " * 50_000
     assert os.getxattr(kept, "user.snapfs.status") == b"available"
     assert not dropped.exists()
+
+
+def test_a_large_snapshot_is_deleted_a_chunk_at_a_time_and_a_crash_midway_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """More map rows than one purge chunk: `rm` returns at once, the map goes in chunks; the
+    daemon dies after the first chunk, and the next mount finishes the deletion."""
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", block_size=4096)
+    try:
+        m.mount(env={"SNAPFS_FAULT": "purge_chunk:1"})
+        region = m.path / "us-east-1"
+        region.mkdir()
+        keep, doomed = tmp_path / "keep.img", tmp_path / "doomed.img"
+        keep.write_bytes(os.urandom(2 * MiB))
+        doomed.write_bytes(keep.read_bytes()[:MiB] + os.urandom(3 * MiB))  # 1024 blocks
+        run("cp", keep, region)
+        run("cp", doomed, region)
+        run("rm", region / "doomed.img")
+        assert wait_for(lambda: "fault injection: dying at purge_chunk" in m.log(), 20)
+        m.mount()
+        assert sorted(os.listdir(region)) == ["keep.img"]
+        assert sha256(region / "keep.img") == sha256(keep)
+        assert wait_for(lambda: len(m.objects("us-east-1")) == 2 * MiB // 4096, 20)
+        m.umount()
+        code, report = m.check()
+        assert code == 0 and report["ok"], report
+        assert all(r["orphans"] == 0 and r["unreferenced"] == 0 for r in report["regions"])
+    finally:
+        m.teardown()

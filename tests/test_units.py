@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from snapfs import codec, db
 from snapfs.backend import LocalBackend
@@ -295,9 +296,11 @@ async def test_dedup_accounting_and_gc(tmp_path: Path) -> None:
             stats = region.index.stats()
             assert stats.blocks == 4 and stats.referenced_plain_bytes == 8 * MiB
             await store.unlink(region, "a")
+            await trio.testing.wait_all_tasks_blocked()  # its map goes in the background
             await region.collect_garbage()
             assert len(list(region.backend.keys())) == 3  # block 2 was only in a
             await store.unlink(region, "b")
+            await trio.testing.wait_all_tasks_blocked()
             await region.collect_garbage()
             assert list(region.backend.keys()) == []
             nursery.cancel_scope.cancel()
