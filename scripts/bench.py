@@ -217,13 +217,20 @@ def reference_runs(b: Bench, work: Path, day1: Path) -> None:
     sparse = work / "local-sparse.img"
     with open(sparse, "wb") as f:
         f.truncate(SPARSE_SIZE)
-    read = timed(f"dd if={sparse} of=/dev/null bs=1M count={SPARSE_READ_SAMPLE // MiB} "
-                 "status=none", shell=True)
-    b.add("reference", f"local 1 TiB sparse file, first {SPARSE_READ_SAMPLE // GiB} GiB", read,
-          SPARSE_READ_SAMPLE, note=f"whole file extrapolated: "
-          f"{read * SPARSE_SIZE / SPARSE_READ_SAMPLE:.0f} s")
-    b.figures["ref_sparse_read_whole_extrapolated_s"] = read * SPARSE_SIZE / SPARSE_READ_SAMPLE
+    b.figures["ref_sparse_read_whole_extrapolated_s"] = sparse_read(
+        b, sparse, "reference", "local 1 TiB sparse file")
     sparse.unlink()
+
+
+def sparse_read(b: Bench, path: Path, group: str, what: str) -> float:
+    """Read the first SPARSE_READ_SAMPLE bytes of a 1 TiB sparse file; returns the time the
+    whole file would take at that rate."""
+    read = timed(f"dd if={path} of=/dev/null bs=1M count={SPARSE_READ_SAMPLE // MiB} "
+                 "status=none", shell=True)
+    whole = read * SPARSE_SIZE / SPARSE_READ_SAMPLE
+    b.add(group, f"{what}, first {SPARSE_READ_SAMPLE // GiB} GiB", read, SPARSE_READ_SAMPLE,
+          note=f"whole file extrapolated: {whole:.0f} s")
+    return whole
 
 
 def snapfs_plain_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Path) -> None:
@@ -292,12 +299,8 @@ def sparse_runs(b: Bench, mnt: Path) -> None:
             f.write(rng.randbytes(MiB))
     create = time.perf_counter() - start
     b.add("snapfs 1 TiB sparse", "create (truncate + 64 MiB of writes)", create, SPARSE_SIZE)
-    read = timed(f"dd if={image} of=/dev/null bs=1M count={SPARSE_READ_SAMPLE // MiB} "
-                 "status=none", shell=True)
-    b.add("snapfs 1 TiB sparse", f"read, first {SPARSE_READ_SAMPLE // GiB} GiB", read,
-          SPARSE_READ_SAMPLE, note=f"whole image extrapolated: "
-          f"{read * SPARSE_SIZE / SPARSE_READ_SAMPLE:.0f} s")
-    b.figures["sparse_read_whole_extrapolated_s"] = read * SPARSE_SIZE / SPARSE_READ_SAMPLE
+    b.figures["sparse_read_whole_extrapolated_s"] = sparse_read(
+        b, image, "snapfs 1 TiB sparse", "read")
     b.add("snapfs 1 TiB sparse", "mv copy to another region", mv_copy(image, dst)[1], SPARSE_SIZE)
 
 
