@@ -123,14 +123,14 @@ def _aad(header: bytes, block_id: bytes, region: str) -> bytes:
     return header + block_id + region.encode()
 
 
-def _compress(plain: bytes, codec: int) -> bytes:
+def _compress(plain: bytes | bytearray, codec: int) -> bytes:
     if codec == CODEC_LZ4:
         return lz4.block.compress(plain, store_size=False)
     return _compressor().compress(plain)
 
 
 def encode(
-    plain: bytes,
+    plain: bytes | bytearray,
     block_id: bytes | None = None,
     keys: CipherKeys | None = None,
     region: str = "",

@@ -76,7 +76,7 @@ def zeros(size: int) -> bytes:
     return bytes(size)
 
 
-def _hash_unless_zero(plain: bytes, id_key: bytes | None) -> bytes | None:
+def _hash_unless_zero(plain: bytes | bytearray, id_key: bytes | None) -> bytes | None:
     """None for an all-zero block (a hole), else its content id. Runs in a worker thread."""
     if plain == zeros(len(plain)):  # memcmp, ~10 GB/s
         return None
@@ -138,7 +138,7 @@ class Region:
 
     async def store_block(
         self,
-        plain: bytes,
+        plain: bytes | bytearray,
         keys: BlockKeys | None = None,
         copy_of: tuple[Region, bytes] | None = None,
     ) -> StoredBlock | None:
@@ -219,7 +219,7 @@ class Region:
         return encoded
 
     def _copy_or_encode(
-        self, source: Region, plain: bytes, block_id: bytes, keys: BlockKeys | None
+        self, source: Region, plain: bytes | bytearray, block_id: bytes, keys: BlockKeys | None
     ) -> codec.EncodedBlock:
         """Worker thread: the source's object (verified: decoding is cheaper than
         compressing), or, if it is gone or damaged there, our own encoding of `plain`."""

@@ -382,7 +382,9 @@ class SnapshotWriter:
             # The whole block, zeros past the end of the file (truncate clears them): a
             # block's id must depend on its content alone, not on the file's size when it was
             # stored; `cp` of a sparse image writes data blocks before it sets the size.
-            plain = bytes(buf) if block_no * self.block_size < self.snap.size else b""
+            # The buffer itself, not a copy: it left `dirty` for good (a failed store puts
+            # it back, but then it was never cached), so nothing writes to it any more.
+            plain = buf if block_no * self.block_size < self.snap.size else b""
             try:
                 stored = await self.region.store_block(
                     plain, self.snap.block_keys(), self._raw_copy_source(block_no)
