@@ -115,6 +115,12 @@ def stored_objects(blocks: Path) -> list[StoredObject]:
     return sorted(StoredObject(key, blocks) for key in keys)
 
 
+def random_image(path: Path, size: int) -> Path:
+    """Random bytes: every block distinct and incompressible (it costs its size stored)."""
+    path.write_bytes(os.urandom(size))
+    return path
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SnapfsMount, StoredObject, encrypt_region, region_report, run, sha256
+from .conftest import (
+    SnapfsMount,
+    StoredObject,
+    encrypt_region,
+    random_image,
+    region_report,
+    run,
+    sha256,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 64 * KiB
@@ -23,11 +31,6 @@ def block_mnt(tmp_path: Path) -> SnapfsMount:
     m.mount()
     yield m
     m.teardown()
-
-
-def random_image(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))  # every block distinct: damage hits one snapshot
-    return path
 
 
 def block_objects(m: SnapfsMount, region: str, snapshot_id: str) -> dict[int, StoredObject]:

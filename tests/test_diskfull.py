@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SnapfsMount, run, sha256, wait_for
+from .conftest import SnapfsMount, random_image, run, sha256, wait_for
 from .workload import gc_settled
 
 MiB = 1 << 20
@@ -37,11 +37,6 @@ def full_mnt(small_disk: Path, tmp_path: Path) -> Iterator[SnapfsMount]:
         yield m
     finally:
         m.teardown()
-
-
-def random_image(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))  # incompressible: it costs its size in the store
-    return path
 
 
 def assert_serving(m: SnapfsMount, region: Path, sealed: dict[str, str]) -> None:
