@@ -43,6 +43,7 @@ from .errors import (
     NotPermitted,
     ObjectMissing,
     QuotaExceeded,
+    StoreFull,
 )
 from .faults import fault_point
 from .index import NewBlock, RegionIndex
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
 GC_BATCH = 512  # unreferenced blocks dropped per index transaction
+# How long a writer that finds the disk full waits for deletes still being collected.
+FREES_WAIT = 30.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -69,6 +72,42 @@ class StoredBlock:
     block_id: bytes
     new: NewBlock | None
     written: bool = False  # this call wrote the object (the data had to be transferred)
+
+
+class PendingFrees:
+    """Space that deletes have promised but not given back yet, store-wide (the local
+    regions share one disk).
+
+    A snapshot's map is purged and its blocks collected in the background after `rm`
+    returns. Without this, `rm old.img; cp new.img REGION` on a full store would fail with
+    ENOSPC for the fraction of a second the collection takes; a writer that finds the disk
+    full while frees are pending waits for them instead, as it would on ext4.
+    """
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def begin(self) -> None:
+        if self._pending == 0:
+            self._idle = trio.Event()
+        self._pending += 1
+
+    def end(self) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+
+    async def wait_until_idle(self, deadline: float) -> bool:
+        """True once nothing is pending; False at `deadline` (trio clock)."""
+        with trio.move_on_at(deadline):
+            await self._idle.wait()
+        return not self.busy
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,8 +134,10 @@ class Region:
         keys: KeyRing | None = None,
         backend: Any | None = None,
         io_limiter: trio.CapacityLimiter | None = None,
+        frees: PendingFrees | None = None,
     ):
         self.name = name
+        self.frees = frees if frees is not None else PendingFrees()
         self.keys = keys
         self.ino = ino
         self.directory = directory
@@ -130,7 +171,7 @@ class Region:
 
     def close(self) -> None:
         self.closed = True
-        self._gc_wanted.set()  # wakes the collector so that it ends
+        self.request_gc()  # wakes the collector so that it ends
         self.index.close()
         self.backend.close()
 
@@ -196,10 +237,8 @@ class Region:
                 await trio.to_thread.run_sync(
                     self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
                 )
-            else:  # one thread hop: encoding and writing a file are both local work
-                encoded = await trio.to_thread.run_sync(
-                    self._make_and_put, make_object, limiter=self.limiter
-                )
+            else:
+                encoded = await self._put_local(make_object)
         except BaseException:
             self._unpin(block_id)
             raise
@@ -212,6 +251,24 @@ class Region:
         self._uncommitted[block_id] = new
         fault_point("object_written")
         return StoredBlock(block_id, new, written=True)
+
+    async def _put_local(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
+        """Encode and write in one thread hop; on a full disk, wait for pending frees."""
+        deadline = trio.current_time() + FREES_WAIT
+        while True:
+            try:
+                return await trio.to_thread.run_sync(
+                    self._make_and_put, make_object, limiter=self.limiter
+                )
+            except StoreFull:
+                if not self.frees.busy:
+                    raise
+                log.info(
+                    "region %s: store full; waiting for deleted blocks to be collected",
+                    self.name,
+                )
+                if not await self.frees.wait_until_idle(deadline):
+                    raise
 
     def _make_and_put(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
         encoded = make_object()
@@ -353,22 +410,26 @@ class Region:
 
     def request_gc(self) -> None:
         """Ask the region's collector task to run soon (deletes and rewrites call this)."""
-        self._gc_wanted.set()
+        if not self._gc_wanted.is_set():
+            self.frees.begin()  # ended by the collection this request wakes
+            self._gc_wanted.set()
 
     async def gc_loop(self) -> None:
         """Runs for the life of the mount: collects garbage shortly after it is made."""
         while True:
             await self._gc_wanted.wait()
             self._gc_wanted = trio.Event()
-            await trio.sleep(GC_DELAY)
-            if self.closed:
-                return
             try:
+                await trio.sleep(GC_DELAY)
+                if self.closed:
+                    return
                 await self.collect_garbage()
             except Exception:
                 log.exception("region %s: garbage collection failed; will retry", self.name)
                 self.request_gc()
                 await trio.sleep(10)
+            finally:
+                self.frees.end()
 
     async def collect_garbage(self) -> int:
         """Delete unreferenced blocks: rows first (one transaction), then their objects."""

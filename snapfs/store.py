@@ -56,7 +56,7 @@ from .errors import (
 from .faults import fault_point
 from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
-from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
+from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, PendingFrees, Region
 from .retention import Clock, retention_loop
 from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
 
@@ -170,6 +170,7 @@ class Store:
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.io_limiter = trio.CapacityLimiter(REMOTE_IO_THREADS)
         self.cache = BlockCache(CACHE_BYTES)
+        self.frees = PendingFrees()  # shared by the regions: they share the store's disk
         self.regions: dict[str, Region] = {}
         self.damaged_regions: dict[str, str] = {}  # name -> why its index cannot be read
         self.by_ino: dict[int, Region | Snapshot] = {}
@@ -274,6 +275,7 @@ class Store:
             self.keys,
             backend=backend,
             io_limiter=self.io_limiter,
+            frees=self.frees,
         )
         if backend is not None:
             from .manifests import ManifestPublisher
@@ -859,6 +861,7 @@ class Store:
             snap.region.index.delete_snapshot(snap.id)
             snap.region.request_gc()
         else:
+            self.frees.begin()  # a writer on a full disk waits for what this frees
             self.nursery.start_soon(self._purge, snap)
 
     async def _purge(self, snap: Snapshot) -> None:
@@ -873,7 +876,8 @@ class Store:
             log.exception("region %s: deleting snapshot %s failed", snap.region.name, snap.id)
             return
         finally:
-            snap.region.request_gc()
+            snap.region.request_gc()  # before `end`: the frees stay pending until collected
+            self.frees.end()
         log.info("region %s: deleted snapshot %s (%s)", snap.region.name, snap.name, snap.id)
 
     async def rename(

@@ -28,7 +28,14 @@ SNAPFS = [sys.executable, "-m", "snapfs"]
 
 
 def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+    """Run a tool; with `check`, a failure names its exit status and stderr (CI logs show
+    only the assertion, and "returned non-zero exit status 1" alone says nothing)."""
+    done = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {done.returncode}: {done.stderr.strip()}"
+        )
+    return done
 
 
 def sha256(path: Path) -> str:

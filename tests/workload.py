@@ -202,17 +202,23 @@ class Workload:
 
 
 def gc_settled(store: Path, region: str) -> bool:
-    """No unreferenced block rows left, and exactly one object per row (read-only look)."""
+    """No deleted snapshot waiting for its map to be purged, no unreferenced block rows
+    left, and exactly one object per row (read-only look).
+
+    A deleted snapshot keeps its map rows (and so its blocks' references) until the
+    background purge reaches it; without the first check this reads as settled before the
+    purge has freed anything."""
     directory = store / "regions" / region
     db = sqlite3.connect(f"file:{directory / 'index.db'}?mode=ro", uri=True)
     try:
+        (pending,) = db.execute("SELECT count(*) FROM snapshots WHERE deleted = 1").fetchone()
         rows, garbage = db.execute(
             "SELECT count(*), coalesce(sum(refcount <= 0), 0) FROM blocks"
         ).fetchone()
     finally:
         db.close()
     objects = len(stored_objects(directory / "blocks"))
-    return garbage == 0 and objects == rows
+    return pending == 0 and garbage == 0 and objects == rows
 
 
 # What each name may hold after the crash: (region, name) -> image.
