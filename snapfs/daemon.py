@@ -25,6 +25,7 @@ import trio
 from . import faults, mounts
 from .errors import SnapfsError, from_sqlite
 from .fs import Operations
+from .stalls import instruments_from_env
 from .store import Store
 
 log = logging.getLogger("snapfs")
@@ -167,7 +168,10 @@ def run(
     clean = False
     try:
         options = fuse_options(store.path, allow_other)
-        trio.run(serve, store, mountpoint, options, lambda: report("ok"))
+        trio.run(
+            serve, store, mountpoint, options, lambda: report("ok"),
+            instruments=instruments_from_env(),
+        )  # fmt: skip
         clean = True
     except Exception as exc:
         log.exception("daemon failed")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from snapfs import codec, db
+from snapfs import codec, db, stalls
 from snapfs.backend import LocalBackend
 from snapfs.errors import BlockCorrupt, StoreBusy, StoreFormat
 from snapfs.index import NewBlock, RegionIndex
@@ -389,3 +391,24 @@ def test_encrypted_blocks_roundtrip_and_bind_id_region_and_key(data: bytes) -> N
     plain_id, opened = codec.open_for_copy(enc.data, enc.block_id, lookup, "us-east-1", None)
     clear = codec.reseal(opened, plain_id, None, "eu-west-1")
     assert codec.decode(clear.data, plain_id) == data
+
+
+def test_stall_watch_names_the_code_that_blocks_the_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def blocking_call() -> None:
+        time.sleep(0.15)
+
+    async def task() -> None:
+        await trio.sleep(0.05)  # a step that waits is not a stall
+        blocking_call()
+
+    monkeypatch.setenv("SNAPFS_STALL_MS", "40")
+    with caplog.at_level(logging.INFO, logger="snapfs.stalls"):
+        trio.run(task, instruments=stalls.instruments_from_env())
+    blocked = [r.getMessage() for r in caplog.records if "loop blocked" in r.getMessage()]
+    assert len(blocked) == 1 and "in blocking_call" in blocked[0], caplog.text
+    assert any("loop stalled" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setenv("SNAPFS_STALL_MS", "soon")
+    assert stalls.instruments_from_env() == []
