@@ -7,6 +7,7 @@ exits non-zero; no traceback reaches the user for a refusal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -43,6 +44,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             ready_fd=args.ready_fd,
             block_size=args.block_size,
             copy_bandwidth_limit=args.copy_bwlimit,
+            settle=args.settle,
             debug=args.debug,
         )
     return _spawn_daemon(args, store)
@@ -71,6 +73,8 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
         cmd += ["--block-size", str(args.block_size)]
     if args.copy_bwlimit:
         cmd += ["--copy-bwlimit", str(args.copy_bwlimit)]
+    if args.settle is not None:
+        cmd += ["--settle", str(args.settle)]
     if args.debug:
         cmd.append("--debug")
     env = _daemon_env(store)
@@ -155,6 +159,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     store = Path(args.store).expanduser() if args.store else default_store_path()
     region = snapshot = None
+    mountpoint: Path | None = None
     if args.path:
         found = mounts.find_mount_root(Path(args.path))
         if found is None:
@@ -165,12 +170,49 @@ def cmd_status(args: argparse.Namespace) -> int:
             return _fail("InvalidParameter", f"{args.path} is not a region or a snapshot")
         region = parts[0] if parts else None
         snapshot = parts[1] if len(parts) > 1 else None
+        mountpoint = Path(record.mountpoint)
+    elif (record := mounts.find_by_store(store)) is not None:
+        mountpoint = Path(record.mountpoint)
     data = status.collect(store, region, snapshot)
+    if mountpoint is not None and _seal_settling(mountpoint, data):
+        data = status.collect(store, region, snapshot)
+    if snapshot is not None and not args.json:
+        status.render_attributes(Path(args.path), data)
+        return 0
     if args.json:
         json.dump(data, sys.stdout, indent=2)
         print()
     else:
         status.render(data)
+    return 0
+
+
+def _seal_settling(mountpoint: Path, data: dict) -> bool:
+    """Asking a snapshot's status seals it if its last writer is gone (the settle period):
+    ask the mount for every `creating` one, so status shows final states. True if any."""
+    asked = False
+    for region in data["regions"]:
+        for snap in region["snapshots"]:
+            if snap["status"] == "creating":
+                with contextlib.suppress(OSError):  # deleted meanwhile: the next read says
+                    os.getxattr(mountpoint / region["name"] / snap["name"], "user.snapfs.status")
+                asked = True
+    return asked
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    _, parts = _resolve(args.path, "snapshot")
+    if len(parts) != 2:
+        return _fail("InvalidSnapshotId.Malformed", f"{args.path} is not a snapshot file")
+    try:
+        os.setxattr(args.path, "user.snapfs.seal", b"1")
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return _fail("InvalidSnapshotId.NotReady", f"{args.path} is open for writing")
+        if exc.errno == errno.ENOENT:
+            return _fail("InvalidSnapshotId.NotFound", f"{args.path} does not exist")
+        raise
+    print(os.getxattr(args.path, "user.snapfs.status").decode())
     return 0
 
 
@@ -204,6 +246,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         check.render(report)
     return 0 if report.ok else 1
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return value
 
 
 def _size(text: str) -> int:
@@ -485,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="limit each copy to RATE bytes/s of snapshot data (e.g. 50M)",
     )
+    p.add_argument(
+        "--settle",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long a closed snapshot waits for its writer to come back before it "
+        "seals (default 5; anything that needs it sealed seals it at once)",
+    )
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -566,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmounted store only: delete orphans, fix counts (referenced data is kept)",
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("seal", help="seal a creating snapshot now (no writer may have it open)")
+    p.add_argument("path", help="the snapshot file: MOUNTPOINT/REGION/NAME")
+    p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("status", help="snapshots with size, stored bytes, status, progress")
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")

@@ -39,8 +39,9 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at `path`, or None if nothing is."""
+def _mountinfo(path: Path) -> tuple[str, str] | None:
+    """(device "MAJOR:MINOR", filesystem type) of what is mounted exactly at `path`, read
+    from the mount table: no request reaches the filesystem itself."""
     target = os.path.abspath(path)
     found = None
     with open("/proc/self/mountinfo") as f:
@@ -48,8 +49,23 @@ def mount_fstype(path: Path) -> str | None:
             left, _, right = line.partition(" - ")
             fields = left.split()
             if len(fields) >= 5 and _unescape(fields[4]) == target:
-                found = right.split()[0]  # the last mount on a path is the visible one
+                found = (fields[2], right.split()[0])  # the last mount on a path is visible
     return found
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path`, or None if nothing is."""
+    found = _mountinfo(path)
+    return None if found is None else found[1]
+
+
+def mount_device(path: Path) -> tuple[int, int] | None:
+    """(major, minor) of the device mounted exactly at `path`, or None."""
+    found = _mountinfo(path)
+    if found is None:
+        return None
+    major, _, minor = found[0].partition(":")
+    return int(major), int(minor)
 
 
 def is_stale(path: Path) -> bool:

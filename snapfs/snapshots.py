@@ -82,6 +82,7 @@ class Snapshot:
     copy_matched: set[int] = field(default_factory=set, repr=False)  # blocks equal to source
     copy_readers: int = 0
     inode_aliases: list[int] = field(default_factory=list, repr=False)
+    page_cache_valid: bool = False  # sealed, and opened through the page cache since
     _map_chunk: tuple[int, dict[int, bytes]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -299,9 +300,49 @@ class SnapshotWriter:
         self._closed_mark = False  # the index holds the close mark (see flush)
         self.handles = 0
         self.sealing = False
+        self.seal_tried = trio.Event()  # set once a seal has ended (sealed, or failed)
+        # The settle period: which close it counts from, and how soon writers came back.
+        self._generation = 0
+        self._closed_at: float | None = None
+        self.reopens = 0
+        self.longest_reopen_gap = 0.0
+        # Snapshots open for reading while this one was written: its possible sources.
+        self.read_meanwhile: set[Snapshot] = set()
+        self.written_bytes = 0  # plaintext of the new objects this writer stored
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
         self._commit_lock = trio.Lock()
         self._meta_dirty = False
+
+    # --- handles and the settle period ------------------------------------------------------
+
+    def reopened(self) -> None:
+        """A handle opened for writing (the first, or one during the settle period)."""
+        if self.handles == 0 and self._closed_at is not None:
+            gap = trio.current_time() - self._closed_at
+            self.reopens += 1
+            self.longest_reopen_gap = max(self.longest_reopen_gap, gap)
+            log.debug(
+                "snapshot %s (%s) reopened for writing %.3f s after its last close",
+                self.snap.name,
+                self.snap.id,
+                gap,
+            )
+        self.handles += 1
+        self._generation += 1
+
+    def closed(self) -> int:
+        """The last handle open for writing went: the settle period starts; its token."""
+        self._closed_at = trio.current_time()
+        self._generation += 1
+        return self._generation
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def idle(self, generation: int) -> bool:
+        """No writer has come back since the close that gave `generation`."""
+        return self.handles == 0 and self._generation == generation
 
     # --- the write path --------------------------------------------------------------------
 
@@ -412,6 +453,8 @@ class SnapshotWriter:
                 self.pinned.append(stored.block_id)
                 if stored.new is not None:
                     self.new_blocks[stored.block_id] = stored.new
+            if stored is not None and stored.written and stored.new is not None:
+                self.written_bytes += stored.new.plain_size
             if self.snap.copy_source is not None:
                 try:
                     self._check_copy(block_no, stored, await self._source_id(plain, stored))
@@ -497,9 +540,10 @@ class SnapshotWriter:
 
         At a close (`closing`) of the only handle open for writing, with everything
         committed, the snapshot gets the close mark (its `sealed_at` set while it is still
-        `creating`): if the daemon dies before the release that seals it, the next mount
-        seals it instead of removing it, since `cp` has seen its close succeed. A later write
-        or truncate (through a duplicated descriptor) takes the mark away first.
+        `creating`): if the daemon dies before it seals (during the settle period, or before
+        the release), the next mount seals it instead of removing it, since `cp` has seen its
+        close succeed. A later write or truncate (through a reopened or duplicated
+        descriptor) takes the mark away first.
         """
         for block_no in list(self.dirty):
             await self._store(block_no)
@@ -508,7 +552,12 @@ class SnapshotWriter:
         self._raise_deferred()
         await self.commit()
         self._raise_deferred()
-        if closing and self.handles == 1 and self.is_flushed() and not self._closed_mark:
+        if closing and self.handles == 1:
+            self.mark_closed()
+
+    def mark_closed(self) -> None:
+        """Set the close mark if everything is committed (see flush)."""
+        if self.is_flushed() and not self._closed_mark:
             # No await from the check to the commit: nothing can be written in between.
             self.region.index.update_snapshot(self.snap.id, sealed_at=time.time())
             self._closed_mark = True
@@ -570,6 +619,7 @@ class SnapshotWriter:
                 buf[tail:] = bytes(bs - tail)
         self.snap.size = size
         self.snap.mtime_ns = self.snap.ctime_ns = time.time_ns()
+        self._meta_dirty = True  # a grown size must reach the index (and the close mark)
         await self.flush()
 
     async def discard(self) -> None:

@@ -23,6 +23,7 @@ references, including blocks it shares with others.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -143,6 +144,30 @@ def human(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return str(n)
+
+
+# Every attribute of a snapshot, in the order `snapfs status FILE` shows them: the computed
+# ones are not listed by listxattr (see xattrs.py), so they are read by name.
+SNAPSHOT_ATTRIBUTES = (
+    "id", "status", "progress", "error", "source_snapshot_id", "source_region",
+    "transferred_bytes", "encrypted", "kms_key_id", "description", "retention_days",
+    "expires_at",
+)  # fmt: skip
+
+
+def render_attributes(path: Path, data: dict[str, Any]) -> None:
+    """One snapshot: its sizes, then every attribute as `getfattr -n NAME` would show it."""
+    snap = data["regions"][0]["snapshots"][0]
+    print(f"# {path}")
+    print(f"size={snap['size']} allocated={snap['allocated_bytes']} stored={snap['stored_bytes']}")
+    for name in SNAPSHOT_ATTRIBUTES:
+        try:
+            value = os.getxattr(path, "user.snapfs." + name).decode()
+        except OSError:  # not set (a description), or not meaningful (error while fine)
+            continue
+        print(f'user.snapfs.{name}="{value}"')
+    for key, value in snap["tags"].items():
+        print(f'user.tag.{key}="{value}"')
 
 
 def render(data: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ Layout (format version 1)::
 
 The `Store` object is the metadata service the FUSE layer talks to: it owns the namespace
 (regions and snapshots by name and inode), the snapshot lifecycle (creating -> sealed
-`available` on last close), and recovery after an unclean stop.
+`available` once its last writer has been gone for the settle period, or at once when something
+needs it sealed), and recovery after an unclean stop.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ ROOT_INO = 1
 DEFAULT_BLOCK_SIZE = 512 << 10
 CACHE_BYTES = 64 << 20
 PURGE_CHUNK = 512  # block-map rows deleted per transaction when a snapshot goes
+PURGE_WAIT = 10.0  # how long rmdir of a region waits for its deleted snapshots' purge
 WORKER_THREADS = 4
 # Concurrent object-store requests (PUT/GET/DELETE) of the whole store: they wait on the
 # network, not a core, so more run than WORKER_THREADS (s3backend.MAX_CONNECTIONS >= this).
@@ -82,6 +84,14 @@ REMOTE_IO_THREADS = 16
 # interrupted, and how long unpublished manifests are waited for.
 STOP_GRACE = 2.0
 PUBLISH_GRACE = 30.0
+# How long a snapshot whose last writer closed it waits before it seals (`--settle`). Tools
+# that create a file, close it and open it again (qemu-img, mkfs, fio, truncate + dd, restic
+# restore) reopen it within milliseconds (the daemon logs each gap at DEBUG; the tool tests
+# saw at most a few ms); 5 s leaves room for a loaded machine and for scripts that run two
+# tools one after the other, and nobody waits for it: whatever needs a snapshot sealed (a
+# copy or move out of it, diff, a read of its computed attributes, `snapfs seal`, unmount)
+# seals it at once.
+DEFAULT_SETTLE = 5.0
 
 
 def default_store_path() -> Path:
@@ -164,8 +174,10 @@ class Store:
         block_size: int | None = None,
         copy_bandwidth_limit: int | None = None,
         clock: Clock | None = None,
+        settle: float = DEFAULT_SETTLE,
     ):
         self.path = path.resolve()
+        self.settle = settle
         self.clock = clock or Clock.from_environment()
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.io_limiter = trio.CapacityLimiter(REMOTE_IO_THREADS)
@@ -178,6 +190,7 @@ class Store:
         self.by_id: dict[str, Snapshot] = {}
         self.copies = CopyEngine(self, copy_bandwidth_limit)
         self._readers: dict[int, list[OpenFile]] = {}  # pid -> its read-only handles
+        self._writers: set[Snapshot] = set()  # snapshots that had a writer (see _writing)
         # Set by the FUSE layer: tell the kernel to forget a cached name (parent ino, name).
         self.forget_entry: Callable[[int, str], None] = lambda parent, name: None
         self.nursery: trio.Nursery | None = None
@@ -426,8 +439,9 @@ class Store:
             self.nursery.start_soon(region.publisher.run)
 
     async def shutdown(self) -> None:
-        """Stop copy jobs where they are (they resume at the next mount) and store what open
-        writers buffered; their snapshots stay `creating` (see recover). Manifests still to
+        """Stop copy jobs where they are (they resume at the next mount), store what open
+        writers buffered (their snapshots stay `creating`, see recover) and seal the
+        snapshots waiting out their settle period. Manifests still to
         publish get a while; an object store that does not answer is then given up on (its
         retries interrupted) rather than holding the unmount."""
         with trio.move_on_after(STOP_GRACE) as waited:
@@ -440,6 +454,7 @@ class Store:
                 if snap.writer is not None:
                     with contextlib.suppress(SnapfsError):
                         await snap.writer.flush()
+                    await self.seal_settling(snap, quiet=True)  # unmount seals what is closed
         for region in self.regions.values():
             publisher = region.publisher
             if publisher is not None and not await publisher.drain(PUBLISH_GRACE):
@@ -579,8 +594,15 @@ class Store:
             log.warning("region %s: not restored: %s", name, reason)
         return report
 
-    def remove_region(self, name: str) -> None:
+    async def remove_region(self, name: str) -> None:
         region = self.region(name)
+        # `rm REGION/*; rmdir REGION`: what rm deleted is purged in the background; wait for
+        # that (bounded), but not for a deleted snapshot a copy still reads from.
+        with trio.move_on_after(PURGE_WAIT):
+            while not region.snapshots and any(
+                row["id"] not in self.by_id for row in region.index.snapshots(include_deleted=True)
+            ):
+                await trio.sleep(0.02)
         if region.snapshots or region.index.snapshots(include_deleted=True):
             raise RegionNotEmpty(f"region {name!r} still holds snapshots")
         self.db["regions"].delete_where("name = ?", [name])
@@ -605,18 +627,20 @@ class Store:
 
     # --- snapshot lifecycle ----------------------------------------------------------------
 
-    def create_snapshot(
+    async def create_snapshot(
         self, region: Region, name: str, mode: int, uid: int, gid: int, pid: int = 0
     ) -> Snapshot:
-        """A new `creating` snapshot. If the creating process has a sealed snapshot open for
-        reading (`cp SRC DST`), the new one is provisionally a copy of it (`copying`); the
-        written blocks must then match the source's, or it becomes an ordinary snapshot."""
+        """A new `creating` snapshot. If the creating process has a snapshot open for
+        reading that nobody writes (`cp SRC DST`), that one is sealed now if it was settling
+        and the new one is provisionally a copy of it (`copying`); the written blocks must
+        then match the source's, or it becomes an ordinary snapshot."""
         region.check_new_name(name)
         region.check_quota()
+        source = await self._source_read_by(pid)
+        region.check_new_name(name)  # sealing the source yielded: look again
         snap = Snapshot.new(new_snapshot_id(), name, region, mode, uid, gid)
         snap.kms_key_id = region.default_key()
         snap.encrypted = snap.kms_key_id is not None
-        source = self._source_read_by(pid)
         if source is not None and source.encrypted and not snap.encrypted:
             # Decrypting is only ever done when asked (`snapfs copy --decrypt`): the bytes a
             # reader wrote into a plain region make an ordinary snapshot, not a copy.
@@ -656,18 +680,29 @@ class Store:
         self.by_ino[snap.ino] = snap
         self.by_id[snap.id] = snap
 
-    def _source_read_by(self, pid: int) -> Snapshot | None:
+    async def _source_read_by(self, pid: int) -> Snapshot | None:
         for handle in reversed(self._readers.get(pid, [])):
-            if handle.snap.status == AVAILABLE and not handle.snap.deleted:
-                return handle.snap
+            snap = handle.snap
+            if snap.deleted:
+                continue
+            await self.seal_settling(snap, quiet=True)  # a copy out of it needs it sealed
+            if snap.status == AVAILABLE and snap.sealed:
+                return snap
         return None
+
+    def _reading(self) -> set[Snapshot]:
+        """Snapshots some process has open for reading now."""
+        return {handle.snap for handles in self._readers.values() for handle in handles}
 
     async def create_empty_snapshot(
         self, region: Region, name: str, mode: int, uid: int, gid: int
     ) -> Snapshot:
-        """mknod(2): a snapshot nobody has open for writing is sealed as it stands."""
-        snap = self.create_snapshot(region, name, mode, uid, gid)
-        await self.release(self.open(snap, True))
+        """mknod(2): a snapshot nobody has open for writing; it settles like a closed one."""
+        snap = await self.create_snapshot(region, name, mode, uid, gid)
+        handle = self.open(snap, True)
+        assert snap.writer is not None
+        snap.writer.mark_closed()  # created and complete: a crash keeps it (no FLUSH comes)
+        await self.release(handle)
         return snap
 
     def open(self, snap: Snapshot, writable: bool, pid: int = 0) -> OpenFile:
@@ -684,12 +719,24 @@ class Store:
                 snap.writer = SnapshotWriter(
                     snap, self.nursery, self.not_a_copy, self.copies.bandwidth_limit
                 )
-            snap.writer.handles += 1
+                # Lineage however the copy arrives: what is being read while this is
+                # written may be what it is a copy of (see _lineage_by_content).
+                snap.writer.read_meanwhile |= self._reading() - {snap}
+                self._writers.add(snap)
+            snap.writer.reopened()
         snap.open_handles += 1
         handle = OpenFile(snap, writable, pid)
         if not writable and pid:
             self._readers.setdefault(pid, []).append(handle)
+            for other in self._writing():
+                if other is not snap:
+                    other.writer.read_meanwhile.add(snap)  # type: ignore[union-attr]
         return handle
+
+    def _writing(self) -> list[Snapshot]:
+        """Snapshots with a writer (open, or settling); forgets those sealed or gone."""
+        self._writers = {snap for snap in self._writers if snap.writer is not None}
+        return list(self._writers)
 
     async def flush(self, handle: OpenFile, *, closing: bool = False) -> None:
         """fsync, or (`closing`) the close of a file descriptor."""
@@ -709,25 +756,116 @@ class Store:
         if handle.writable and writer is not None:
             writer.handles -= 1
             if writer.handles == 0 and not snap.deleted:
-                await self._seal(snap)
+                await self._settle(snap, writer)
         if snap.deleted and not snap.in_use:
             await self._destroy(snap)
+
+    async def _settle(self, snap: Snapshot, writer: SnapshotWriter) -> None:
+        """The last writer closed it: seal it once nobody has reopened it for `settle`
+        seconds, so that tools which close a file and open it again simply continue."""
+        generation = writer.closed()
+        assert self.nursery is not None  # a writer exists only in a mount
+        self.nursery.start_soon(
+            self._seal_if_idle, snap, writer, generation, name=f"settle {snap.id}"
+        )
+
+    async def _seal_if_idle(
+        self, snap: Snapshot, writer: SnapshotWriter, generation: int, delay: float | None = None
+    ) -> None:
+        await trio.sleep(self.settle if delay is None else delay)
+        if snap.writer is not writer or not writer.idle(generation) or snap.deleted:
+            return
+        if writer.sealing:  # a request is sealing it; a failure there schedules the retry
+            return
+        with contextlib.suppress(SnapfsError):  # logged, and retried (see _seal)
+            await self._seal(snap)
+
+    async def seal_settling(
+        self, snap: Snapshot, *, wait: bool = True, quiet: bool = False
+    ) -> None:
+        """Seal now a snapshot that waits out its settle period: something needs it sealed
+        (a copy or move out of it, a read of its computed attributes, diff, unmount). One
+        that a writer has open stays `creating`. One that is being sealed already is waited
+        for, unless not `wait` (a seal looking for its source must not wait for a seal that
+        may be looking at it). A seal that cannot commit (a full disk) leaves it `creating`
+        and raises, unless `quiet` (the caller then sees it as it is)."""
+        writer = snap.writer
+        if writer is None or snap.deleted or writer.handles > 0:
+            return
+        if writer.sealing:
+            if wait:
+                await writer.seal_tried.wait()  # another request is sealing it: its outcome
+            return
+        try:
+            await self._seal(snap)
+        except SnapfsError:
+            if not quiet:
+                raise
+
+    async def seal(self, snap: Snapshot) -> None:
+        """`snapfs seal PATH`: seal a `creating` snapshot now."""
+        if snap.writer is not None and snap.writer.handles > 0:
+            raise NotReady(
+                f"snapshot {snap.name} ({snap.id}) is open for writing; close it first"
+            )
+        await self.seal_settling(snap)
+        if snap.writer is not None and not snap.deleted:
+            raise NotReady(f"snapshot {snap.name} ({snap.id}) could not be sealed yet; see the log")
+        if snap.status == FAILED:
+            raise SnapfsError(
+                f"snapshot {snap.name} ({snap.id}) could not be sealed: {snap.error}",
+                code="InvalidSnapshot.Failed",
+                errno=errno.EIO,
+            )
 
     async def _seal(self, snap: Snapshot) -> None:
         writer = snap.writer
         assert writer is not None
         writer.sealing = True  # no new writer may join while the last data is stored
         try:
+            await self._seal_writer(snap, writer)
+        except SnapfsError:
+            # Complete but not sealed (a full index): try again while nobody writes it.
+            assert self.nursery is not None
+            self.nursery.start_soon(
+                self._seal_if_idle, snap, writer, writer.generation, max(self.settle, 1.0),
+                name=f"settle {snap.id}",
+            )  # fmt: skip
+            raise
+        finally:
+            writer.sealing = False
+            tried, writer.seal_tried = writer.seal_tried, trio.Event()
+            tried.set()
+
+    async def _seal_writer(self, snap: Snapshot, writer: SnapshotWriter) -> None:
+        """Seal, or fail a snapshot whose data could not be stored; a snapshot whose data
+        is all committed but whose seal cannot be (its index is full) stays `creating`,
+        with its close mark, and the error is raised."""
+        try:
             if not writer.is_flushed():
                 await writer.flush()
                 if snap.deleted:  # unlinked while we waited: release() destroys it
                     return
+                writer.mark_closed()  # complete: a crash from here on keeps it
+        except Exception as exc:  # noqa: BLE001 - the data is not all stored: failed
+            await self._fail_creation(snap, as_snapfs_error(exc))
+            return
+        try:
+            found = await self._lineage_by_content(snap, writer) if not snap.copy_source else None
             fault_point("seal")
-            # Everything is committed: seal without yielding, so that a request the kernel
-            # queued after this release (a getfattr right after `cp` returns) sees
-            # `available`. The index first: memory changes only once the seal is durable.
+            # Every await is behind us: from this check to the commit nothing can change it.
+            if not writer.idle(writer.generation) or snap.writer is not writer or snap.deleted:
+                return  # written, truncated or deleted meanwhile: its next close settles it
+            if not writer.is_flushed():
+                return  # ditto (a truncate by path came in between)
+            # The index first: memory changes only once the seal is durable.
             exact_copy = self._is_exact_copy(snap)
-            lineage = _lineage(snap) if exact_copy or snap.copy_source is None else _NO_LINEAGE
+            if found is not None:
+                lineage = found
+            elif exact_copy or snap.copy_source is None:
+                lineage = _lineage(snap)
+            else:
+                lineage = _NO_LINEAGE
             sealed_at = time.time()
             snap.region.index.update_snapshot(
                 snap.id,
@@ -738,20 +876,33 @@ class Store:
                 ctime_ns=snap.ctime_ns,
                 **lineage,
             )
-        except Exception as exc:  # noqa: BLE001 - release() has no caller to report to
-            await self._fail_creation(snap, as_snapfs_error(exc))
-            return
+        except Exception as exc:  # noqa: BLE001 - a full or failing index: retried
+            error = as_snapfs_error(exc)
+            log.warning(
+                "region %s: snapshot %s (%s) is complete but not sealed yet: %s",
+                snap.region.name,
+                snap.name,
+                snap.id,
+                error,
+            )
+            raise error from None
         self._end_cp_copy(snap, keep_lineage=exact_copy)
+        for name, value in lineage.items():
+            setattr(snap, name, value)
         snap.sealed_at = sealed_at
         snap.status = AVAILABLE
         snap.writer = None
         log.info(
-            "region %s: sealed snapshot %s (%s), %d bytes%s",
+            "region %s: sealed snapshot %s (%s), %d bytes%s%s",
             snap.region.name,
             snap.name,
             snap.id,
             snap.size,
             f", a copy of {snap.source_snapshot_id}" if snap.source_snapshot_id else "",
+            f"; reopened {writer.reopens} times within its settle period, at most "
+            f"{writer.longest_reopen_gap:.3f} s after a close"
+            if writer.reopens
+            else "",
         )
 
     async def _fail_creation(self, snap: Snapshot, error: SnapfsError) -> None:
@@ -770,6 +921,58 @@ class Store:
         except Exception as exc:  # noqa: BLE001 - still `creating` on disk: removed at mount
             log.error("snapshot %s (%s): its failure is not recorded: %s", snap.name, snap.id,
                       as_snapfs_error(exc))  # fmt: skip
+
+    async def _lineage_by_content(
+        self, snap: Snapshot, writer: SnapshotWriter
+    ) -> dict[str, object] | None:
+        """A snapshot written by other processes than the reader of its source (rsync's
+        sender and receiver, `restic dump`, a pipe) is still a copy when its final block
+        map equals that of a snapshot in another region that was open for reading while it
+        was written, under the same key or both plain: the lineage to record, or None.
+
+        A candidate that is still settling counts only if its map is final as it stands
+        (no writer, all committed) and equal; it is then sealed (a copy out of it needs
+        that), so an unrelated image of the same size is never sealed by this."""
+        for source in sorted(writer.read_meanwhile, key=lambda s: s.created_at, reverse=True):
+            if (
+                source.region is snap.region
+                or source.deleted
+                or source.size != snap.size
+                or source.kms_key_id != snap.kms_key_id
+                or source.status not in (AVAILABLE, CREATING)
+                or source.copy_source is not None
+            ):
+                continue
+            settling = source.writer
+            if settling is not None and (
+                settling.handles or settling.sealing or not settling.is_flushed()
+            ):
+                continue
+            if source.allocated_blocks != snap.allocated_blocks or not maps_equal(source, snap):
+                continue
+            if settling is not None:
+                await self.seal_settling(source, wait=False, quiet=True)
+                if snap.deleted or snap.writer is not writer:
+                    return None
+            if source.status != AVAILABLE or not source.sealed:
+                continue
+            log.info(
+                "region %s: %s (%s) holds exactly %s/%s (%s), read while it was written: "
+                "recorded as its copy",
+                snap.region.name,
+                snap.name,
+                snap.id,
+                source.region.name,
+                source.name,
+                source.id,
+            )
+            return {
+                "source_snapshot_id": source.id,
+                "source_region": source.region.name,
+                "description": snap.description or source.description,
+                "transferred_bytes": writer.written_bytes,
+            }
+        return None
 
     def _is_exact_copy(self, snap: Snapshot) -> bool:
         source = snap.copy_source
@@ -905,7 +1108,7 @@ class Store:
         name disappears at once, a job transfers the missing blocks in the background."""
         if flags & RENAME_EXCHANGE:
             raise InvalidParameter("snapshots in different regions cannot be exchanged")
-        source = src_region.lookup(name)
+        source = await self._sealed_source(src_region, name)
         displaced = dst_region.snapshots.get(new_name)
         if displaced is not None and flags & RENAME_NOREPLACE:
             raise AlreadyExists(f"snapshot {new_name!r} already exists in region {dst_region.name}")
@@ -933,7 +1136,12 @@ class Store:
             await self._displaced(displaced)
         return dst
 
-    def copy_snapshot(
+    async def _sealed_source(self, region: Region, name: str) -> Snapshot:
+        """The snapshot a copy or move starts from, sealed now if it was settling."""
+        await self.seal_settling(region.lookup(name))
+        return region.lookup(name)  # sealing yielded: whatever the name means now
+
+    async def copy_snapshot(
         self,
         src_region: Region,
         name: str,
@@ -948,7 +1156,7 @@ class Store:
     ) -> Snapshot:
         """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job. The
         description is the source's unless one is given; tags are only those given."""
-        source = src_region.lookup(name)
+        source = await self._sealed_source(src_region, name)
         return self._start_copy(
             source,
             dst_region,
@@ -1128,7 +1336,19 @@ class Store:
             raise Sealed(
                 f"snapshot {snap.name} ({snap.id}) is {snap.status}; its size can no longer change"
             )
-        await snap.writer.truncate(size)
+        writer = snap.writer
+        if writer.sealing:
+            raise NotReady(f"snapshot {snap.name} ({snap.id}) is being sealed")
+        # truncate(2) by path holds no handle: count it as one, so that no seal runs
+        # meanwhile and the settle period starts again after it.
+        writer.reopened()
+        try:
+            await writer.truncate(size)
+        finally:
+            writer.handles -= 1
+            if writer.handles == 0 and not snap.deleted:
+                writer.mark_closed()
+                await self._settle(snap, writer)
 
     def set_attrs(
         self,

@@ -1,9 +1,17 @@
 """Extended attributes: the metadata, progress and control interface of snapshots and regions.
 
-`getfattr -d -m - FILE` lists what `names()` returns. Read-only attributes refuse writes with
+Computed attributes (id, status, progress, lineage, encryption, ...) and every region
+setting are virtual: readable and (where writable) settable by name, but not offered by
+listxattr, the kernel convention for virtual attributes (CephFS), so that copying tools
+(`rsync -X`, `cp -a`, `tar --xattrs`, restic) never try to restore them. What listxattr
+offers (description, retention_days, tags) is stored metadata those tools can copy.
+Reading a computed attribute of a snapshot that waits out its settle period seals it first:
+whoever asks its status is told the final one. Read-only attributes refuse writes with
 EPERM; invalid values are refused with EINVAL and change nothing; names snapfs does not know
 are ENOTSUP to set and ENODATA to read (so the kernel's `security.capability` probe before
 every write gets a cheap answer).
+
+Setting `user.snapfs.seal` on a snapshot (any value) is `snapfs seal`.
 
 Setting `user.snapfs.copy` on a region directory is the CopySnapshot API that `snapfs copy`
 uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
@@ -60,18 +68,31 @@ _REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
 }
 
 
+# Stored metadata a copying tool may carry over; everything else is computed (not listed).
+_LISTED = ("description", "retention_days")
+SEAL_ATTR = PREFIX + "seal"
+
+
 def names(store: Store, node: Region | Snapshot | None) -> list[str]:
+    """What listxattr offers: a snapshot's stored, writable metadata only."""
     if isinstance(node, Snapshot):
-        found = [PREFIX + k for k, read in _SNAPSHOT_READERS.items() if read(node) is not None]
+        found = [PREFIX + k for k in _LISTED if _SNAPSHOT_READERS[k](node) is not None]
         return found + [TAG_PREFIX + key for key in node.region.index.tags(node.id)]
-    if isinstance(node, Region):
-        return [PREFIX + k for k, read in _REGION_READERS.items() if read(store, node) is not None]
     return []
 
 
-def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
+def computed(name: str) -> bool:
+    """A snapshot attribute computed by snapfs (not listed; reading it seals)."""
+    return name.startswith(PREFIX) and name[len(PREFIX) :] in _SNAPSHOT_READERS and (
+        name[len(PREFIX) :] not in _LISTED
+    )
+
+
+async def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
     value: str | None = None
     if isinstance(node, Snapshot):
+        if computed(name):
+            await store.seal_settling(node, quiet=True)  # a full disk: it says `creating`
         if name.startswith(PREFIX) and (read := _SNAPSHOT_READERS.get(name[len(PREFIX) :])):
             value = read(node)
         elif name.startswith(TAG_PREFIX):
@@ -84,17 +105,21 @@ def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
     return value.encode()
 
 
-def set(store: Store, node: Region | Snapshot | None, name: str, raw: bytes) -> None:  # noqa: A001
+async def set(store: Store, node: Region | Snapshot | None, name: str, raw: bytes) -> None:  # noqa: A001
     value = _text(raw)
-    if isinstance(node, Snapshot):
+    if isinstance(node, Snapshot) and name == SEAL_ATTR:
+        await store.seal(node)
+    elif isinstance(node, Snapshot):
         _set_snapshot(node, name, value)
+    elif isinstance(node, Region) and name == PREFIX + "copy":
+        await _copy_request(store, node, value)
     elif isinstance(node, Region):
         _set_region(store, node, name, value)
     else:
         raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
 
 
-def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
+async def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
     if isinstance(node, Snapshot):
         if name.startswith(TAG_PREFIX):
             key = name[len(TAG_PREFIX) :]
@@ -113,7 +138,7 @@ def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
     ):
         node.index.set_setting(name[len(PREFIX) :], "")
         return
-    set(store, node, name, b"")
+    await set(store, node, name, b"")
 
 
 def _text(raw: bytes) -> str:
@@ -176,15 +201,13 @@ def _set_region(store: Store, region: Region, name: str, value: str) -> None:
                 code="InvalidParameter.KMSKeyId.NotFound",
             )
         region.index.set_setting(key, value)
-    elif key == "copy":
-        _copy_request(store, region, value)
     elif key in _REGION_READERS:
         raise NotPermitted(f"{name} is read-only")
     else:
         raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
 
 
-def _copy_request(store: Store, dst_region: Region, value: str) -> None:
+async def _copy_request(store: Store, dst_region: Region, value: str) -> None:
     request = _parse_copy_request(value)
     src_region_name, _, src_name = request["source"].partition("/")
     name = request.get("name") or src_name
@@ -193,7 +216,7 @@ def _copy_request(store: Store, dst_region: Region, value: str) -> None:
     tags = params.check_tags(list((request.get("tags") or {}).items()))
     if request.get("name"):
         params.check_cloud_snapshot_name(name)
-    store.copy_snapshot(
+    await store.copy_snapshot(
         store.region(src_region_name), src_name, dst_region, name,
         description=None if description is None else params.check_description(description),
         retention_days=None if retention is None else params.check_retention_days(retention),
