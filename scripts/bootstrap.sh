@@ -1,6 +1,8 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: installs what is missing, once.
 #   - Debian packages: fuse3 and libfuse3-dev (pyfuse3 builds against them), pkg-config,
-#     attr (getfattr/setfattr), rsync, gcc and Python headers for the build;
+#     attr (getfattr/setfattr), rsync, gcc and Python headers for the build; and the tools
+#     the tests drive on a mount: qemu-utils, fio, e2fsprogs (mkfs.ext4), restic, and
+#     util-linux's fallocate/losetup;
 #   - a virtualenv in .venv with snapfs and its test tools, refreshed when pyproject changes.
 set -euo pipefail
 
@@ -11,7 +13,8 @@ PYTHON="${PYTHON:-python3}"
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config attr rsync gcc; do
+for pkg in fuse3 libfuse3-dev pkg-config attr rsync gcc qemu-utils fio e2fsprogs restic \
+  util-linux mount; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
 done
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then

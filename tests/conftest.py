@@ -363,3 +363,16 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+# Modules whose tests run without the kernel (store, index, crypto and copy engine in-process):
+# `pytest -m 'not mount'` runs just these, in seconds. Every other test mounts a real snapfs.
+IN_PROCESS_MODULES = {"test_units"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.split(".")[-1] not in (
+            IN_PROCESS_MODULES
+        ):
+            item.add_marker(pytest.mark.mount)

@@ -57,6 +57,7 @@ def test_snapshots_filling_the_store_get_enospc_and_space_comes_back(
     region.mkdir()
     keep = random_image(tmp_path / "keep.img", 4 * MiB)
     run("cp", keep, region)
+    assert os.getxattr(region / "keep.img", "user.snapfs.status") == b"available"  # seals it
     sealed = {"keep.img": sha256(keep)}
 
     dd = run("dd", "if=/dev/urandom", f"of={region / 'big.img'}", "bs=1M", "count=40",
@@ -102,6 +103,7 @@ def test_a_disk_filled_by_something_else_refuses_writes_cleanly(
     region.mkdir()
     keep = random_image(tmp_path / "keep.img", 3 * MiB)
     run("cp", keep, region)
+    assert os.getxattr(region / "keep.img", "user.snapfs.status") == b"available"  # seals it
     sealed = {"keep.img": sha256(keep)}
     other = m.path / "eu-west-1"
     other.mkdir()

@@ -269,13 +269,14 @@ def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
 
 
 async def _write_snapshot(store: Store, nursery, region, name: str, data: bytes):
-    snap = store.create_snapshot(region, name, 0o644, 0, 0)
+    snap = await store.create_snapshot(region, name, 0o644, 0, 0)
     handle = store.open(snap, True)
     assert isinstance(snap.writer, SnapshotWriter)
     for off in range(0, len(data), 128 * 1024):
         await snap.writer.write(off, data[off : off + 128 * 1024])
     await store.flush(handle)
     await store.release(handle)
+    await store.seal(snap)  # without waiting out the settle period
     return snap
 
 
@@ -333,7 +334,7 @@ async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> N
     region = store.create_region("us-east-1")
     async with trio.open_nursery() as nursery:
         store.start(nursery)
-        snap = store.create_snapshot(region, "unsealed", 0o644, 0, 0)
+        snap = await store.create_snapshot(region, "unsealed", 0o644, 0, 0)
         store.open(snap, True)
         await snap.writer.write(0, os.urandom(2 * MiB))
         await snap.writer.flush()

@@ -153,9 +153,12 @@ class Workload:
 
     def ingest(self) -> None:
         self._tool("cp", self.images.path("new"), self.m.path / SRC / "new.img")
+        # Asking the status seals it at once (as `cp && getfattr` does in a script).
+        self._until(lambda: self._status(self.m.path / SRC / "new.img") == "available", "seal")
 
     def cp_copy(self) -> None:
         self._tool("cp", self.m.path / SRC / "base.img", self.m.path / DST / "base.img")
+        self._until(lambda: self._status(self.m.path / DST / "base.img") == "available", "seal")
 
     def move(self) -> None:
         self._tool("mv", self.m.path / SRC / "mover.img", self.m.path / DST / "mover.img")
