@@ -430,6 +430,24 @@ def test_dd_between_regions_records_lineage(image: Path, region: Path, other: Pa
     assert_copy_of(dst, src, src_id)
 
 
+def test_an_image_of_the_same_size_read_meanwhile_is_not_sealed_by_lineage(
+    region: Path, other: Path
+) -> None:
+    """Lineage by content looks at what was read while a snapshot was written; an unrelated
+    image of the same size that is still settling (its tool is about to reopen it) must not
+    be sealed by that look."""
+    blank = region / "blank.img"
+    tool("qemu-img", "create", "-q", "-f", "raw", blank, "8M")
+    with open(blank, "rb") as probe:  # e.g. blkid or qemu-img info
+        probe.read(4096)
+        tool("dd", "if=/dev/urandom", f"of={other / 'busy.img'}", "bs=1M", "count=8",
+             "status=none")  # fmt: skip
+    assert status(other / "busy.img") == "available"
+    # The blank image's tool carries on: it is not sealed.
+    tool("dd", "if=/dev/zero", f"of={blank}", "bs=4k", "count=1", "conv=notrunc", "status=none")
+    assert status(blank) == "available"
+
+
 @pytest.mark.parametrize("preserve", ["-a", "--preserve=all"])
 def test_cp_preserving_between_regions_and_out(
     tmp_path: Path, image: Path, region: Path, other: Path, preserve: str
