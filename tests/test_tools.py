@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage
+from snapfs import diskimage, mounts
 
 from .conftest import SnapfsMount, _mounted, run, sha256, wait_for
 
@@ -571,6 +571,14 @@ def fio(tmp_path: Path, *args: str) -> dict:
     job = report["jobs"][0]
     assert job["error"] == 0, job
     return job
+
+
+def test_the_mount_reads_ahead_four_mib(mnt: SnapfsMount) -> None:
+    """Sealed snapshots are read through the page cache; the kernel's 128 KiB read-ahead
+    halves a cold read, so the daemon raises the mount's to 4 MiB (after INIT)."""
+    major, minor = mounts.mount_device(mnt.path)
+    path = Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb")
+    assert wait_for(lambda: path.read_text().strip() == "4096", 5), path.read_text()
 
 
 def test_fio_randwrite_verify_then_verify_the_sealed_file(tmp_path: Path, region: Path) -> None:
