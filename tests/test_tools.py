@@ -720,6 +720,22 @@ def test_cp_then_cp_to_another_region(image: Path, region: Path, other: Path) ->
     assert_sealed(region / "x")
 
 
+def test_snapfs_status_of_a_file_shows_every_attribute(
+    mnt: SnapfsMount, image: Path, region: Path, other: Path
+) -> None:
+    """listxattr hides the computed attributes; `snapfs status FILE` shows them all."""
+    tool("cp", image, region / "a.img")
+    tool("cp", region / "a.img", other / "a.img")
+    tool("setfattr", "-n", "user.tag.env", "-v", "prod", other / "a.img")
+    shown = mnt.cli("status", other / "a.img").stdout
+    for name in ("id", "status", "progress", "source_snapshot_id", "source_region",
+                 "transferred_bytes", "encrypted", "kms_key_id"):  # fmt: skip
+        value = getfattr(other / "a.img", f"user.snapfs.{name}")
+        assert f'user.snapfs.{name}="{value}"' in shown, shown
+    assert 'user.snapfs.status="available"' in shown
+    assert 'user.tag.env="prod"' in shown
+
+
 @pytest.mark.parametrize("command", ["seal", "status", "diff", "copy", "getfattr", "umount"])
 def test_commands_that_seal_at_once(
     mnt: SnapfsMount, region: Path, other: Path, command: str
