@@ -8,8 +8,8 @@ whether I/O waits on a network (and so runs under the store's I/O limiter rather
 CPU one).
 
 The contract the region relies on (crash safety): after `put(key)` returns, `get(key)` gives
-the object back; after the next `sync()` returns, it survives a crash. `delete` of a key
-that is not there is not an error.
+the object back; after the next `sync()` returns, it survives a crash or a power loss.
+`delete` of a key that is not there is not an error.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import durable
 from .errors import StoreFull
 from .faults import fault_point
 
@@ -52,22 +53,6 @@ def free_bytes(path: Path) -> int:
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def syncfs(path: Path) -> None:
-    """Flush every dirty page and inode of the filesystem holding `path` to stable storage.
-
-    One syncfs() per batch replaces one fsync() per block file and per new directory: block
-    files are written without syncing, then the whole batch is made durable before the index
-    rows that point at it commit.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def object_path(root: Path, key: str) -> Path:
@@ -127,10 +112,15 @@ class LocalBackend:
     unlinked.
 
     Durability follows the region's order: `put` appends (no sync) and remembers the
-    location in memory; `sync` makes the packs durable (syncfs), then commits the new
-    locations in one transaction, before the region commits index rows naming them. After a
+    location in memory; `sync` fdatasyncs the packs the batch appended to (and fsyncs the
+    packs directory if a pack was started), then commits the new locations in one
+    transaction, before the region commits index rows naming them. Never syncfs(): most FUSE
+    filesystems and overlayfs `volatile` ignore it and return 0 (see durable.py). After a
     crash, bytes appended but never mapped are garbage that `reclaim_unmapped` punches out.
     A new pack is started at every open, so a pack's tail is never appended to after a crash.
+    On a filesystem without hole punching (fallocate EOPNOTSUPP: NFS 3, most FUSE ones) a
+    deleted object's bytes stay in its pack until every object there is gone and the pack
+    is unlinked.
 
     Objects of layouts 1 and 2 (one file each, `ab/cd/key` then `ab/key`) are still read,
     listed and deleted where they are; new ones go to packs. Layout 1 is renamed to 2 on open.
@@ -154,6 +144,8 @@ class LocalBackend:
         self._unsynced: dict[str, Location] = {}
         self._appending: dict[int, int] = {}  # pack -> puts reserved there, not yet recorded
         self._retired_fds: dict[int, int] = {}  # full packs' fds, closed after their last put
+        self._new_pack_entries = False  # a pack was created since the last sync
+        self.can_punch = True  # False once the filesystem said fallocate is not supported
         self._connections: list[sqlite3.Connection] = []
         self._writer: sqlite3.Connection | None = None
         self._pack_fd = -1
@@ -161,14 +153,15 @@ class LocalBackend:
         self._pack_size = 0
         if readonly:
             return
-        root.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(root)
         self.reserve = space_reserve(root)
-        if self._layout() < 2:
+        layout = self.layout()
+        if layout < 2:
             self._migrate_from_layout_1()
-        self.packs_dir.mkdir(exist_ok=True)
+        durable.make_dirs(self.packs_dir)
         self._writer = self._connect()
         self._writer.executescript(PACKS_SCHEMA)
-        if self._layout() < self.LAYOUT:
+        if layout < self.LAYOUT or self._layout_text() != f"{self.LAYOUT}\n":
             self._write_layout()
         self._pack_id = self._last_pack_id()
 
@@ -217,16 +210,63 @@ class LocalBackend:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _layout(self) -> int:
+    def _layout_text(self) -> str | None:
         try:
-            return int((self.root / self.LAYOUT_FILE).read_text())
+            return (self.root / self.LAYOUT_FILE).read_text(errors="replace")
         except FileNotFoundError:
-            return 1
+            return None
+
+    def layout_problem(self) -> str | None:
+        """What is wrong with the layout marker, if anything (`snapfs check` reports it;
+        opening the backend rebuilds it from what is on disk)."""
+        text = self._layout_text()
+        if text is None:
+            if self._db_path.exists() or self.packs_dir.exists():
+                return f"{self.LAYOUT_FILE} is missing"
+            return None
+        if not text.strip():
+            return f"{self.LAYOUT_FILE} is empty"
+        try:
+            number = int(text)
+        except ValueError:
+            return f"{self.LAYOUT_FILE} does not hold a layout number ({text[:20]!r})"
+        if not 1 <= number <= self.LAYOUT:
+            return f"{self.LAYOUT_FILE} names layout {number}, this snapfs knows 1-{self.LAYOUT}"
+        return None
+
+    def layout(self) -> int:
+        """The layout of the objects on disk. The marker is derivable: if it is missing
+        beside packs, empty or unreadable (a power loss before it reached the disk), the
+        layout is read from what is there instead, with a warning, and the marker
+        rewritten; no store becomes unmountable because of one small file."""
+        problem = self.layout_problem()
+        if problem is None:
+            text = self._layout_text()
+            return 1 if text is None else int(text)
+        layout = self._layout_on_disk()
+        log.warning(
+            "block store %s: %s; layout %d found on disk%s",
+            self.root,
+            problem,
+            layout,
+            "" if self.readonly else ", marker rewritten",
+        )
+        return layout
+
+    def _layout_on_disk(self) -> int:
+        if self._db_path.exists() or self.packs_dir.exists():
+            return 3
+        for first in os.scandir(self.root):
+            if first.is_dir(follow_symlinks=False) and len(first.name) == 2:
+                for second in os.scandir(first.path):
+                    if is_object_name(second.name):
+                        return 2
+                    if second.is_dir(follow_symlinks=False):
+                        return 1
+        return 1  # nothing stored yet: a fresh directory, treated as the oldest layout
 
     def _write_layout(self) -> None:
-        marker = self.root / (self.LAYOUT_FILE + self.TMP_SUFFIX)
-        marker.write_text(f"{self.LAYOUT}\n")
-        os.rename(marker, self.root / self.LAYOUT_FILE)
+        durable.write_file(self.root / self.LAYOUT_FILE, f"{self.LAYOUT}\n".encode())
 
     def _migrate_from_layout_1(self) -> None:
         """`ab/cd/key` -> `ab/key`. Every step is a rename, so a crash midway leaves objects
@@ -241,9 +281,10 @@ class LocalBackend:
                 for entry in os.scandir(second.path):
                     os.rename(entry.path, os.path.join(first.path, entry.name))
                     moved += 1
+                durable.fsync_dir(first.path)  # the moved entries, before their old dir goes
                 os.rmdir(second.path)
         if moved:
-            syncfs(self.root)
+            durable.fsync_dir(self.root)
             log.info("block objects in %s moved to layout 2: %d objects", self.root, moved)
 
     def _pack_path(self, pack: int) -> Path:
@@ -309,6 +350,7 @@ class LocalBackend:
                 raise StoreFull(f"no space left in the block store at {self.root}") from exc
             raise
         self._pack_fd, self._pack_id, self._pack_size = fd, pack, 0
+        self._new_pack_entries = True
 
     def locate(self, key: str) -> Location | None:
         with self._lock:
@@ -366,7 +408,7 @@ class LocalBackend:
                 continue
             try:
                 for offset, length in ranges:
-                    punch_hole(fd, offset, length)
+                    self._punch(fd, offset, length)
                     if each is not None:
                         each()
             finally:
@@ -397,6 +439,24 @@ class LocalBackend:
         for pack in empty:
             with contextlib.suppress(FileNotFoundError):
                 self._pack_path(pack).unlink()
+
+    def _punch(self, fd: int, offset: int, length: int) -> None:
+        """Punch a hole if the filesystem can; if it cannot, the bytes stay (unmapped, so
+        harmless) until the pack is unlinked. Said once per backend, not per object."""
+        if not self.can_punch:
+            return
+        try:
+            punch_hole(fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.can_punch = False
+            log.warning(
+                "block store %s: the filesystem cannot punch holes (fallocate: %s); space of "
+                "deleted blocks comes back only when a whole pack is empty",
+                self.root,
+                os.strerror(exc.errno),
+            )
 
     def interrupt(self) -> None:
         """Nothing waits on a local disk the way a remote store is waited for."""
@@ -433,13 +493,26 @@ class LocalBackend:
                 yield name
 
     def sync(self) -> None:
-        """Make every object put so far durable: packs first, then their locations."""
+        """Make every object put so far durable: the packs they were appended to first
+        (fdatasync each; fsync of the packs directory if a pack is new), then their
+        locations, in one transaction."""
         with self._sync_lock:
             with self._lock:
                 batch = dict(self._unsynced)
-            syncfs(self.root)
+                new_entries, self._new_pack_entries = self._new_pack_entries, False
+            try:
+                for pack in sorted({loc.pack for loc in batch.values()}):
+                    # A pack unlinked meanwhile held only objects deleted meanwhile.
+                    with contextlib.suppress(FileNotFoundError):
+                        durable.fdatasync_path(self._pack_path(pack))
+                if new_entries:
+                    durable.fsync_dir(self.packs_dir)
+            except BaseException:
+                with self._lock:
+                    self._new_pack_entries = self._new_pack_entries or new_entries
+                raise
             with self._lock:
-                # An object deleted while syncfs ran must not get its location back.
+                # An object deleted while the packs were synced must not get its location back.
                 batch = {k: loc for k, loc in batch.items() if self._unsynced.get(k) == loc}
                 if not batch:
                     return
@@ -461,6 +534,30 @@ class LocalBackend:
                 for key, location in batch.items():
                     if self._unsynced.get(key) == location:
                         del self._unsynced[key]
+
+    def pack_problems(self) -> list[str]:
+        """Packs the locations name that are missing or shorter than the bytes named in
+        them: what a power loss leaves when pack data was not durable before its index
+        rows were (`snapfs check`)."""
+        with self._reader() as conn:
+            if conn is None:
+                return []
+            rows = conn.execute(
+                "SELECT pack, count(*), max(offset + length) FROM objects GROUP BY pack"
+            ).fetchall()
+        problems = []
+        for pack, count, end in rows:
+            path = self._pack_path(pack)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                problems.append(f"pack {path.name} is missing; {count} objects are named in it")
+                continue
+            if size < end:
+                problems.append(
+                    f"pack {path.name} is {size} bytes but its objects reach byte {end}"
+                )
+        return problems
 
     def reclaim_unmapped(self) -> int:
         """Punch out pack bytes no location names (appended before a crash, never synced)
@@ -490,7 +587,7 @@ class LocalBackend:
                 position = 0
                 for offset, length in ranges:
                     if offset > position:
-                        punch_hole(f.fileno(), position, offset - position)
+                        self._punch(f.fileno(), position, offset - position)
                     position = max(position, offset + length)
             fault_point("pack_reclaimed")
         if reclaimed:

@@ -39,10 +39,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import db as dbutil
+from . import durable
 from .errors import SnapfsError
 from .names import check_region_name, is_text
 
 MASTER_FILE = "master.key"
+MASTER_KEY_BYTES = 32
 PASSPHRASE_ENV = "SNAPFS_PASSPHRASE"
 EXPORT_PASSPHRASE_ENV = "SNAPFS_EXPORT_PASSPHRASE"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
@@ -123,7 +125,7 @@ def unlock_master(store_path: Path, db: sqlite_utils.Database, *, create: bool) 
 
 
 def _create_master(store_path: Path, db: sqlite_utils.Database) -> bytes:
-    master = secrets.token_bytes(32)
+    master = secrets.token_bytes(MASTER_KEY_BYTES)
     passphrase = os.environ.get(PASSPHRASE_ENV)
     with dbutil.transaction(db) as conn:
         if passphrase:
@@ -140,6 +142,8 @@ def _create_master(store_path: Path, db: sqlite_utils.Database) -> bytes:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            # The catalogue is about to say a key file exists: its entry must survive too.
+            durable.fsync_dir(store_path)
             dbutil.set_meta(conn, "key_protection", "keyfile")
     return master
 
@@ -379,4 +383,6 @@ def export_to_file(ring: KeyRing, key_id: str, path: Path | None, passphrase: st
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # an export is the backup of a key: it must be on disk
     return text

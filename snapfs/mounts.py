@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import durable
+
 FSTYPE = "fuse.snapfs"
 
 
@@ -124,9 +126,7 @@ def _record_path(mountpoint: Path) -> Path:
 def register(mountpoint: Path, store: Path) -> None:
     record = {"mountpoint": os.path.abspath(mountpoint), "store": str(store), "pid": os.getpid()}
     path = _record_path(mountpoint)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.rename(path)
+    durable.write_file(path, json.dumps(record).encode())
 
 
 def unregister(mountpoint: Path) -> None:
