@@ -39,7 +39,7 @@ from . import db as dbutil
 from .backend import LocalBackend
 from .errors import BlockCorrupt, IndexDamaged, SnapfsError, StoreBusy
 from .index import RegionIndex
-from .keys import KeyDisabled, KeyNotFound, KeyRing, unlock_master
+from .keys import MASTER_FILE, MASTER_KEY_BYTES, KeyDisabled, KeyNotFound, KeyRing, unlock_master
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class RegionReport:
     orphans: int = 0
     unreferenced: int = 0  # rows with no references left (normally collected at once)
     index_problems: list[str] = field(default_factory=list)  # SQLite's integrity check
+    # Files a mount needs that are missing, empty or short (a layout marker, packs): what a
+    # power loss leaves on a disk that did not keep what was not fsync'ed.
+    file_problems: list[str] = field(default_factory=list)
     damaged_snapshots: list[DamagedSnapshot] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -78,6 +81,7 @@ class RegionReport:
             or self.corrupt
             or self.error
             or self.index_problems
+            or (self.file_problems and "layout" not in self.repaired)
             or (self.wrong_refcounts and "refcounts" not in self.repaired)
             or (self.wrong_allocated and "allocated_blocks" not in self.repaired)
         )
@@ -88,14 +92,21 @@ class CheckReport:
     store: str
     repair: bool
     regions: list[RegionReport]
+    problems: list[str] = field(default_factory=list)  # store-wide: the mount would fail
 
     @property
     def ok(self) -> bool:
-        return not any(r.damaged for r in self.regions)
+        return not self.problems and not any(r.damaged for r in self.regions)
 
     def as_dict(self) -> dict[str, Any]:
         regions = [{**asdict(r), "damaged": r.damaged} for r in self.regions]
-        return {"store": self.store, "repair": self.repair, "ok": self.ok, "regions": regions}
+        return {
+            "store": self.store,
+            "repair": self.repair,
+            "ok": self.ok,
+            "problems": self.problems,
+            "regions": regions,
+        }
 
 
 @contextlib.contextmanager
@@ -339,7 +350,18 @@ def _check_region(
     except (sqlite3.DatabaseError, SnapfsError) as exc:
         report.error = f"{IndexDamaged.code}: {directory / 'index.db'} cannot be opened: {exc}"
         return report
-    backend = _backend_of(directory, row, readonly=not repair)
+    backend = _backend_of(directory, row, readonly=True)
+    if isinstance(backend, LocalBackend):
+        layout = backend.layout_problem()
+        report.file_problems = [f"{layout} (the next mount rebuilds it)"] if layout else []
+        report.file_problems += backend.pack_problems()
+        if repair:
+            backend.close()
+            backend = _backend_of(directory, row, readonly=False)  # rewrites the marker
+            if layout:
+                report.repaired["layout"] = 1
+    elif repair:
+        backend = _backend_of(directory, row, readonly=False)
     try:
         report.index_problems = _index_problems(index)
         if report.index_problems:
@@ -421,16 +443,50 @@ def check(store: Path, *, repair: bool = False) -> CheckReport:
         try:
             block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
             rows = list(catalogue["regions"].rows_where(order_by="id"))
+            problems = _store_problems(store, catalogue)
             keys_for = _key_lookup(store, catalogue)
             workers = max(2, os.cpu_count() or 2)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 regions = [
-                    _check_region(store, row, block_size, keys_for, repair=repair, pool=pool)
+                    _check_region_or_say_why(
+                        store, row, block_size, keys_for, repair=repair, pool=pool
+                    )
                     for row in rows
                 ]
         finally:
             catalogue.close()
-    return CheckReport(str(store), repair, regions)
+    return CheckReport(str(store), repair, regions, problems)
+
+
+def _check_region_or_say_why(
+    store: Path, row: dict[str, Any], *args: Any, **kw: Any
+) -> RegionReport:
+    """A region whose files cannot even be opened is reported as such, like the mount
+    leaves it out, and the check goes on with the others."""
+    try:
+        return _check_region(store, row, *args, **kw)
+    except (OSError, ValueError) as exc:
+        report = RegionReport(row["name"])
+        report.error = f"Region.Unreadable: {type(exc).__name__}: {exc}"
+        return report
+
+
+def _store_problems(store: Path, catalogue: Any) -> list[str]:
+    """What would stop the whole store from mounting, beyond any one region."""
+    problems = []
+    if dbutil.get_meta(catalogue, "key_protection") == "keyfile":
+        path = store / MASTER_FILE
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"the master key file {path} is missing: the store cannot mount")
+        else:
+            if size != MASTER_KEY_BYTES:
+                problems.append(
+                    f"the master key file {path} is {size} bytes, not {MASTER_KEY_BYTES}: "
+                    "the store's keys cannot be unlocked"
+                )
+    return problems
 
 
 def render(report: CheckReport) -> None:
@@ -443,6 +499,8 @@ def render(report: CheckReport) -> None:
         )
         if r.error:
             print(f"  {r.error}")
+        for problem in r.file_problems:
+            print(f"  {problem}")
         for problem in r.index_problems:
             print(f"  index damaged: {problem}")
         if r.unverified:
@@ -456,4 +514,6 @@ def render(report: CheckReport) -> None:
             print(f"  snapshot {d.name} ({d.id}) is damaged at offset {offsets}{more}")
         if r.repaired:
             print("  repaired: " + ", ".join(f"{k} {v}" for k, v in r.repaired.items()))
+    for problem in report.problems:
+        print(f"store: {problem}")
     print("store ok" if report.ok else "store DAMAGED: see above")

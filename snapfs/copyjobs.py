@@ -56,6 +56,9 @@ class CopyJob:
     total_blocks: int
     created_at: float
     source: Snapshot | None = None  # None if the source is gone (the job then fails)
+    # Resumed after an unclean stop (crash, power loss): blocks below this were committed
+    # before it and are read back and checked before the job goes on.
+    verify_below: int = 0
     state: str = "queued"
     scope: trio.CancelScope | None = None
     finished: trio.Event = field(default_factory=trio.Event)
@@ -202,6 +205,8 @@ class CopyEngine:
                 dst.id,
                 job.total_blocks,
             )
+        if job.verify_below:
+            await self._verify_committed(job, src)
         batch_blocks = self._batch_blocks(dst.region.block_size)
         while True:
             batch = src.region.index.block_map_from(src.id, job.next_block, batch_blocks)
@@ -211,6 +216,115 @@ class CopyEngine:
             await self._copy_batch(job, src, batch)
             await self._throttle(len(batch) * dst.region.block_size, started)
         self._finish(job)
+
+    async def _verify_committed(self, job: CopyJob, src: Snapshot) -> None:
+        """Read back every destination block committed before an unclean stop and check
+        it against its id; one missing or damaged (its bytes never reached the disk, or
+        were lost since) is copied again from the source. So a move can only release its
+        source once the destination is known good, whatever the store's disk did."""
+        dst = job.dst
+        region = dst.region
+        log.info(
+            "copy %s -> %s/%s: resumed after an unclean stop; verifying the %d blocks "
+            "committed before it",
+            src.id,
+            region.name,
+            dst.id,
+            job.done_blocks,
+        )
+        if region.keys is not None:
+            region.keys.prime()
+        if src.region.keys is not None:
+            src.region.keys.prime()
+        checked = rewritten = 0
+        first = 0
+        while first < job.verify_below:
+            batch = [
+                (block_no, block_id)
+                for block_no, block_id in region.index.block_map_from(dst.id, first, BATCH_BLOCKS)
+                if block_no < job.verify_below
+            ]
+            if not batch:
+                break
+            damaged = await self._damaged_blocks(region, batch)
+            for block_no, block_id, why in damaged:
+                log.warning(
+                    "copy into %s/%s (%s): block %d (%s) %s; copying it again from %s",
+                    region.name,
+                    dst.name,
+                    dst.id,
+                    block_no,
+                    block_id.hex(),
+                    why,
+                    src.id,
+                )
+                await self._copy_again(job, src, block_no, block_id)
+            checked += len(batch)
+            rewritten += len(damaged)
+            first = batch[-1][0] + 1
+        job.verify_below = 0
+        log.info(
+            "copy into %s/%s (%s): %d committed blocks verified, %d copied again",
+            region.name,
+            dst.name,
+            dst.id,
+            checked,
+            rewritten,
+        )
+
+    async def _damaged_blocks(
+        self, region: Region, batch: list[tuple[int, bytes]]
+    ) -> list[tuple[int, bytes, str]]:
+        damaged: list[tuple[int, bytes, str]] = []
+        limiter = trio.Semaphore(TRANSFERS_PER_REMOTE_JOB if region.remote else TRANSFERS_PER_JOB)
+
+        async def verify(block_no: int, block_id: bytes) -> None:
+            async with limiter:
+                try:
+                    await trio.to_thread.run_sync(
+                        region.verify_object,
+                        block_id,
+                        limiter=region.io_limiter if region.remote else region.limiter,
+                    )
+                except (ObjectMissing, BlockCorrupt) as exc:
+                    damaged.append((block_no, block_id, f"failed verification: {exc.message}"))
+
+        async with trio.open_nursery() as nursery:
+            for block_no, block_id in batch:
+                nursery.start_soon(verify, block_no, block_id)
+        return sorted(damaged)
+
+    async def _copy_again(self, job: CopyJob, src: Snapshot, block_no: int, dst_id: bytes) -> None:
+        """Rewrite destination block `dst_id` (block `block_no`) from the source's block."""
+        found = src.region.index.block_map_from(src.id, block_no, 1)
+        if not found or found[0][0] != block_no:
+            raise BlockCorrupt(
+                f"destination block {block_no} of {job.dst.id} is damaged and the source "
+                f"{src.id} has no block there to copy it from",
+                code="InvalidSnapshot.Damaged",
+            )
+        src_id = found[0][1]
+        dst_region = job.dst.region
+        dst_keys = job.dst.block_keys()
+        id_key = dst_keys.id_key if dst_keys is not None else None
+
+        def make_object() -> codec.EncodedBlock:
+            if src_id == dst_id and (dst_keys is None or src.region is dst_region):
+                return src.region.fetch_object(src_id)
+            new_id, opened = src.region.open_for_copy(src_id, id_key)
+            if new_id != dst_id:
+                raise BlockCorrupt(
+                    f"source block {block_no} of {src.id} no longer matches the destination's"
+                )
+            return codec.reseal(opened, dst_id, dst_keys, dst_region.name)
+
+        try:
+            await dst_region.rewrite_block(dst_id, make_object)
+        except ObjectMissing as exc:
+            raise NotFound(
+                f"source snapshot {src.id} in region {src.region.name} lost block {block_no}: "
+                f"{exc.message}"
+            ) from None
 
     def _batch_blocks(self, block_size: int) -> int:
         if not self.bandwidth_limit:

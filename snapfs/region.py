@@ -252,6 +252,32 @@ class Region:
         fault_point("object_written")
         return StoredBlock(block_id, new, written=True)
 
+    async def rewrite_block(
+        self, block_id: bytes, make_object: Callable[[], codec.EncodedBlock]
+    ) -> int:
+        """Store again a block whose index row stays but whose object is missing or
+        damaged (a resumed copy found it so): the new object replaces the old one's
+        location, durable before this returns. Returns the bytes written."""
+        while (writing := self._writing.get(block_id)) is not None:
+            await writing.wait()
+        done = self._writing[block_id] = trio.Event()
+        try:
+            encoded = await trio.to_thread.run_sync(make_object, limiter=self.limiter)
+            await trio.to_thread.run_sync(
+                self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
+            )
+            await self.sync()
+        finally:
+            del self._writing[block_id]
+            done.set()
+        self.cache.discard(block_id)
+        return encoded.plain_size
+
+    def verify_object(self, block_id: bytes) -> None:
+        """Worker thread (keys primed): ObjectMissing or BlockCorrupt unless the stored
+        object is there and decodes to its id."""
+        self.fetch_object(block_id)
+
     async def _put_local(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
         """Encode and write in one thread hop; on a full disk, wait for pending frees."""
         deadline = trio.current_time() + FREES_WAIT

@@ -37,6 +37,8 @@ import sqlite_utils
 import trio
 
 from . import db as dbutil
+from . import durable
+from .backend import LocalBackend
 from .cache import BlockCache
 from .copyjobs import CopyEngine, CopyJob
 from .errors import (
@@ -55,6 +57,7 @@ from .errors import (
     from_sqlite,
 )
 from .faults import fault_point
+from .index import RegionIndex
 from .keys import KeyNotFound, KeyRing, unlock_master
 from .names import check_region_name, check_snapshot_filename, new_snapshot_id
 from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, PendingFrees, Region
@@ -269,6 +272,15 @@ class Store:
             log.error(
                 "region %s is not served: its index is damaged (%s); run snapfs check", name, error
             )
+        except (OSError, ValueError) as exc:
+            # One region's unreadable files must not take the whole store down with it.
+            self.damaged_regions[name] = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "region %s is not served: its files cannot be read (%s: %s); run snapfs check",
+                name,
+                type(exc).__name__,
+                exc,
+            )
 
     def _load_region(
         self, name: str, region_id: int, backend_url: str = "local", endpoint: str | None = None
@@ -418,6 +430,7 @@ class Store:
             total_blocks=row["total_blocks"],
             created_at=row["created_at"],
             source=source,
+            verify_below=0 if self.was_clean else row["next_block"],
         )
         if source is not None:
             source.copy_readers += 1
@@ -519,13 +532,20 @@ class Store:
         directory = self.path / "regions" / name
         if directory.exists():  # left by an interrupted create or remove: nothing references it
             shutil.rmtree(directory)
-        directory.mkdir(parents=True, mode=0o700)
+        durable.make_dirs(directory)
         return directory
 
     def _register_region(
         self, name: str, backend_url: str = "local", endpoint: str | None = None
     ) -> Region:
-        # The catalogue row is the commit point: a crash before it leaves only a directory.
+        # The catalogue row is the commit point: a crash or power loss before it leaves only
+        # a directory, so everything the row will name (index, block store, layout marker,
+        # their folders) is made durable first.
+        directory = self.path / "regions" / name
+        RegionIndex(directory / "index.db").close()
+        if backend_url == "local":
+            LocalBackend(directory / "blocks").close()
+        durable.sync_tree(directory)
         row = {"name": name, "created_at": time.time(), "backend": backend_url}
         row["endpoint"] = endpoint
         region_id = self.db["regions"].insert(row).last_pk
@@ -610,6 +630,8 @@ class Store:
         self.by_ino.pop(region.ino, None)
         region.close()  # also ends its collector task
         shutil.rmtree(region.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            durable.fsync_dir(region.directory.parent)  # not resurrected by a power loss
         if region.remote and self.nursery is not None:
             self.nursery.start_soon(self._destroy_remote, region)
         log.info("removed region %s", name)
