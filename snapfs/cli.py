@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import mounts, params, status
+from . import durable, mounts, params, status
 from .errors import SnapfsError, from_sqlite
 from .store import default_store_path
 
@@ -52,7 +52,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
     """Start the daemon in its own session; return once it reports the mount ready."""
-    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+    durable.make_dirs(store)  # a new store must not vanish with a power loss
     read_end, write_end = os.pipe()
     cmd = [
         sys.executable,

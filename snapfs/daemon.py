@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import faults, mounts
+from . import durable, faults, mounts
 from .errors import SnapfsError, from_sqlite
 from .fs import Operations
 from .stalls import instruments_from_env
@@ -40,7 +40,7 @@ def setup_logging(store_path: Path, *, to_stderr: bool, debug: bool = False) -> 
     # The log lives in the store: when its disk is full a line is lost, not turned into a
     # traceback on stderr (which is on the same disk).
     logging.raiseExceptions = False
-    store_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    durable.make_dirs(store_path)
     handler = logging.handlers.RotatingFileHandler(
         store_path / "snapfs.log", maxBytes=32 << 20, backupCount=3
     )

@@ -147,7 +147,7 @@ def make_private(path: Path) -> None:
     """The store directory is its owner's alone: block objects, indexes, logs and the key
     file inside it must not be readable by other users, whatever the umask was when it (or
     an existing directory given as --store, e.g. a tmpfs root of mode 1777) was made."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    durable.make_dirs(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning("store %s was accessible to other users (mode %o); now 0700", path, mode)
@@ -199,7 +199,7 @@ class Store:
         self.nursery: trio.Nursery | None = None
         self.was_clean = True
         self._lock_fd: int | None = None
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.make_dirs(self.path)
         self._lock()
         try:
             self.db = open_catalogue(self.path)
