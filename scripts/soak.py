@@ -9,6 +9,11 @@ crash: the crash workload of tests/workload.py (ingest, cp copy, mv, CopySnapsho
     snapshot identical, every copy resumed and identical, snapfs check clean, no traceback).
     Prints one line per run and "survived X/N".
 
+powerloss: the same workload and verification, with the store on powercutfs (a test disk
+    that drops every write, truncate and directory entry not fsync'ed; tests/powercutfs.py):
+    each run the daemon dies (a random fault point or moment, as above) and then the power
+    is cut, before the store is mounted again and verified.
+
 load: rounds of tests/loadwork.py (100 copies into one region at once by mv, cp and the
     CopySnapshot API, with reader and writer threads; each copy limited by --copy-bwlimit
     so that they run side by side) until --duration seconds have passed;
@@ -38,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from snapfs import faults, mounts  # noqa: E402
 from tests import loadwork, workload  # noqa: E402
 from tests.conftest import SnapfsMount, wait_for  # noqa: E402
+from tests.powercutfs import PowerCutFS  # noqa: E402
 
 
 def learn_fault_points(
@@ -63,12 +69,21 @@ def learn_fault_points(
 
 def crash_once(
     run: int, template: Path, images: workload.Images, work: Path, how: str, rng: random.Random,
-    hits: dict[str, int], duration: float,
+    hits: dict[str, int], duration: float, power_cut: bool = False,
 ) -> tuple[str, str]:
-    """One run: ('survived' | 'not reached' | 'FAILED', what happened)."""
+    """One run: ('survived' | 'not reached' | 'FAILED', what happened). With `power_cut`
+    the store is on powercutfs, and the power is cut once the daemon is dead."""
     case = work / f"run{run}"
-    workload.copy_store(template, case / "store")
-    m = SnapfsMount(case / "store", case / "mnt", env=workload.clock_env(case / "clock"))
+    disk = None
+    if power_cut:
+        workload.copy_store(template, case / "backing" / "store")
+        disk = PowerCutFS(case / "backing", case / "disk")
+        disk.start()
+        store = case / "disk" / "store"
+    else:
+        workload.copy_store(template, case / "store")
+        store = case / "store"
+    m = SnapfsMount(store, case / "mnt", env=workload.clock_env(case / "clock"))
     try:
         steps = workload.Workload(m, images, case / "clock")
         if how == "timed":
@@ -92,16 +107,23 @@ def crash_once(
             died_in = steps.run_steps()
             if died_in is None:
                 return "not reached", label
+        if disk is not None:
+            dropped = disk.stats()
+            disk.cut()
+            label += (f", power cut ({dropped['dirty_inodes']} files and "
+                      f"{dropped['journal']} entries not durable dropped)")
         m.mount()
         counts = workload.verify(m, images)
         return "survived", f"{label}, died in {died_in}, {counts['snapshots']} snapshots verified"
     except Exception as exc:  # noqa: BLE001 - a soak reports every failure and goes on
         detail = "".join(traceback.format_exception_only(exc)).strip()
         keep = work / f"failed-run{run}"
-        shutil.copytree(case / "store", keep / "store", dirs_exist_ok=True)
+        shutil.copytree(store, keep / "store", dirs_exist_ok=True)
         return "FAILED", f"{detail[:400]} (store kept in {keep})"
     finally:
         m.teardown()
+        if disk is not None:
+            disk.stop()
         shutil.rmtree(case, ignore_errors=True)
 
 
@@ -122,12 +144,14 @@ def soak_crash(args: argparse.Namespace, work: Path) -> int:
     for run in range(1, args.runs + 1):
         how = "timed" if rng.random() < args.timed_share else "fault"
         outcome, detail = crash_once(
-            run, template / "store", images, work, how, rng, hits, duration
+            run, template / "store", images, work, how, rng, hits, duration,
+            power_cut=args.mode == "powerloss",
         )
         tally[outcome] += 1
         print(f"run {run}/{args.runs}: {outcome}: {detail}", flush=True)
     tried = args.runs - tally["not reached"]
-    print(f"survived {tally['survived']}/{tried} crashes ({tally['not reached']} fault points "
+    what = "power losses" if args.mode == "powerloss" else "crashes"
+    print(f"survived {tally['survived']}/{tried} {what} ({tally['not reached']} fault points "
           f"not reached, {tally['FAILED']} failed)")  # fmt: skip
     return 0 if tally["FAILED"] == 0 else 1
 
@@ -175,11 +199,13 @@ def soak_load(args: argparse.Namespace, work: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("crash", help="random kill points, then verify")
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timed-share", type=float, default=0.25,
-                   help="share of runs killed at a random moment instead of a fault point")
+    for mode, help_text in (("crash", "random kill points, then verify"),
+                            ("powerloss", "random kill points, then a power cut, then verify")):
+        p = sub.add_parser(mode, help=help_text)
+        p.add_argument("--runs", type=int, default=30)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--timed-share", type=float, default=0.25,
+                       help="share of runs killed at a random moment instead of a fault point")
     p = sub.add_parser("load", help="100 concurrent copies + readers + writers, repeatedly")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of rounds")
     p.add_argument("--copies", type=int, default=100)
@@ -192,7 +218,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix=f"snapfs-soak-{args.mode}-", dir=args.workdir))
     try:
-        return soak_crash(args, work) if args.mode == "crash" else soak_load(args, work)
+        return soak_load(args, work) if args.mode == "load" else soak_crash(args, work)
     finally:
         kept = [p for p in work.iterdir() if p.name.startswith("failed-")]
         if not kept:

@@ -259,6 +259,75 @@ def test_a_pack_still_being_appended_to_survives_losing_its_objects(
     backend.close()
 
 
+def test_sync_fdatasyncs_each_pack_written_and_the_packs_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durability never rests on syncfs(): the packs a batch appended to are fdatasync'ed,
+    and the packs directory fsync'ed when a pack was started, before locations commit."""
+    backend = LocalBackend(tmp_path / "blocks")
+    backend.PACK_BYTES = 200 << 10
+    synced: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                     real_fdatasync(fd))[1]
+    )  # fmt: skip
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                 real_fsync(fd))[1]
+    )  # fmt: skip
+    for _ in range(2):  # two packs: the first fills up
+        backend.put(os.urandom(32).hex(), os.urandom(256 << 10))
+    backend.sync()
+    packs = sorted(str(p) for p in (tmp_path / "blocks" / "packs").glob("*.pack"))
+    assert len(packs) == 2 and sorted(synced[:2]) == packs
+    assert synced[2:] == [str(tmp_path / "blocks" / "packs")]
+    synced.clear()
+    backend.PACK_BYTES = 1 << 30
+    backend.put(os.urandom(32).hex(), b"x" * 100)
+    backend.sync()  # an append to the current pack: only that pack
+    assert synced == [packs[1]]
+    backend.close()
+
+
+@pytest.mark.parametrize("marker", ["", "garbage", None])
+def test_a_lost_layout_marker_is_rebuilt_from_the_packs(
+    tmp_path: Path, marker: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "blocks"
+    backend = LocalBackend(root)
+    key = os.urandom(32).hex()
+    backend.put(key, b"data")
+    backend.sync()
+    backend.close()
+    if marker is None:
+        (root / ".layout").unlink()
+    else:
+        (root / ".layout").write_text(marker)
+    assert LocalBackend(root, readonly=True).layout_problem() is not None
+    with caplog.at_level(logging.WARNING):
+        again = LocalBackend(root)
+    assert "layout 3 found on disk, marker rewritten" in caplog.text
+    assert (root / ".layout").read_text() == "3\n"
+    assert again.layout_problem() is None and again.get(key) == b"data"
+    again.close()
+
+
+def test_pack_problems_name_packs_shorter_than_their_objects(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "blocks")
+    backend.put(os.urandom(32).hex(), b"y" * 1000)
+    backend.sync()
+    assert backend.pack_problems() == []
+    (pack,) = (tmp_path / "blocks" / "packs").glob("*.pack")
+    os.truncate(pack, 10)
+    assert backend.pack_problems() == [
+        f"pack {pack.name} is 10 bytes but its objects reach byte 1000"
+    ]
+    pack.unlink()
+    assert "is missing" in backend.pack_problems()[0]
+    backend.close()
+
+
 def test_store_lock_refuses_second_opener(tmp_path: Path) -> None:
     store = Store(tmp_path / "store", block_size=MiB)
     try:
