@@ -81,7 +81,10 @@ class RegionReport:
             or self.corrupt
             or self.error
             or self.index_problems
-            or (self.file_problems and "layout" not in self.repaired)
+            or any(
+                not ("layout" in self.repaired and problem.startswith(LocalBackend.LAYOUT_FILE))
+                for problem in self.file_problems
+            )
             or (self.wrong_refcounts and "refcounts" not in self.repaired)
             or (self.wrong_allocated and "allocated_blocks" not in self.repaired)
         )
@@ -322,7 +325,7 @@ def _repair(index: RegionIndex, backend: Any, report: RegionReport, orphans: lis
         conn.execute("DELETE FROM blocks WHERE refcount = 0")
     backend.delete_many([*(b.hex() for b in dropped), *orphans])
     backend.reclaim_unmapped()
-    report.repaired = {
+    report.repaired |= {
         "refcounts": len(report.wrong_refcounts),
         "allocated_blocks": len(report.wrong_allocated),
         "unreferenced_dropped": len(dropped),
@@ -350,7 +353,8 @@ def _check_region(
     except (sqlite3.DatabaseError, SnapfsError) as exc:
         report.error = f"{IndexDamaged.code}: {directory / 'index.db'} cannot be opened: {exc}"
         return report
-    backend = _backend_of(directory, row, readonly=True)
+    local = (row.get("backend") or "local") == "local"
+    backend = _backend_of(directory, row, readonly=local or not repair)
     if isinstance(backend, LocalBackend):
         layout = backend.layout_problem()
         report.file_problems = [f"{layout} (the next mount rebuilds it)"] if layout else []
@@ -360,8 +364,6 @@ def _check_region(
             backend = _backend_of(directory, row, readonly=False)  # rewrites the marker
             if layout:
                 report.repaired["layout"] = 1
-    elif repair:
-        backend = _backend_of(directory, row, readonly=False)
     try:
         report.index_problems = _index_problems(index)
         if report.index_problems:

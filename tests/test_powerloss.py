@@ -351,6 +351,11 @@ def test_empty_layout_marker_is_reported_then_rebuilt(rig: Rig) -> None:
     assert ".layout is empty; layout 3 found on disk, marker rewritten" in rig.m.log()
     assert marker.read_text() == "3\n"
     rig.verify({region / image.name: digest})
+    marker.write_text("")
+    code, report = rig.m.check("--repair")
+    assert code == 0 and report["ok"], report
+    assert region_report(report, region.name)["repaired"]["layout"] == 1
+    assert marker.read_text() == "3\n"
 
 
 def test_check_reports_packs_the_index_names_but_the_disk_lost(rig: Rig) -> None:
