@@ -37,8 +37,9 @@ DEFAULT_BASELINE = "ab59861"  # the tree before issue 13: syncfs per batch
 SCENARIOS = ["ingest day 1", "ingest day 2", "mv copy, full", "cp copy of day 2, incremental"]
 
 
-def run(*cmd: str | os.PathLike, env: dict | None = None) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, env=env, stdout=subprocess.DEVNULL)
+def run(*cmd: str | os.PathLike, env: dict | None = None, cwd: Path | None = None) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=cwd,
+                   stdout=subprocess.DEVNULL)
 
 
 def timed(*cmd: str | os.PathLike, env: dict | None = None) -> float:
@@ -68,10 +69,14 @@ def wait_status(path: Path, wanted: str = "available", timeout: float = 1800) ->
 
 def one_run(tree: Path, work: Path, day1: Path, day2: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    check = subprocess.run([sys.executable, "-c", "import snapfs; print(snapfs.__file__)"],
+                           env=env, cwd=tree, capture_output=True, text=True, check=True)
+    assert check.stdout.startswith(str(tree)), f"{tree}: imports {check.stdout}"
     snapfs = [sys.executable, "-m", "snapfs"]
     store, mnt = work / "store", work / "mnt"
     mnt.mkdir()
-    run(*snapfs, "mount", mnt, "--store", store, env=env)
+    # `python -m` puts the working directory first on sys.path: run in the tree measured.
+    run(*snapfs, "mount", mnt, "--store", store, env=env, cwd=tree)
     times: dict[str, float] = {}
     try:
         a, b = mnt / "cn-hangzhou", mnt / "us-east-1"
@@ -91,7 +96,7 @@ def one_run(tree: Path, work: Path, day1: Path, day2: Path) -> dict[str, float]:
         wait_status(b / day2.name)
         times["cp copy of day 2, incremental"] = time.perf_counter() - start
     finally:
-        run(*snapfs, "umount", mnt, env=env)
+        run(*snapfs, "umount", mnt, env=env, cwd=tree)
         shutil.rmtree(store, ignore_errors=True)
         mnt.rmdir()
     return times
