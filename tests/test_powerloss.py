@@ -48,6 +48,26 @@ class Rig:
         diskimage.create(path, size, seed=seed, zeros=0.2)
         return path, sha256(path)
 
+    def move_until(
+        self, src: Path, dst: Path, size: int, seed: int, percent: float
+    ) -> tuple[Path, Path, str]:
+        """`cp` an image into region `src`, `mv` it to region `dst` and wait until the copy
+        reached `percent`: (the source's path, the destination's, the image's sha256)."""
+        image, digest = self.image("mover.img", size, seed)
+        run("cp", image, src)
+        assert status(src / image.name) == "available"
+        run("mv", src / image.name, dst)
+        moved = dst / image.name
+        assert wait_for(lambda: progress(moved) >= percent, COPY_TIMEOUT)
+        return src / image.name, moved, digest
+
+    def lose_packs(self, region: Path) -> None:
+        """What a disk that lost un-synced pack data leaves: every pack of `region` empty."""
+        packs = list((self.m.store / "regions" / region.name / "blocks" / "packs").glob("*.pack"))
+        assert packs
+        for pack in packs:
+            os.truncate(pack, 0)
+
     def power_loss(self) -> dict:
         """The machine dies: the daemon at once, then every write the disk was not told
         to keep. Returns what the disk dropped."""
@@ -93,6 +113,13 @@ def progress(path: Path) -> float:
         return float(os.getxattr(path, "user.snapfs.progress"))
     except FileNotFoundError:
         return 0.0
+
+
+def two_regions(rig: Rig) -> tuple[Path, Path]:
+    src, dst = rig.m.path / "cn-hangzhou", rig.m.path / "us-east-1"
+    src.mkdir()
+    dst.mkdir()
+    return src, dst
 
 
 @pytest.fixture
@@ -149,15 +176,8 @@ def test_snapshot_acknowledged_by_cp_and_status_survives(rig: Rig, trial: int) -
 @pytest.mark.parametrize("cut_at", [20, 50, 80])
 def test_move_cut_mid_way_resumes_verifies_and_keeps_its_source(slow_rig: Rig, cut_at: int) -> None:
     rig = slow_rig
-    src, dst = rig.m.path / "cn-hangzhou", rig.m.path / "us-east-1"
-    src.mkdir()
-    dst.mkdir()
-    image, digest = rig.image("mover.img", 24 * MiB, seed=cut_at)
-    run("cp", image, src)
-    assert status(src / image.name) == "available"
-    run("mv", src / image.name, dst)
-    moved = dst / image.name
-    assert wait_for(lambda: progress(moved) >= cut_at, COPY_TIMEOUT)
+    src, dst = two_regions(rig)
+    source, moved, digest = rig.move_until(src, dst, 24 * MiB, seed=cut_at, percent=cut_at)
     assert status(moved) == "copying"
     rig.power_loss()
     rig.remount()
@@ -165,7 +185,7 @@ def test_move_cut_mid_way_resumes_verifies_and_keeps_its_source(slow_rig: Rig, c
     assert "resumed after an unclean stop; verifying" in log, log
     assert wait_for(lambda: status(moved) != "copying", COPY_TIMEOUT)
     assert "0 copied again" in rig.m.log()
-    rig.verify({moved: digest}, gone=(src / image.name,))
+    rig.verify({moved: digest}, gone=(source,))
 
 
 def test_resumed_move_copies_lost_destination_blocks_again(slow_rig: Rig) -> None:
@@ -173,46 +193,29 @@ def test_resumed_move_copies_lost_destination_blocks_again(slow_rig: Rig) -> Non
     (what syncfs-only durability did): the resumed move finds each damaged block, copies it
     again from the source, and only then releases the source."""
     rig = slow_rig
-    src, dst = rig.m.path / "cn-hangzhou", rig.m.path / "us-east-1"
-    src.mkdir()
-    dst.mkdir()
-    image, digest = rig.image("mover.img", 24 * MiB, seed=7)
-    run("cp", image, src)
-    assert status(src / image.name) == "available"
-    run("mv", src / image.name, dst)
-    moved = dst / image.name
-    assert wait_for(lambda: progress(moved) >= 50, COPY_TIMEOUT)
+    src, dst = two_regions(rig)
+    source, moved, digest = rig.move_until(src, dst, 24 * MiB, seed=7, percent=50)
     rig.power_loss()
-    packs = list((rig.m.store / "regions" / dst.name / "blocks" / "packs").glob("*.pack"))
-    assert packs
-    for pack in packs:
-        os.truncate(pack, 0)
+    rig.lose_packs(dst)
     rig.remount()
     assert wait_for(lambda: status(moved) != "copying", COPY_TIMEOUT)
     log = rig.m.log()
     assert "failed verification" in log and "copying it again from" in log, log
-    rig.verify({moved: digest}, gone=(src / image.name,))
+    rig.verify({moved: digest}, gone=(source,))
 
 
 def test_move_whose_source_is_also_lost_fails_and_gives_the_source_back(slow_rig: Rig) -> None:
     """If a destination block cannot be copied again (the source's copy is damaged too),
     the move fails and the source keeps its name: never released on an unverified copy."""
     rig = slow_rig
-    src, dst = rig.m.path / "cn-hangzhou", rig.m.path / "us-east-1"
-    src.mkdir()
-    dst.mkdir()
-    image, _ = rig.image("mover.img", 24 * MiB, seed=8)
-    run("cp", image, src)
-    assert status(src / image.name) == "available"
-    run("mv", src / image.name, dst)
-    assert wait_for(lambda: progress(dst / image.name) >= 50, COPY_TIMEOUT)
+    src, dst = two_regions(rig)
+    source, moved, _ = rig.move_until(src, dst, 24 * MiB, seed=8, percent=50)
     rig.power_loss()
-    for region in (src, dst):
-        for pack in (rig.m.store / "regions" / region.name / "blocks" / "packs").glob("*.pack"):
-            os.truncate(pack, 0)
+    rig.lose_packs(src)
+    rig.lose_packs(dst)
     rig.remount()
-    assert wait_for(lambda: (src / image.name).exists(), COPY_TIMEOUT), rig.m.log()
-    assert status(dst / image.name) == "failed"
+    assert wait_for(source.exists, COPY_TIMEOUT), rig.m.log()
+    assert status(moved) == "failed"
 
 
 # --- (c) shortly after `rm` of some snapshots ------------------------------------------------
@@ -319,15 +322,11 @@ def test_power_loss_during_a_copy_with_an_s3_region(
         local.mkdir()
         remote = create_s3_region(rig.m, s3, "eu-west-1", f"trial-{direction}")
         src, dst = (local, remote) if direction == "into-s3" else (remote, local)
-        image, digest = rig.image("mover.img", 16 * MiB, seed=51)
-        run("cp", image, src)
-        assert status(src / image.name) == "available"
-        run("mv", src / image.name, dst)
-        assert wait_for(lambda: progress(dst / image.name) >= 40, COPY_TIMEOUT)
+        source, moved, digest = rig.move_until(src, dst, 16 * MiB, seed=51, percent=40)
         rig.power_loss()
         rig.remount()
         assert "resumed after an unclean stop; verifying" in rig.m.log()
-        rig.verify({dst / image.name: digest}, gone=(src / image.name,))
+        rig.verify({moved: digest}, gone=(source,))
 
 
 # --- what a store looks like after a power loss of the old kind -----------------------------
