@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snapfs import diskimage, mounts  # noqa: E402
+from snapfs.cli import diskimage  # noqa: E402
+from snapfs.fuse import mounts  # noqa: E402
 
 MB = 1_000_000
 MiB = 1 << 20

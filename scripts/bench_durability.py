@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snapfs import diskimage  # noqa: E402
+from snapfs.cli import diskimage  # noqa: E402
 
 MB = 1_000_000
 DEFAULT_BASELINE = "ab59861"  # the tree before issue 13: syncfs per batch

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snapfs import diskimage, mounts  # noqa: E402
+from snapfs.cli import diskimage  # noqa: E402
+from snapfs.fuse import mounts  # noqa: E402
 
 MiB = 1 << 20
 ACCESS, SECRET = "snapfs-bench-access", "snapfs-bench-secret-0123456789"

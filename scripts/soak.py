@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snapfs import faults, mounts  # noqa: E402
+from snapfs import faults  # noqa: E402
+from snapfs.fuse import mounts  # noqa: E402
 from tests import loadwork, workload  # noqa: E402
 from tests.conftest import SnapfsMount, wait_for  # noqa: E402
 from tests.powercutfs import PowerCutFS  # noqa: E402

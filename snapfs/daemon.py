@@ -22,11 +22,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import durable, faults, mounts
-from .errors import SnapfsError, from_sqlite
-from .fs import Operations
-from .stalls import instruments_from_env
-from .store import DEFAULT_SETTLE, Store
+from snapfs import durable, faults
+from snapfs.errors import SnapfsError, from_sqlite
+from snapfs.fuse import mounts
+from snapfs.fuse.operations import Operations
+from snapfs.service.store import DEFAULT_SETTLE, Store
+from snapfs.stalls import instruments_from_env
 
 log = logging.getLogger("snapfs")
 

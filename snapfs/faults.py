@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from .errors import InvalidParameter
+from snapfs.errors import InvalidParameter
 
 log = logging.getLogger(__name__)
 

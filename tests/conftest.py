@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import mounts
-from snapfs.backend import is_object_name, object_path
+from snapfs.fuse import mounts
+from snapfs.objects.local import is_object_name, object_path
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 

@@ -8,7 +8,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, region_report, run, sha256
 from .conftest import check_store as check

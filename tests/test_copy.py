@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage, mounts
+from snapfs.cli import diskimage
+from snapfs.fuse import mounts
 
 from .conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
 

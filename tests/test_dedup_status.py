@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SnapfsMount, run, sha256, wait_for
 

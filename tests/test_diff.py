@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SnapfsMount, encrypt_region, run, sha256
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage, mounts
+from snapfs.cli import diskimage
+from snapfs.fuse import mounts
 
 from .conftest import SnapfsMount, StoredObject, run, sha256, wait_for
 

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapfs import cli, params
+from snapfs.cli import main as cli
 from snapfs.errors import SnapfsError
+from snapfs.model import params
 
 from .conftest import SnapfsMount, wait_for
 

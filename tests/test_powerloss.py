@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SNAPFS, S3Server, SnapfsMount, region_report, run, sha256, wait_for
 from .powercutfs import PowerCutFS

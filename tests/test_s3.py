@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SNAPFS, S3Server, SnapfsMount, make_key, run, sha256, wait_for
 
@@ -324,8 +324,8 @@ def test_backend_retries_then_gives_up_and_can_be_interrupted(
 ) -> None:
     import threading
 
-    from snapfs import s3backend
-    from snapfs.s3backend import BackendUnavailable, S3Backend, S3Location
+    from snapfs.objects import s3 as s3backend
+    from snapfs.objects.s3 import BackendUnavailable, S3Backend, S3Location
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
@@ -343,7 +343,7 @@ def test_backend_retries_then_gives_up_and_can_be_interrupted(
 
 def test_backend_locations_are_validated() -> None:
     from snapfs.errors import InvalidParameter
-    from snapfs.s3backend import S3Location
+    from snapfs.objects.s3 import S3Location
 
     loc = S3Location.parse("s3://bucket-1/a/b/", "http://127.0.0.1:9000")
     assert (loc.bucket, loc.prefix, loc.url) == ("bucket-1", "a/b/", "s3://bucket-1/a/b")
@@ -358,9 +358,9 @@ def test_backend_locations_are_validated() -> None:
 def test_manifest_format_roundtrip_and_authentication() -> None:
     import uuid
 
-    from snapfs import manifests
     from snapfs.errors import BlockCorrupt
-    from snapfs.keys import BlockKeys
+    from snapfs.meta.keys import BlockKeys
+    from snapfs.service import manifests
 
     keys = BlockKeys(str(uuid.uuid4()), os.urandom(32))
     doc = {"id": "s-0123456789abcdef", "region": "eu-west-1", "name": "disk", "blocks": []}
@@ -392,8 +392,8 @@ def test_transient_errors_are_retried_and_logged_permanent_ones_not(
 ) -> None:
     from botocore.exceptions import ClientError
 
-    from snapfs import s3backend
-    from snapfs.s3backend import BackendDenied, S3Backend, S3Location
+    from snapfs.objects import s3 as s3backend
+    from snapfs.objects.s3 import BackendDenied, S3Backend, S3Location
 
     monkeypatch.setattr(s3backend, "BACKOFF_FIRST", 0.01)
 

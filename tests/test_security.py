@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import mounts
+from snapfs.fuse import mounts
 
 from .conftest import SNAPFS, SnapfsMount, encrypt_region, run
 

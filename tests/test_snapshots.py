@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import diskimage
+from snapfs.cli import diskimage
 
 from .conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
 

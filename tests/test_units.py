@@ -13,12 +13,14 @@ import pytest
 import trio
 import trio.testing
 
-from snapfs import codec, db, stalls
-from snapfs.backend import LocalBackend
+from snapfs import stalls
 from snapfs.errors import BlockCorrupt, StoreBusy, StoreFormat
-from snapfs.index import NewBlock, RegionIndex
-from snapfs.snapshots import SnapshotWriter
-from snapfs.store import Store
+from snapfs.formats import codec
+from snapfs.meta import db
+from snapfs.meta.index import NewBlock, RegionIndex
+from snapfs.objects.local import LocalBackend
+from snapfs.service.snapshots import SnapshotWriter
+from snapfs.service.store import Store
 
 MiB = 1 << 20
 
@@ -431,7 +433,7 @@ async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> N
 
 
 def _block_keys(seed: int):
-    from snapfs.keys import BlockKeys
+    from snapfs.meta.keys import BlockKeys
 
     return BlockKeys(str(__import__("uuid").UUID(int=seed)), bytes([seed]) * 32)
 

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapfs import diskimage, mounts
+from snapfs.cli import diskimage
+from snapfs.fuse import mounts
 
 from .conftest import (
     SnapfsMount,

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+# A writer hands its block buffer (a bytearray) over when it stores the block and never
+# writes it again, so it is cached as it is, without a copy of 512 KiB per block.
+Plaintext = bytes | bytearray
+
 
 class BlockCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.size = 0
-        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._entries: OrderedDict[bytes, Plaintext] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def __contains__(self, block_id: bytes) -> bool:
         return block_id in self._entries
 
-    def get(self, block_id: bytes) -> bytes | None:
+    def get(self, block_id: bytes) -> Plaintext | None:
         plain = self._entries.get(block_id)
         if plain is None:
             self.misses += 1
@@ -30,7 +34,7 @@ class BlockCache:
         self.hits += 1
         return plain
 
-    def put(self, block_id: bytes, plain: bytes) -> None:
+    def put(self, block_id: bytes, plain: Plaintext) -> None:
         if len(plain) > self.max_bytes:
             return
         old = self._entries.pop(block_id, None)

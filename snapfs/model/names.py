@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
-from .errors import InvalidName, InvalidRegionName
+from snapfs.errors import InvalidName, InvalidRegionName
 
 REGION_NAME = re.compile(r"[a-z][a-z0-9-]{1,62}")
 CLOUD_SNAPSHOT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9:_-]{1,127}")

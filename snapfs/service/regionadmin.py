@@ -24,10 +24,10 @@ from typing import Any
 
 import trio
 
-from . import manifests
-from .errors import SnapfsError
-from .index import RegionIndex
-from .s3backend import S3Backend, S3Location
+from snapfs.errors import SnapfsError
+from snapfs.meta.index import RegionIndex
+from snapfs.objects.s3 import S3Backend, S3Location
+from snapfs.service import manifests
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def rebuild_from_bucket(
 
 
 def create_offline(store_path: Path, name: str, location: S3Location) -> None:
-    from .store import Store
+    from snapfs.service.store import Store
 
     async def run() -> None:
         store = Store(store_path)
@@ -138,7 +138,7 @@ def create_offline(store_path: Path, name: str, location: S3Location) -> None:
 
 
 def attach_offline(store_path: Path, name: str, location: S3Location) -> manifests.RebuildReport:
-    from .store import Store
+    from snapfs.service.store import Store
 
     block_size = region_block_size(location, name)
 

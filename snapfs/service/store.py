@@ -36,12 +36,10 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 import trio
 
-from . import db as dbutil
-from . import durable
-from .backend import LocalBackend
-from .cache import BlockCache
-from .copyjobs import CopyEngine, CopyJob
-from .errors import (
+from snapfs import durable
+from snapfs.blocks.cache import BlockCache
+from snapfs.blocks.repository import PendingFrees
+from snapfs.errors import (
     AlreadyExists,
     IndexDamaged,
     InvalidParameter,
@@ -56,16 +54,20 @@ from .errors import (
     as_snapfs_error,
     from_sqlite,
 )
-from .faults import fault_point
-from .index import RegionIndex
-from .keys import KeyNotFound, KeyRing, unlock_master
-from .names import check_region_name, check_snapshot_filename, new_snapshot_id
-from .region import RENAME_EXCHANGE, RENAME_NOREPLACE, PendingFrees, Region
-from .retention import Clock, retention_loop
-from .snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
+from snapfs.faults import fault_point
+from snapfs.meta import db as dbutil
+from snapfs.meta.index import RegionIndex
+from snapfs.meta.keys import KeyNotFound, KeyRing, unlock_master
+from snapfs.model.clock import Clock
+from snapfs.model.names import check_region_name, check_snapshot_filename, new_snapshot_id
+from snapfs.objects.local import LocalBackend
+from snapfs.service.copyjobs import CopyEngine, CopyJob
+from snapfs.service.region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
+from snapfs.service.retention import retention_loop
+from snapfs.service.snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
 
 if TYPE_CHECKING:
-    from .s3backend import S3Location
+    from snapfs.objects.s3 import S3Location
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +289,7 @@ class Store:
     ) -> Region:
         backend = None
         if backend_url != "local":
-            from .s3backend import S3Backend, S3Location
+            from snapfs.objects.s3 import S3Backend, S3Location
 
             backend = S3Backend(S3Location.parse(backend_url, endpoint), "blocks/")
         region = Region(
@@ -303,7 +305,7 @@ class Store:
             frees=self.frees,
         )
         if backend is not None:
-            from .manifests import ManifestPublisher
+            from snapfs.service.manifests import ManifestPublisher
 
             region.publisher = ManifestPublisher(region, backend.sibling("meta/"), self.block_size)
             region.index.on_change = region.publisher.changed
@@ -564,7 +566,7 @@ class Store:
     async def create_remote_region(self, name: str, location: S3Location) -> Region:
         """A region in a bucket (`snapfs region create --backend s3://...`): the bucket is
         created if missing; a prefix that already holds a region is refused (attach it)."""
-        from . import regionadmin
+        from snapfs.service import regionadmin
 
         self._check_new_region(name)
         await trio.to_thread.run_sync(
@@ -580,7 +582,7 @@ class Store:
 
     async def attach_region(self, name: str, location: S3Location) -> Any:
         """Disaster recovery: rebuild a region and its snapshots from its bucket alone."""
-        from . import regionadmin
+        from snapfs.service import regionadmin
 
         self._check_new_region(name)
         directory = self._region_directory(name)
@@ -827,9 +829,7 @@ class Store:
     async def seal(self, snap: Snapshot) -> None:
         """`snapfs seal PATH`: seal a `creating` snapshot now."""
         if snap.writer is not None and snap.writer.handles > 0:
-            raise NotReady(
-                f"snapshot {snap.name} ({snap.id}) is open for writing; close it first"
-            )
+            raise NotReady(f"snapshot {snap.name} ({snap.id}) is open for writing; close it first")
         await self.seal_settling(snap)
         if snap.writer is not None and not snap.deleted:
             raise NotReady(f"snapshot {snap.name} ({snap.id}) could not be sealed yet; see the log")

@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import durable, mounts, params, status
-from .errors import SnapfsError, from_sqlite
-from .store import default_store_path
+from snapfs import durable
+from snapfs.cli import status
+from snapfs.errors import SnapfsError, from_sqlite
+from snapfs.fuse import mounts
+from snapfs.model import params
+from snapfs.service.store import default_store_path
 
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 300.0
@@ -34,7 +37,7 @@ def _fail(code: str, message: str, exit_code: int = 1) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     store = Path(args.store).expanduser() if args.store else default_store_path()
     if args.foreground:
-        from . import daemon
+        from snapfs import daemon
 
         return daemon.run(
             Path(args.mountpoint),
@@ -117,8 +120,8 @@ def _spawn_daemon(args: argparse.Namespace, store: Path) -> int:
 
 def _daemon_env(store: Path) -> dict[str, str]:
     """The daemon runs without a terminal: ask for a store passphrase here if it needs one."""
-    from . import db as dbutil
-    from .keys import PASSPHRASE_ENV, read_passphrase
+    from snapfs.meta import db as dbutil
+    from snapfs.meta.keys import PASSPHRASE_ENV, read_passphrase
 
     env = dict(os.environ)
     if PASSPHRASE_ENV in env or not (store / "store.db").exists():
@@ -217,7 +220,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import diff
+    from snapfs.cli.diff import diff
 
     result = diff(Path(args.first), Path(args.second))
     if args.json:
@@ -236,7 +239,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import check
+    from snapfs.service import check
 
     store = Path(args.store).expanduser() if args.store else default_store_path()
     report = check.check(store, repair=args.repair)
@@ -259,7 +262,7 @@ def _seconds(text: str) -> float:
 
 
 def _size(text: str) -> int:
-    from .diskimage import parse_size
+    from snapfs.cli.diskimage import parse_size
 
     try:
         value = parse_size(text)
@@ -311,7 +314,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.decrypt and (args.encrypted or args.kms_key_id):
         return _fail("InvalidParameter", "--decrypt cannot go with --encrypted or --kms-key-id")
     if args.kms_key_id:
-        from .keys import check_key_id
+        from snapfs.meta.keys import check_key_id
 
         check_key_id(args.kms_key_id)
     src_mount, src_parts = _resolve(args.source, "source")
@@ -394,15 +397,15 @@ def _wait_for_copy(target: Path) -> bool:
 
 
 def _keyring(args: argparse.Namespace):
-    from .keys import KeyRing
-    from .store import open_catalogue
+    from snapfs.meta.keys import KeyRing
+    from snapfs.service.store import open_catalogue
 
     store = Path(args.store).expanduser() if args.store else default_store_path()
     return KeyRing(store, open_catalogue(store), None)
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from .keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_export, read_passphrase
+    from snapfs.meta.keys import EXPORT_PASSPHRASE_ENV, export_to_file, read_export, read_passphrase
 
     ring = _keyring(args)
     if args.key_command == "create":
@@ -451,9 +454,9 @@ _REGION_ERRORS = {
 
 
 def cmd_region(args: argparse.Namespace) -> int:
-    from . import regionadmin
-    from .names import check_region_name
-    from .s3backend import S3Location
+    from snapfs.model.names import check_region_name
+    from snapfs.objects.s3 import S3Location
+    from snapfs.service import regionadmin
 
     check_region_name(args.name)
     store = Path(args.store).expanduser() if args.store else default_store_path()
@@ -481,7 +484,7 @@ def cmd_region(args: argparse.Namespace) -> int:
 
 
 def _create_local_offline(store: Path, name: str) -> None:
-    from .store import Store
+    from snapfs.service.store import Store
 
     opened = Store(store)
     try:
@@ -492,7 +495,7 @@ def _create_local_offline(store: Path, name: str) -> None:
 
 def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) -> int:
     """The daemon does it, so the mount shows the region at once."""
-    from . import regionadmin
+    from snapfs.service import regionadmin
 
     try:
         if location is None:

@@ -24,13 +24,13 @@ import json
 import re
 from collections.abc import Callable
 
-from . import params
-from .errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
-from .names import is_text
-from .region import Region
-from .retention import expires_at, iso8601
-from .snapshots import FAILED, Snapshot
-from .store import Store
+from snapfs.errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
+from snapfs.model import params
+from snapfs.model.clock import expires_at, iso8601
+from snapfs.model.names import is_text
+from snapfs.service.region import Region
+from snapfs.service.snapshots import FAILED, Snapshot
+from snapfs.service.store import Store
 
 PREFIX = "user.snapfs."
 TAG_PREFIX = "user.tag."
@@ -83,8 +83,10 @@ def names(store: Store, node: Region | Snapshot | None) -> list[str]:
 
 def computed(name: str) -> bool:
     """A snapshot attribute computed by snapfs (not listed; reading it seals)."""
-    return name.startswith(PREFIX) and name[len(PREFIX) :] in _SNAPSHOT_READERS and (
-        name[len(PREFIX) :] not in _LISTED
+    return (
+        name.startswith(PREFIX)
+        and name[len(PREFIX) :] in _SNAPSHOT_READERS
+        and (name[len(PREFIX) :] not in _LISTED)
     )
 
 

@@ -34,12 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import codec
-from . import db as dbutil
-from .backend import LocalBackend
-from .errors import BlockCorrupt, IndexDamaged, SnapfsError, StoreBusy
-from .index import RegionIndex
-from .keys import MASTER_FILE, MASTER_KEY_BYTES, KeyDisabled, KeyNotFound, KeyRing, unlock_master
+from snapfs.errors import BlockCorrupt, IndexDamaged, SnapfsError, StoreBusy
+from snapfs.formats import codec
+from snapfs.meta import db as dbutil
+from snapfs.meta.index import RegionIndex
+from snapfs.meta.keys import (
+    MASTER_FILE,
+    MASTER_KEY_BYTES,
+    KeyDisabled,
+    KeyNotFound,
+    KeyRing,
+    unlock_master,
+)
+from snapfs.objects.local import LocalBackend
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +140,7 @@ def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Any:
     """The region's objects as check sees them: local packs, or a bucket (s3backend.py)."""
     if (row.get("backend") or "local") == "local":
         return LocalBackend(directory / "blocks", readonly=readonly)
-    from .s3backend import S3Backend, S3Location
+    from snapfs.objects.s3 import S3Backend, S3Location
 
     location = S3Location.parse(row["backend"], row.get("endpoint"))
     return S3Backend(location, "blocks/", max_wait=60.0)

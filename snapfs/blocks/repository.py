@@ -1,6 +1,6 @@
-"""A region: its block index, its backend, and the snapshot names it holds.
+"""The block repository of one region: its block index and its object store.
 
-This is the repository layer (backend -> region -> snapshots): it turns plaintext blocks into
+This is the repository layer (objects -> blocks -> service): it turns plaintext blocks into
 durable, deduplicated objects and back, and owns the invariants between the objects and the
 index:
 
@@ -23,7 +23,6 @@ import collections
 import contextlib
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,37 +31,28 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import codec
-from .backend import LocalBackend
-from .cache import BlockCache
-from .errors import (
-    AlreadyExists,
+from snapfs.blocks.cache import BlockCache, Plaintext
+from snapfs.errors import (
     BlockCorrupt,
     InvalidParameter,
-    NotFound,
-    NotPermitted,
     ObjectMissing,
-    QuotaExceeded,
     StoreFull,
 )
-from .faults import fault_point
-from .index import NewBlock, RegionIndex
-from .keys import KeyNotFound
-from .names import check_snapshot_filename
+from snapfs.faults import fault_point
+from snapfs.formats import codec
+from snapfs.meta.index import NewBlock, RegionIndex
+from snapfs.meta.keys import KeyNotFound
+from snapfs.objects.local import LocalBackend
 
 if TYPE_CHECKING:
-    from .keys import BlockKeys, KeyRing
-    from .snapshots import Snapshot
+    from snapfs.meta.keys import BlockKeys, KeyRing
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
 GC_BATCH = 512  # unreferenced blocks dropped per index transaction
 # How long a writer that finds the disk full waits for deletes still being collected.
 FREES_WAIT = 30.0
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 
 @dataclass(slots=True)
@@ -122,11 +112,12 @@ def _hash_unless_zero(plain: bytes | bytearray, id_key: bytes | None) -> bytes |
     return codec.content_id(plain, id_key)
 
 
-class Region:
+class BlockRepository:
+    """Deduplicated, durable blocks of one region; knows nothing of snapshots or names."""
+
     def __init__(
         self,
         name: str,
-        ino: int,
         directory: Path,
         block_size: int,
         limiter: trio.CapacityLimiter,
@@ -139,7 +130,6 @@ class Region:
         self.name = name
         self.frees = frees if frees is not None else PendingFrees()
         self.keys = keys
-        self.ino = ino
         self.directory = directory
         self.block_size = block_size
         self.limiter = limiter
@@ -148,11 +138,6 @@ class Region:
         self.backend = backend if backend is not None else LocalBackend(directory / "blocks")
         self.remote = bool(getattr(self.backend, "remote", False))
         self.io_limiter = io_limiter if io_limiter is not None and self.remote else limiter
-        # Set by the store for a region on an object store: publishes what disaster recovery
-        # needs (manifests.py) into the region's own backend.
-        self.publisher: Any | None = None
-        self.snapshots: dict[str, Snapshot] = {}
-        self.created_ns = time.time_ns()
         # Objects some writer is putting right now; others wanting the same id wait.
         self._writing: dict[bytes, trio.Event] = {}
         # Objects written whose index row is not committed yet, with the row to insert.
@@ -181,7 +166,7 @@ class Region:
         self,
         plain: bytes | bytearray,
         keys: BlockKeys | None = None,
-        copy_of: tuple[Region, bytes] | None = None,
+        copy_of: tuple[BlockRepository, bytes] | None = None,
     ) -> StoredBlock | None:
         """Make `plain` durable-to-be in this region, encrypted under `keys` if given; None if
         it is all zeros (a hole). The id is pinned until the caller passes it to `committed()`.
@@ -302,7 +287,11 @@ class Region:
         return encoded
 
     def _copy_or_encode(
-        self, source: Region, plain: bytes | bytearray, block_id: bytes, keys: BlockKeys | None
+        self,
+        source: BlockRepository,
+        plain: bytes | bytearray,
+        block_id: bytes,
+        keys: BlockKeys | None,
     ) -> codec.EncodedBlock:
         """Worker thread: the source's object (verified: decoding is cheaper than
         compressing), or, if it is gone or damaged there, our own encoding of `plain`."""
@@ -368,7 +357,7 @@ class Region:
 
     # --- reading blocks --------------------------------------------------------------------
 
-    async def read_block(self, block_id: bytes) -> bytes:
+    async def read_block(self, block_id: bytes) -> Plaintext:
         """Plaintext of a block, verified against its id; BlockCorrupt (EIO) otherwise."""
         while True:
             plain = self.cache.get(block_id)
@@ -543,11 +532,7 @@ class Region:
 
         return await trio.to_thread.run_sync(scan_and_delete, limiter=self.io_limiter)
 
-    # --- settings (region xattrs) ----------------------------------------------------------
-
-    @property
-    def max_parallel_copies(self) -> int:
-        return int(self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES)))
+    # --- settings -------------------------------------------------------------------------
 
     @property
     def compression(self) -> str:
@@ -565,79 +550,3 @@ class Region:
             )
         self.index.set_setting("compression", name)
         self._compression = name
-
-    @property
-    def snapshot_quota(self) -> int | None:
-        value = self.index.get_setting("snapshot_quota")
-        return int(value) if value else None
-
-    @property
-    def encrypt_by_default(self) -> bool:
-        return self.index.get_setting("encrypt_by_default") == "true"
-
-    @property
-    def default_kms_key_id(self) -> str | None:
-        return self.index.get_setting("default_kms_key_id") or None
-
-    def default_key(self) -> str | None:
-        """The key a snapshot created or copied here is encrypted with (None: plain); checked
-        now, so a disabled or missing default key refuses the new snapshot."""
-        if not self.encrypt_by_default:
-            return None
-        key_id = self.default_kms_key_id
-        if key_id is None or self.keys is None:
-            raise KeyNotFound(f"region {self.name} encrypts by default but has no default key")
-        return self.keys.usable(key_id, self.name).id
-
-    def check_quota(self) -> None:
-        quota = self.snapshot_quota
-        if quota is not None and len(self.snapshots) >= quota:
-            raise QuotaExceeded(
-                f"region {self.name} holds {len(self.snapshots)} snapshots, its quota is {quota}"
-            )
-
-    # --- snapshot names --------------------------------------------------------------------
-
-    def lookup(self, name: str) -> Snapshot:
-        try:
-            return self.snapshots[name]
-        except KeyError:
-            raise NotFound(f"snapshot {name!r} does not exist in region {self.name}") from None
-
-    def check_new_name(self, name: str) -> None:
-        check_snapshot_filename(name)
-        if name in self.snapshots:
-            raise AlreadyExists(f"snapshot {name!r} already exists in region {self.name}")
-
-    def rename(self, old: str, new: str, flags: int) -> Snapshot | None:
-        """Rename within the region; returns a snapshot displaced from `new`, if any.
-
-        One index transaction per case, so a crash leaves the old or the new names, never a
-        mix. The displaced snapshot is the caller's to delete (now or at its last close).
-        """
-        snap = self.lookup(old)
-        check_snapshot_filename(new)
-        target = self.snapshots.get(new)
-        if flags & RENAME_EXCHANGE:
-            if target is None:
-                raise NotFound(f"snapshot {new!r} does not exist in region {self.name}")
-            self.index.exchange_names(snap.id, target.id, old, new)
-            snap.name, target.name = new, old
-            self.snapshots[new], self.snapshots[old] = snap, target
-            snap.touch_ctime()
-            target.touch_ctime()
-            return None
-        if target is snap:
-            return None
-        if target is not None and flags & RENAME_NOREPLACE:
-            raise AlreadyExists(f"snapshot {new!r} already exists in region {self.name}")
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise NotPermitted(f"rename flags {flags:#x} are not supported")
-        self.index.rename_snapshot(snap.id, new, displaced_id=target.id if target else None)
-        del self.snapshots[old]
-        if target is not None:
-            target.deleted = True
-        snap.name = new
-        self.snapshots[new] = snap
-        snap.touch_ctime()
-        return target

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import durable
+from snapfs import durable
 
 FSTYPE = "fuse.snapfs"
 

@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import regionadmin, xattrs
-from .errors import NotPermitted, SnapfsError, from_sqlite
-from .region import Region
-from .snapshots import AVAILABLE, Snapshot
-from .store import ROOT_INO, OpenFile, Store
+from snapfs.errors import NotPermitted, SnapfsError, from_sqlite
+from snapfs.fuse import xattrs
+from snapfs.service import regionadmin
+from snapfs.service.region import Region
+from snapfs.service.snapshots import AVAILABLE, Snapshot
+from snapfs.service.store import ROOT_INO, OpenFile, Store
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import db as dbutil
-from .errors import NotFound, RegionNotFound, SnapfsError
-from .index import RegionIndex
-from .retention import expires_at, iso8601
+from snapfs.errors import NotFound, RegionNotFound, SnapfsError
+from snapfs.meta import db as dbutil
+from snapfs.meta.index import RegionIndex
+from snapfs.model.clock import expires_at, iso8601
 
 
 def _ratio(num: int, den: int) -> float:

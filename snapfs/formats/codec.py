@@ -36,7 +36,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import BlockCorrupt
+from snapfs.errors import BlockCorrupt
 
 MAGIC = b"SNFB"
 FORMAT_VERSION = 1
@@ -94,7 +94,7 @@ class CipherKeys(Protocol):
 KeyLookup = Callable[[bytes], CipherKeys]
 
 
-def content_id(plain: bytes | memoryview, id_key: bytes | None = None) -> bytes:
+def content_id(plain: bytes | bytearray | memoryview, id_key: bytes | None = None) -> bytes:
     """A block's id: BLAKE3-256 of the plaintext; keyed BLAKE3 in an encrypted snapshot, so
     that the index never holds a plain hash an attacker could test guesses against."""
     if id_key is None:
@@ -140,7 +140,7 @@ def encode(
     if block_id is None:
         block_id = content_id(plain, keys.id_key if keys else None)
     codec = CODECS_BY_NAME[compression]
-    payload = _compress(plain, codec)
+    payload: bytes | bytearray = _compress(plain, codec)
     if len(payload) > len(plain) * (1 - MIN_SAVING):
         payload, codec = plain, CODEC_RAW
     if keys is None:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import durable
-from .errors import StoreFull
-from .faults import fault_point
+from snapfs import durable
+from snapfs.errors import StoreFull
+from snapfs.faults import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ the command line so both refuse the same values with the same codes."""
 
 from __future__ import annotations
 
-from .errors import InvalidParameter, SnapfsError
-from .names import check_cloud_snapshot_name, is_text
+from snapfs.errors import InvalidParameter, SnapfsError
+from snapfs.model.names import check_cloud_snapshot_name, is_text
 
 __all__ = [
     "check_cloud_snapshot_name",

@@ -38,10 +38,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from . import db as dbutil
-from . import durable
-from .errors import SnapfsError
-from .names import check_region_name, is_text
+from snapfs import durable
+from snapfs.errors import SnapfsError
+from snapfs.meta import db as dbutil
+from snapfs.model.names import check_region_name, is_text
 
 MASTER_FILE = "master.key"
 MASTER_KEY_BYTES = 32
@@ -216,7 +216,7 @@ class KeyRing:
             "created_at": time.time(),
             "wrapped": wrapped,
         }
-        self.db["keys"].insert(row)
+        self.db.table("keys").insert(row)
         self._version = -1
         return _info(row)
 
@@ -320,7 +320,7 @@ class KeyRing:
             "created_at": float(export.get("created_at") or time.time()),
             "wrapped": _seal(self._master_key(), material, key_id.encode()),
         }
-        self.db["keys"].insert(row)
+        self.db.table("keys").insert(row)
         self._version = -1
         return _info(row)
 

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import db as dbutil
-from . import mounts
-from .errors import InvalidParameter, NotFound, NotReady, RegionNotFound
-from .index import RegionIndex
+from snapfs.errors import InvalidParameter, NotFound, NotReady, RegionNotFound
+from snapfs.fuse import mounts
+from snapfs.meta import db as dbutil
+from snapfs.meta.index import RegionIndex
 
 MAP_CHUNK = 4096
 

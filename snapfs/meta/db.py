@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .errors import StoreFormat
+from snapfs.errors import StoreFormat
 
 log = logging.getLogger(__name__)
 

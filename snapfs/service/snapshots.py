@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .codec import content_id
-from .errors import BlockCorrupt, SnapfsError, as_snapfs_error
-from .faults import fault_point
-from .index import NewBlock
-from .names import snapshot_ino
-from .region import zeros
+from snapfs.blocks.repository import zeros
+from snapfs.errors import BlockCorrupt, SnapfsError, as_snapfs_error
+from snapfs.faults import fault_point
+from snapfs.formats.codec import content_id
+from snapfs.meta.index import NewBlock
+from snapfs.model.names import snapshot_ino
 
 if TYPE_CHECKING:
-    from .copyjobs import CopyJob
-    from .keys import BlockKeys
-    from .region import Region, StoredBlock
+    from snapfs.blocks.repository import StoredBlock
+    from snapfs.meta.keys import BlockKeys
+    from snapfs.service.copyjobs import CopyJob
+    from snapfs.service.region import Region
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import codec
-from .errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
-from .faults import fault_point
-from .region import StoredBlock
+from snapfs.blocks.repository import StoredBlock
+from snapfs.errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
+from snapfs.faults import fault_point
+from snapfs.formats import codec
 
 if TYPE_CHECKING:
-    from .region import Region
-    from .snapshots import Snapshot
-    from .store import Store
+    from snapfs.service.region import Region
+    from snapfs.service.snapshots import Snapshot
+    from snapfs.service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ each attempt bounded by the client's timeouts, for at most `max_wait` seconds in
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import InvalidParameter, SnapfsError
+from snapfs.errors import InvalidParameter, SnapfsError
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,15 @@ class S3Backend:
             self._call(
                 "DELETE",
                 f"({len(batch)} objects)",
-                lambda batch=batch: self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                functools.partial(
+                    self.client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": batch, "Quiet": True},
                 ),
             )
-            for _ in batch if each is not None else ():
-                each()
+            if each is not None:
+                for _ in batch:
+                    each()
 
     def keys(self) -> Iterator[str]:
         """Every object key under the prefix (relative to it), page by page."""
@@ -296,9 +300,7 @@ class S3Backend:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call(
-                "LIST", "", lambda kwargs=kwargs: self.client.list_objects_v2(**kwargs)
-            )
+            page = self._call("LIST", "", functools.partial(self.client.list_objects_v2, **kwargs))
             for item in page.get("Contents", []):
                 yield item["Key"][len(self.prefix) :]
             if not page.get("IsTruncated"):

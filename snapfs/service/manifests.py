@@ -47,13 +47,13 @@ import trio
 import zstandard
 from cryptography.exceptions import InvalidTag
 
-from . import db as dbutil
-from .errors import BlockCorrupt, SnapfsError
-from .index import RegionIndex
+from snapfs.errors import BlockCorrupt, SnapfsError
+from snapfs.meta import db as dbutil
+from snapfs.meta.index import RegionIndex
 
 if TYPE_CHECKING:
-    from .keys import BlockKeys
-    from .region import Region
+    from snapfs.meta.keys import BlockKeys
+    from snapfs.service.region import Region
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def key_lookup(ring: Any) -> Callable[[bytes], BlockKeys]:
 
     def lookup(key_id: bytes) -> BlockKeys:
         if ring is None:
-            from .keys import KeyNotFound
+            from snapfs.meta.keys import KeyNotFound
 
             raise KeyNotFound(
                 f"the key {uuid.UUID(bytes=key_id)} is not in this store: import it first"

@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
-from . import db as dbutil
+from snapfs.meta import db as dbutil
 
 
 def _v1(db: sqlite_utils.Database) -> None:

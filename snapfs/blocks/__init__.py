@@ -1,0 +1,1 @@
+"""The block repository's parts below the service: the decoded-block cache."""

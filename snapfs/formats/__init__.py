@@ -1,0 +1,1 @@
+"""Byte formats that are stored or sent: the block object codec."""

@@ -1,0 +1,1 @@
+"""The kernel interface: FUSE operations (translation only), xattrs, mount records."""

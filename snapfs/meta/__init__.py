@@ -1,0 +1,1 @@
+"""Metadata in SQLite: plumbing and migrations, the region index (its SQL), keys."""

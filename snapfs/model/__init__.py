@@ -1,0 +1,1 @@
+"""The product's vocabulary: names and their rules, CopySnapshot parameters, clock."""

@@ -1,0 +1,2 @@
+"""The filesystem's behaviour: namespace, snapshot lifecycle, writers, copies,
+recovery, retention, manifests, region administration, check."""

@@ -1,0 +1,132 @@
+"""A region: its block repository, and the snapshot names and settings it holds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from snapfs.blocks.cache import BlockCache
+from snapfs.blocks.repository import BlockRepository, PendingFrees
+from snapfs.errors import AlreadyExists, NotFound, NotPermitted, QuotaExceeded
+from snapfs.meta.keys import KeyNotFound
+from snapfs.model.names import check_snapshot_filename
+
+if TYPE_CHECKING:
+    from snapfs.meta.keys import KeyRing
+    from snapfs.service.snapshots import Snapshot
+
+DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Region(BlockRepository):
+    """A region directory of the mount: the blocks (BlockRepository) plus the namespace."""
+
+    def __init__(
+        self,
+        name: str,
+        ino: int,
+        directory: Path,
+        block_size: int,
+        limiter: trio.CapacityLimiter,
+        cache: BlockCache,
+        keys: KeyRing | None = None,
+        backend: Any | None = None,
+        io_limiter: trio.CapacityLimiter | None = None,
+        frees: PendingFrees | None = None,
+    ):
+        super().__init__(
+            name, directory, block_size, limiter, cache, keys, backend, io_limiter, frees
+        )
+        self.ino = ino
+        # Set by the store for a region on an object store: publishes what disaster recovery
+        # needs (manifests.py) into the region's own backend.
+        self.publisher: Any | None = None
+        self.snapshots: dict[str, Snapshot] = {}
+        self.created_ns = time.time_ns()
+
+    # --- settings (region xattrs) ----------------------------------------------------------
+
+    @property
+    def max_parallel_copies(self) -> int:
+        return int(self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES)))
+
+    @property
+    def snapshot_quota(self) -> int | None:
+        value = self.index.get_setting("snapshot_quota")
+        return int(value) if value else None
+
+    @property
+    def encrypt_by_default(self) -> bool:
+        return self.index.get_setting("encrypt_by_default") == "true"
+
+    @property
+    def default_kms_key_id(self) -> str | None:
+        return self.index.get_setting("default_kms_key_id") or None
+
+    def default_key(self) -> str | None:
+        """The key a snapshot created or copied here is encrypted with (None: plain); checked
+        now, so a disabled or missing default key refuses the new snapshot."""
+        if not self.encrypt_by_default:
+            return None
+        key_id = self.default_kms_key_id
+        if key_id is None or self.keys is None:
+            raise KeyNotFound(f"region {self.name} encrypts by default but has no default key")
+        return self.keys.usable(key_id, self.name).id
+
+    def check_quota(self) -> None:
+        quota = self.snapshot_quota
+        if quota is not None and len(self.snapshots) >= quota:
+            raise QuotaExceeded(
+                f"region {self.name} holds {len(self.snapshots)} snapshots, its quota is {quota}"
+            )
+
+    # --- snapshot names --------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Snapshot:
+        try:
+            return self.snapshots[name]
+        except KeyError:
+            raise NotFound(f"snapshot {name!r} does not exist in region {self.name}") from None
+
+    def check_new_name(self, name: str) -> None:
+        check_snapshot_filename(name)
+        if name in self.snapshots:
+            raise AlreadyExists(f"snapshot {name!r} already exists in region {self.name}")
+
+    def rename(self, old: str, new: str, flags: int) -> Snapshot | None:
+        """Rename within the region; returns a snapshot displaced from `new`, if any.
+
+        One index transaction per case, so a crash leaves the old or the new names, never a
+        mix. The displaced snapshot is the caller's to delete (now or at its last close).
+        """
+        snap = self.lookup(old)
+        check_snapshot_filename(new)
+        target = self.snapshots.get(new)
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise NotFound(f"snapshot {new!r} does not exist in region {self.name}")
+            self.index.exchange_names(snap.id, target.id, old, new)
+            snap.name, target.name = new, old
+            self.snapshots[new], self.snapshots[old] = snap, target
+            snap.touch_ctime()
+            target.touch_ctime()
+            return None
+        if target is snap:
+            return None
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise AlreadyExists(f"snapshot {new!r} already exists in region {self.name}")
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise NotPermitted(f"rename flags {flags:#x} are not supported")
+        self.index.rename_snapshot(snap.id, new, displaced_id=target.id if target else None)
+        del self.snapshots[old]
+        if target is not None:
+            target.deleted = True
+        snap.name = new
+        self.snapshots[new] = snap
+        snap.touch_ctime()
+        return target
