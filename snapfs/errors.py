@@ -30,6 +30,12 @@ class SnapfsError(Exception):
         return f"{self.code}: {self.message}"
 
 
+class InvalidTransition(SnapfsError):
+    """A bug, not bad input: the code tried a change the snapshot lifecycle does not have."""
+
+    code = "InternalError.InvalidTransition"
+
+
 class NotFound(SnapfsError):
     code = "InvalidSnapshotId.NotFound"
     errno = errno_mod.ENOENT

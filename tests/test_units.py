@@ -484,3 +484,23 @@ def test_stall_watch_names_the_code_that_blocks_the_loop(
 
     monkeypatch.setenv("SNAPFS_STALL_MS", "soon")
     assert stalls.instruments_from_env() == []
+
+
+def test_snapshot_lifecycle_allows_only_its_transitions() -> None:
+    from snapfs.errors import InvalidTransition
+    from snapfs.model.states import SnapshotStatus as S
+    from snapfs.model.states import checked_transition
+
+    allowed = {
+        (S.CREATING, S.AVAILABLE), (S.CREATING, S.COPYING), (S.CREATING, S.FAILED),
+        (S.COPYING, S.AVAILABLE), (S.COPYING, S.CREATING), (S.COPYING, S.FAILED),
+    }  # fmt: skip
+    for old in S:
+        for new in S:
+            if old == new or (old, new) in allowed:
+                assert checked_transition(old, new) is new
+            else:
+                with pytest.raises(InvalidTransition):
+                    checked_transition(old.value, new)  # rows hold the plain string
+    assert S.AVAILABLE.final and S.FAILED.final and not S.CREATING.final
+    assert S.AVAILABLE == "available"  # what the index and `snapfs status --json` hold

@@ -25,6 +25,7 @@ from snapfs.errors import InvalidParameter, NotFound, NotReady, RegionNotFound
 from snapfs.fuse import mounts
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
+from snapfs.model.states import SnapshotStatus
 
 MAP_CHUNK = 4096
 
@@ -85,7 +86,7 @@ def _side(path: Path, index: RegionIndex, region: str, name: str) -> Side:
     if not rows:
         raise NotFound(f"snapshot {name!r} does not exist in region {region}")
     row = rows[0]
-    if row["status"] != "available":
+    if row["status"] != SnapshotStatus.AVAILABLE:
         raise NotReady(f"snapshot {region}/{name} ({row['id']}) is {row['status']}")
     return Side(str(path), region, name, row["id"], row["size"], row["kms_key_id"])
 

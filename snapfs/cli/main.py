@@ -23,6 +23,7 @@ from snapfs.cli import status
 from snapfs.errors import SnapfsError, from_sqlite
 from snapfs.fuse import mounts
 from snapfs.model import params
+from snapfs.model.states import SnapshotStatus
 from snapfs.service.store import default_store_path
 
 MOUNT_TIMEOUT = 120.0
@@ -196,7 +197,7 @@ def _seal_settling(mountpoint: Path, data: dict) -> bool:
     asked = False
     for region in data["regions"]:
         for snap in region["snapshots"]:
-            if snap["status"] == "creating":
+            if snap["status"] == SnapshotStatus.CREATING:
                 with contextlib.suppress(OSError):  # deleted meanwhile: the next read says
                     os.getxattr(mountpoint / region["name"] / snap["name"], "user.snapfs.status")
                 asked = True
@@ -391,8 +392,8 @@ def _wait_for_copy(target: Path) -> bool:
             status = os.getxattr(target, "user.snapfs.status").decode()
             percent = float(os.getxattr(target, "user.snapfs.progress"))
             bar.update(task, completed=max(size, 1) * percent / 100)
-            if status in ("available", "failed"):
-                return status == "available"
+            if status in (SnapshotStatus.AVAILABLE, SnapshotStatus.FAILED):
+                return status == SnapshotStatus.AVAILABLE
             time.sleep(0.2)
 
 

@@ -33,6 +33,7 @@ from snapfs.errors import NotFound, RegionNotFound, SnapfsError
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
 from snapfs.model.clock import expires_at, iso8601
+from snapfs.model.states import SnapshotStatus
 
 
 def _ratio(num: int, den: int) -> float:
@@ -75,7 +76,7 @@ def collect(
 
 def _progress(row: dict[str, Any], job: dict[str, Any] | None) -> float:
     """Like user.snapfs.progress; a `cp` copy in progress reports 0 here."""
-    if row["status"] == "available":
+    if row["status"] == SnapshotStatus.AVAILABLE:
         return 100.0
     if job is not None and job["total_blocks"]:
         return round(100.0 * job["done_blocks"] / job["total_blocks"], 2)
@@ -116,10 +117,12 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
                     "tags": index.tags(row["id"]),
                     "retention_days": row["retention_days"],
                     "expires_at": expires_at(row["created_at"], row["retention_days"]),
-                    "error": row["error"] if row["status"] == "failed" else None,
+                    "error": row["error"] if row["status"] == SnapshotStatus.FAILED else None,
                     "created_at": row["created_at"],
                     # while `creating`, sealed_at is the close mark (see SnapshotWriter.flush)
-                    "sealed_at": row["sealed_at"] if row["status"] == "available" else None,
+                    "sealed_at": row["sealed_at"]
+                    if row["status"] == SnapshotStatus.AVAILABLE
+                    else None,
                 }
             )
         all_rows = index.snapshots()

@@ -22,9 +22,10 @@ import trio
 
 from snapfs.errors import NotPermitted, SnapfsError, from_sqlite
 from snapfs.fuse import xattrs
+from snapfs.model.states import SnapshotStatus
 from snapfs.service import regionadmin
 from snapfs.service.region import Region
-from snapfs.service.snapshots import AVAILABLE, Snapshot
+from snapfs.service.snapshots import Snapshot
 from snapfs.service.store import ROOT_INO, OpenFile, Store
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ class Operations(pyfuse3.Operations):
         handle = self.store.open(snap, writable, pid)
         fh = next(self._next_fh)
         self.handles[fh] = handle
-        if snap.sealed and snap.status == AVAILABLE:
+        if snap.sealed and snap.status == SnapshotStatus.AVAILABLE:
             # Sealed content never changes, so the page cache is always right for it: mmap
             # (MAP_SHARED) works and repeated reads come from memory. The first such open
             # drops whatever the kernel kept of the inode from before the seal.

@@ -28,8 +28,9 @@ from snapfs.errors import AttributeNotSupported, InvalidParameter, NoSuchAttribu
 from snapfs.model import params
 from snapfs.model.clock import expires_at, iso8601
 from snapfs.model.names import is_text
+from snapfs.model.states import SnapshotStatus
 from snapfs.service.region import Region
-from snapfs.service.snapshots import FAILED, Snapshot
+from snapfs.service.snapshots import Snapshot
 from snapfs.service.store import Store
 
 PREFIX = "user.snapfs."
@@ -45,7 +46,7 @@ _SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
     "id": lambda s: s.id,
     "status": lambda s: s.status,
     "progress": lambda s: f"{s.progress:.2f}".rstrip("0").rstrip("."),
-    "error": lambda s: s.error if s.status == FAILED else None,
+    "error": lambda s: s.error if s.status == SnapshotStatus.FAILED else None,
     "source_snapshot_id": lambda s: s.source_snapshot_id,
     "source_region": lambda s: s.source_region,
     "transferred_bytes": lambda s: str(s.transferred_bytes),

@@ -47,6 +47,7 @@ from snapfs.meta.keys import (
     unlock_master,
 )
 from snapfs.objects.local import LocalBackend
+from snapfs.objects.protocol import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _store_lock(store: Path, repair: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Any:
+def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> ObjectStore:
     """The region's objects as check sees them: local packs, or a bucket (s3backend.py)."""
     if (row.get("backend") or "local") == "local":
         return LocalBackend(directory / "blocks", readonly=readonly)
@@ -147,7 +148,7 @@ def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Any:
 
 
 def _verify(
-    backend: Any, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
+    backend: ObjectStore, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
@@ -274,7 +275,7 @@ def _salvage_references(index: RegionIndex) -> tuple[list[bytes], list[DamagedSn
 
 
 def _verify_blocks(
-    backend: Any,
+    backend: ObjectStore,
     report: RegionReport,
     ids: list[bytes],
     keys_for: Callable[[bytes], Any],
@@ -316,7 +317,9 @@ def _damaged_snapshots(
     return sorted(found.values(), key=lambda d: d.name or "")
 
 
-def _repair(index: RegionIndex, backend: Any, report: RegionReport, orphans: list[str]) -> None:
+def _repair(
+    index: RegionIndex, backend: ObjectStore, report: RegionReport, orphans: list[str]
+) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
     with dbutil.transaction(index.db) as conn:
@@ -404,7 +407,7 @@ def _check_region(
 
 def _check_damaged_index(
     index: RegionIndex,
-    backend: Any,
+    backend: ObjectStore,
     report: RegionReport,
     block_size: int,
     keys_for: Callable[[bytes], Any],

@@ -30,6 +30,7 @@ from snapfs.blocks.repository import StoredBlock
 from snapfs.errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
 from snapfs.faults import fault_point
 from snapfs.formats import codec
+from snapfs.model.states import SnapshotStatus
 
 if TYPE_CHECKING:
     from snapfs.service.region import Region
@@ -442,9 +443,11 @@ class CopyEngine:
 
     def _finish(self, job: CopyJob) -> None:
         dst = job.dst
-        dst.sealed_at = time.time()
-        dst.region.index.finish_copy(dst.id, {"status": "available", "sealed_at": dst.sealed_at})
-        dst.status = "available"
+        sealed_at = time.time()
+        dst.region.index.finish_copy(
+            dst.id, {"status": SnapshotStatus.AVAILABLE, "sealed_at": sealed_at}
+        )
+        dst.become(SnapshotStatus.AVAILABLE, sealed_at=sealed_at)
         job.state = "done"
         log.info(
             "copy into %s/%s (%s) finished: %d bytes transferred",
@@ -456,12 +459,13 @@ class CopyEngine:
 
     def _fail(self, job: CopyJob, error: SnapfsError) -> None:
         dst = job.dst
-        dst.error = str(error)
-        dst.status = "failed"
+        dst.become(SnapshotStatus.FAILED, error=str(error))
         job.state = "failed"
         log.error("copy into %s/%s (%s) failed: %s", dst.region.name, dst.name, dst.id, error)
         try:
-            dst.region.index.finish_copy(dst.id, {"status": "failed", "error": dst.error})
+            dst.region.index.finish_copy(
+                dst.id, {"status": SnapshotStatus.FAILED, "error": dst.error}
+            )
         except Exception:  # noqa: BLE001 - e.g. the index's disk is full too
             log.exception(
                 "copy into %s: recording the failure failed; it is retried at the next mount",

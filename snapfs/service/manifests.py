@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidTag
 from snapfs.errors import BlockCorrupt, SnapfsError
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
+from snapfs.model.states import SnapshotStatus
 
 if TYPE_CHECKING:
     from snapfs.meta.keys import BlockKeys
@@ -124,7 +125,7 @@ def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict
     """The manifest JSON of an available snapshot, from the index (any thread with its own
     connection); None if the snapshot is not (or no longer) available."""
     row = index.snapshot_row(snapshot_id)
-    if row is None or row["deleted"] or row["status"] != "available":
+    if row is None or row["deleted"] or row["status"] != SnapshotStatus.AVAILABLE:
         return None
     blocks = index.db.execute(
         "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec "
@@ -276,7 +277,7 @@ class ManifestPublisher:
             live = {
                 row["id"]
                 for row in index.snapshots()
-                if row["status"] == "available" and not row["deleted"]
+                if row["status"] == SnapshotStatus.AVAILABLE and not row["deleted"]
             }
         finally:
             index.close()
@@ -340,7 +341,7 @@ def rebuild(
 
 def _insert(conn: Any, doc: dict[str, Any]) -> None:
     row = {field: doc[field] for field in FIELDS}
-    row.update(status="available", deleted=0)
+    row.update(status=SnapshotStatus.AVAILABLE, deleted=0)
     cols = list(row)
     conn.execute(
         f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",

@@ -19,7 +19,7 @@ import trio
 
 from snapfs.faults import fault_point
 from snapfs.model.clock import DAY, Clock, expires_at, iso8601
-from snapfs.service.snapshots import AVAILABLE, FAILED
+from snapfs.model.states import SnapshotStatus
 
 if TYPE_CHECKING:
     from snapfs.service.snapshots import Snapshot
@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 def expired(snap: Snapshot, now: float) -> bool:
     due = expires_at(snap.created_at, snap.retention_days)
-    return due is not None and due <= now and snap.status in (AVAILABLE, FAILED)
+    return (
+        due is not None
+        and due <= now
+        and snap.status in (SnapshotStatus.AVAILABLE, SnapshotStatus.FAILED)
+    )
 
 
 async def release_expired(store: Store, now: float) -> int:

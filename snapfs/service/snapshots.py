@@ -25,6 +25,7 @@ from snapfs.faults import fault_point
 from snapfs.formats.codec import content_id
 from snapfs.meta.index import NewBlock
 from snapfs.model.names import snapshot_ino
+from snapfs.model.states import SnapshotStatus, checked_transition
 
 if TYPE_CHECKING:
     from snapfs.blocks.repository import StoredBlock
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CREATING = "creating"
-AVAILABLE = "available"
-COPYING = "copying"
-FAILED = "failed"
 
 COMMIT_EVERY = 256  # blocks per index transaction while writing
 ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
@@ -53,7 +50,7 @@ class Snapshot:
     id: str
     name: str
     region: Region
-    status: str
+    status: SnapshotStatus
     size: int
     mode: int
     uid: int
@@ -89,7 +86,7 @@ class Snapshot:
     @classmethod
     def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:
         return cls(
-            id=row["id"], name=row["name"], region=region, status=row["status"],
+            id=row["id"], name=row["name"], region=region, status=SnapshotStatus(row["status"]),
             size=row["size"], mode=row["mode"], uid=row["uid"], gid=row["gid"],
             atime_ns=row["atime_ns"], mtime_ns=row["mtime_ns"], ctime_ns=row["ctime_ns"],
             created_at=row["created_at"], sealed_at=row["sealed_at"],
@@ -105,7 +102,7 @@ class Snapshot:
     def new(cls, snapshot_id: str, name: str, region: Region, mode: int, uid: int, gid: int):
         now = time.time_ns()
         return cls(
-            id=snapshot_id, name=name, region=region, status=CREATING, size=0,
+            id=snapshot_id, name=name, region=region, status=SnapshotStatus.CREATING, size=0,
             mode=stat.S_IMODE(mode), uid=uid, gid=gid, atime_ns=now, mtime_ns=now,
             ctime_ns=now, created_at=now / 1e9,
         )  # fmt: skip
@@ -127,18 +124,31 @@ class Snapshot:
     def ino(self) -> int:
         return snapshot_ino(self.id)
 
+    def become(self, status: SnapshotStatus, **fields: Any) -> None:
+        """The one place a snapshot's status changes in memory, checked against the
+        lifecycle (model/states.py): after the index committed the change, as every
+        metadata change; only failures are set here first and recorded after, so that a
+        snapshot is `failed` even when its index is full (recovery records it then)."""
+        self.status = checked_transition(self.status, status)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
     @property
     def sealed(self) -> bool:
         """Content can no longer change (a `cp` copy is written until its last close)."""
-        return self.writer is None and self.status != CREATING and self.copy_source is None
+        return (
+            self.writer is None
+            and self.status != SnapshotStatus.CREATING
+            and self.copy_source is None
+        )
 
     @property
     def progress(self) -> float:
-        if self.status == AVAILABLE:
+        if self.status == SnapshotStatus.AVAILABLE:
             return 100.0
         if self.copy_job is not None:
             return self.copy_job.progress
-        if self.status == COPYING and self.copy_source is not None:
+        if self.status == SnapshotStatus.COPYING and self.copy_source is not None:
             total = self.copy_source.allocated_blocks
             return 100.0 * min(1.0, len(self.copy_matched) / total) if total else 0.0
         return 0.0
@@ -165,7 +175,7 @@ class Snapshot:
 
     async def read(self, offset: int, length: int, nursery: trio.Nursery | None = None) -> bytes:
         """Bytes [offset, offset+length) clipped to the size; holes read as zeros."""
-        if self.status == FAILED:
+        if self.status == SnapshotStatus.FAILED:
             # Its missing blocks are unknown, not zeros: never hand out wrong bytes.
             raise SnapfsError(
                 f"snapshot {self.name} ({self.id}) is a failed copy: {self.error}",
@@ -181,7 +191,11 @@ class Snapshot:
         first, last = offset // bs, (offset + length - 1) // bs
         # Only an available snapshot's map is fixed; a writer or a copy job can change the
         # map at any await below, so their blocks are looked up one at a time.
-        stable = self.status == AVAILABLE and self.writer is None and self.copy_job is None
+        stable = (
+            self.status == SnapshotStatus.AVAILABLE
+            and self.writer is None
+            and self.copy_job is None
+        )
         ids = self._block_ids(first, last) if stable else {}
         if stable and not ids:
             # All holes (a sparse image's free space): one shared zero buffer, no copying.
@@ -249,7 +263,7 @@ class Snapshot:
     def _block_ids(self, first: int, last: int) -> dict[int, bytes]:
         """Block ids of first..last (holes absent). An available snapshot's map never
         changes, so it is read from the index a chunk at a time instead of per request."""
-        if self.status != AVAILABLE:
+        if self.status != SnapshotStatus.AVAILABLE:
             return self.region.index.block_map(self.id, first, last)
         chunk = first // MAP_CHUNK
         if chunk != last // MAP_CHUNK:

@@ -60,11 +60,12 @@ from snapfs.meta.index import RegionIndex
 from snapfs.meta.keys import KeyNotFound, KeyRing, unlock_master
 from snapfs.model.clock import Clock
 from snapfs.model.names import check_region_name, check_snapshot_filename, new_snapshot_id
+from snapfs.model.states import SnapshotStatus
 from snapfs.objects.local import LocalBackend
 from snapfs.service.copyjobs import CopyEngine, CopyJob
 from snapfs.service.region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from snapfs.service.retention import retention_loop
-from snapfs.service.snapshots import AVAILABLE, COPYING, CREATING, FAILED, Snapshot, SnapshotWriter
+from snapfs.service.snapshots import Snapshot, SnapshotWriter
 
 if TYPE_CHECKING:
     from snapfs.objects.s3 import S3Location
@@ -358,10 +359,13 @@ class Store:
                     continue
                 if row["deleted"]:
                     reason = "was deleted while open"
-                elif row["status"] in (CREATING, COPYING) and row["sealed_at"] is not None:
+                elif (
+                    row["status"] in (SnapshotStatus.CREATING, SnapshotStatus.COPYING)
+                    and row["sealed_at"] is not None
+                ):
                     self._seal_closed(region, row)
                     continue
-                elif row["status"] in (CREATING, COPYING):
+                elif row["status"] in (SnapshotStatus.CREATING, SnapshotStatus.COPYING):
                     reason = "was still being written"
                 else:
                     continue
@@ -395,18 +399,22 @@ class Store:
         snap = self.by_id[row["id"]]
         source = self.by_id.get(row["source_snapshot_id"] or "")
         exact_copy = (
-            row["status"] == COPYING
+            row["status"] == SnapshotStatus.COPYING
             and source is not None
-            and source.status == AVAILABLE
+            and source.status == SnapshotStatus.AVAILABLE
             and source.size == snap.size
             and source.kms_key_id == snap.kms_key_id
             and maps_equal(source, snap)
         )
-        lineage = _lineage(snap) if exact_copy or row["status"] == CREATING else _NO_LINEAGE
-        region.index.update_snapshot(
-            snap.id, status=AVAILABLE, sealed_at=row["sealed_at"], **lineage
+        lineage = (
+            _lineage(snap)
+            if exact_copy or row["status"] == SnapshotStatus.CREATING
+            else _NO_LINEAGE
         )
-        snap.status, snap.sealed_at = AVAILABLE, row["sealed_at"]
+        region.index.update_snapshot(
+            snap.id, status=SnapshotStatus.AVAILABLE, sealed_at=row["sealed_at"], **lineage
+        )
+        snap.become(SnapshotStatus.AVAILABLE, sealed_at=row["sealed_at"])
         for name, value in lineage.items():
             setattr(snap, name, value)
         log.warning(
@@ -678,7 +686,7 @@ class Store:
             )
             source = None
         if source is not None:
-            snap.status = COPYING
+            snap.become(SnapshotStatus.COPYING)
             snap.copy_source = source
             snap.source_snapshot_id, snap.source_region = source.id, source.region.name
             snap.description = source.description
@@ -710,7 +718,7 @@ class Store:
             if snap.deleted:
                 continue
             await self.seal_settling(snap, quiet=True)  # a copy out of it needs it sealed
-            if snap.status == AVAILABLE and snap.sealed:
+            if snap.status == SnapshotStatus.AVAILABLE and snap.sealed:
                 return snap
         return None
 
@@ -833,7 +841,7 @@ class Store:
         await self.seal_settling(snap)
         if snap.writer is not None and not snap.deleted:
             raise NotReady(f"snapshot {snap.name} ({snap.id}) could not be sealed yet; see the log")
-        if snap.status == FAILED:
+        if snap.status == SnapshotStatus.FAILED:
             raise SnapfsError(
                 f"snapshot {snap.name} ({snap.id}) could not be sealed: {snap.error}",
                 code="InvalidSnapshot.Failed",
@@ -891,7 +899,7 @@ class Store:
             sealed_at = time.time()
             snap.region.index.update_snapshot(
                 snap.id,
-                status=AVAILABLE,
+                status=SnapshotStatus.AVAILABLE,
                 sealed_at=sealed_at,
                 size=snap.size,
                 mtime_ns=snap.mtime_ns,
@@ -912,7 +920,7 @@ class Store:
         for name, value in lineage.items():
             setattr(snap, name, value)
         snap.sealed_at = sealed_at
-        snap.status = AVAILABLE
+        snap.become(SnapshotStatus.AVAILABLE)
         snap.writer = None
         log.info(
             "region %s: sealed snapshot %s (%s), %d bytes%s%s",
@@ -937,9 +945,11 @@ class Store:
             await snap.writer.discard()
             snap.writer = None
         self._end_cp_copy(snap, keep_lineage=False)
-        snap.status, snap.error = FAILED, str(error)
+        snap.become(SnapshotStatus.FAILED, error=str(error))
         try:
-            snap.region.index.update_snapshot(snap.id, status=FAILED, error=snap.error)
+            snap.region.index.update_snapshot(
+                snap.id, status=SnapshotStatus.FAILED, error=snap.error
+            )
         except Exception as exc:  # noqa: BLE001 - still `creating` on disk: removed at mount
             log.error("snapshot %s (%s): its failure is not recorded: %s", snap.name, snap.id,
                       as_snapfs_error(exc))  # fmt: skip
@@ -961,7 +971,7 @@ class Store:
                 or source.deleted
                 or source.size != snap.size
                 or source.kms_key_id != snap.kms_key_id
-                or source.status not in (AVAILABLE, CREATING)
+                or source.status not in (SnapshotStatus.AVAILABLE, SnapshotStatus.CREATING)
                 or source.copy_source is not None
             ):
                 continue
@@ -976,7 +986,7 @@ class Store:
                 await self.seal_settling(source, wait=False, quiet=True)
                 if snap.deleted or snap.writer is not writer:
                     return None
-            if source.status != AVAILABLE or not source.sealed:
+            if source.status != SnapshotStatus.AVAILABLE or not source.sealed:
                 continue
             log.info(
                 "region %s: %s (%s) holds exactly %s/%s (%s), read while it was written: "
@@ -998,7 +1008,7 @@ class Store:
 
     def _is_exact_copy(self, snap: Snapshot) -> bool:
         source = snap.copy_source
-        if source is None or snap.status != COPYING or source.size != snap.size:
+        if source is None or snap.status != SnapshotStatus.COPYING or source.size != snap.size:
             return False
         if source.kms_key_id == snap.kms_key_id:
             return maps_equal(source, snap)
@@ -1031,7 +1041,7 @@ class Store:
             snap.source_snapshot_id,
             reason,
         )
-        snap.status = CREATING
+        snap.become(SnapshotStatus.CREATING)
         self._end_cp_copy(snap, keep_lineage=False)
 
     def _release_source(self, source: Snapshot) -> None:
@@ -1234,7 +1244,7 @@ class Store:
         encrypted: bool | None = None,
         kms_key_id: str | None = None,
     ) -> Snapshot:
-        if source.status != AVAILABLE or not source.sealed:
+        if source.status != SnapshotStatus.AVAILABLE or not source.sealed:
             raise NotReady(
                 f"snapshot {source.name} ({source.id}) is {source.status}; only "
                 "available snapshots can be copied"
@@ -1244,7 +1254,7 @@ class Store:
             dst_region.check_new_name(name)
             dst_region.check_quota()
         dst = Snapshot.new(new_snapshot_id(), name, dst_region, source.mode, source.uid, source.gid)
-        dst.status = COPYING
+        dst.become(SnapshotStatus.COPYING)
         dst.size = source.size
         dst.atime_ns, dst.mtime_ns = source.atime_ns, source.mtime_ns
         dst.source_snapshot_id, dst.source_region = source.id, source.region.name
@@ -1336,8 +1346,12 @@ class Store:
         if job is None:
             return
         await self.copies.cancel(job)
-        snap.status, snap.error = FAILED, f"OperationCancelled: the copy was cancelled ({why})"
-        snap.region.index.finish_copy(snap.id, {"status": FAILED, "error": snap.error})
+        snap.become(
+            SnapshotStatus.FAILED, error=f"OperationCancelled: the copy was cancelled ({why})"
+        )
+        snap.region.index.finish_copy(
+            snap.id, {"status": SnapshotStatus.FAILED, "error": snap.error}
+        )
         log.info(
             "region %s: copy into %s (%s) cancelled by its %s",
             snap.region.name,
