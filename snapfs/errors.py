@@ -66,6 +66,16 @@ class InvalidParameter(SnapfsError):
     errno = errno_mod.EINVAL
 
 
+class InvalidTagCount(InvalidParameter):
+    code = "InvalidTagCount"
+
+
+class KeyIdNotFound(InvalidParameter):
+    """A setting or request names no usable default key."""
+
+    code = "InvalidParameter.KMSKeyId.NotFound"
+
+
 class NotReady(SnapfsError):
     code = "InvalidSnapshotId.NotReady"
     errno = errno_mod.EBUSY

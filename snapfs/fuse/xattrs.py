@@ -16,25 +16,43 @@ Setting `user.snapfs.seal` on a snapshot (any value) is `snapfs seal`.
 Setting `user.snapfs.copy` on a region directory is the CopySnapshot API that `snapfs copy`
 uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
 "retention_days": R, "tags": {K: V}}; the new snapshot appears in the region as `copying`.
+
+This module is a table from attribute name to a service call (service/metadata.py and the
+Store); it holds no storage logic and never touches the index.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from snapfs.errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
-from snapfs.model import params
 from snapfs.model.clock import expires_at, iso8601
-from snapfs.model.names import is_text
 from snapfs.model.states import SnapshotStatus
+from snapfs.service import metadata
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot
 from snapfs.service.store import Store
 
 PREFIX = "user.snapfs."
 TAG_PREFIX = "user.tag."
+SEAL_ATTR = PREFIX + "seal"
+COPY_ATTR = PREFIX + "copy"
+
+
+@dataclass(frozen=True)
+class SnapshotAttribute:
+    read: Callable[[Snapshot], str | None]
+    write: Callable[[Snapshot, str], None] | None = None  # None: read-only (EPERM)
+    clear: Callable[[Snapshot], None] | None = None  # removexattr
+    listed: bool = False  # stored metadata a copying tool may carry over
+
+
+@dataclass(frozen=True)
+class RegionAttribute:
+    read: Callable[[Store, Region], str | None]
+    write: Callable[[Store, Region, str, str], None] | None = None  # (..., value, name)
+    clear: Callable[[Region], None] | None = None
 
 
 def _expiry(snap: Snapshot) -> str | None:
@@ -42,53 +60,98 @@ def _expiry(snap: Snapshot) -> str | None:
     return None if due is None else iso8601(due)
 
 
-_SNAPSHOT_READERS: dict[str, Callable[[Snapshot], str | None]] = {
-    "id": lambda s: s.id,
-    "status": lambda s: s.status,
-    "progress": lambda s: f"{s.progress:.2f}".rstrip("0").rstrip("."),
-    "error": lambda s: s.error if s.status == SnapshotStatus.FAILED else None,
-    "source_snapshot_id": lambda s: s.source_snapshot_id,
-    "source_region": lambda s: s.source_region,
-    "transferred_bytes": lambda s: str(s.transferred_bytes),
-    "encrypted": lambda s: "true" if s.encrypted else "false",
-    "kms_key_id": lambda s: s.kms_key_id or "",
-    "description": lambda s: s.description,
-    "retention_days": lambda s: None if s.retention_days is None else str(s.retention_days),
-    "expires_at": _expiry,
+def _clear(field: str) -> Callable[[Snapshot], None]:
+    return lambda snap: metadata.clear_field(snap, field)
+
+
+SNAPSHOT_ATTRIBUTES: dict[str, SnapshotAttribute] = {
+    "id": SnapshotAttribute(lambda s: s.id),
+    "status": SnapshotAttribute(lambda s: s.status),
+    "progress": SnapshotAttribute(lambda s: f"{s.progress:.2f}".rstrip("0").rstrip(".")),
+    "error": SnapshotAttribute(lambda s: s.error if s.status == SnapshotStatus.FAILED else None),
+    "source_snapshot_id": SnapshotAttribute(lambda s: s.source_snapshot_id),
+    "source_region": SnapshotAttribute(lambda s: s.source_region),
+    "transferred_bytes": SnapshotAttribute(lambda s: str(s.transferred_bytes)),
+    "encrypted": SnapshotAttribute(lambda s: "true" if s.encrypted else "false"),
+    "kms_key_id": SnapshotAttribute(lambda s: s.kms_key_id or ""),
+    "description": SnapshotAttribute(
+        lambda s: s.description, metadata.set_description, _clear("description"), listed=True
+    ),
+    "retention_days": SnapshotAttribute(
+        lambda s: None if s.retention_days is None else str(s.retention_days),
+        metadata.set_retention_days,
+        _clear("retention_days"),
+        listed=True,
+    ),
+    "expires_at": SnapshotAttribute(_expiry),
 }
 
 
-_REGION_READERS: dict[str, Callable[[Store, Region], str | None]] = {
-    "encrypt_by_default": lambda st, r: "true" if r.encrypt_by_default else "false",
-    "default_kms_key_id": lambda st, r: r.default_kms_key_id or "",
-    "max_parallel_copies": lambda st, r: str(r.max_parallel_copies),
-    "snapshot_quota": lambda st, r: None if r.snapshot_quota is None else str(r.snapshot_quota),
-    "compression": lambda st, r: r.compression,
-    "copies_running": lambda st, r: str(st.copies.running(r)),
-    "copies_queued": lambda st, r: str(st.copies.queued(r)),
+def _setting(key: str) -> Callable[[Store, Region, str, str], None]:
+    return lambda store, region, value, name: metadata.set_region_setting(
+        store, region, key, value, name
+    )
+
+
+def _clear_setting(key: str) -> Callable[[Region], None]:
+    return lambda region: metadata.clear_region_setting(region, key)
+
+
+REGION_ATTRIBUTES: dict[str, RegionAttribute] = {
+    "encrypt_by_default": RegionAttribute(
+        lambda st, r: "true" if r.encrypt_by_default else "false", _setting("encrypt_by_default")
+    ),
+    "default_kms_key_id": RegionAttribute(
+        lambda st, r: r.default_kms_key_id or "",
+        _setting("default_kms_key_id"),
+        _clear_setting("default_kms_key_id"),
+    ),
+    "max_parallel_copies": RegionAttribute(
+        lambda st, r: str(r.max_parallel_copies), _setting("max_parallel_copies")
+    ),
+    "snapshot_quota": RegionAttribute(
+        lambda st, r: None if r.snapshot_quota is None else str(r.snapshot_quota),
+        _setting("snapshot_quota"),
+        _clear_setting("snapshot_quota"),
+    ),
+    "compression": RegionAttribute(lambda st, r: r.compression, _setting("compression")),
+    "copies_running": RegionAttribute(lambda st, r: str(st.copies.running(r))),
+    "copies_queued": RegionAttribute(lambda st, r: str(st.copies.queued(r))),
+}
+
+# Writes that are commands rather than stored values.
+SNAPSHOT_COMMANDS: dict[str, Callable[[Store, Snapshot, str], Awaitable[None]]] = {
+    SEAL_ATTR: lambda store, snap, value: store.seal(snap),
+}
+REGION_COMMANDS: dict[str, Callable[[Store, Region, str], Awaitable[None]]] = {
+    COPY_ATTR: metadata.copy_request,
 }
 
 
-# Stored metadata a copying tool may carry over; everything else is computed (not listed).
-_LISTED = ("description", "retention_days")
-SEAL_ATTR = PREFIX + "seal"
+def _snapshot_attribute(name: str) -> SnapshotAttribute | None:
+    return SNAPSHOT_ATTRIBUTES.get(name[len(PREFIX) :]) if name.startswith(PREFIX) else None
+
+
+def _region_attribute(name: str) -> RegionAttribute | None:
+    return REGION_ATTRIBUTES.get(name[len(PREFIX) :]) if name.startswith(PREFIX) else None
 
 
 def names(store: Store, node: Region | Snapshot | None) -> list[str]:
     """What listxattr offers: a snapshot's stored, writable metadata only."""
     if isinstance(node, Snapshot):
-        found = [PREFIX + k for k in _LISTED if _SNAPSHOT_READERS[k](node) is not None]
-        return found + [TAG_PREFIX + key for key in node.region.index.tags(node.id)]
+        found = [
+            PREFIX + key
+            for key, attr in SNAPSHOT_ATTRIBUTES.items()
+            if attr.listed and attr.read(node) is not None
+        ]
+        return found + [TAG_PREFIX + key for key in metadata.tags(node)]
     return []
 
 
 def computed(name: str) -> bool:
     """A snapshot attribute computed by snapfs (not listed; reading it seals)."""
-    return (
-        name.startswith(PREFIX)
-        and name[len(PREFIX) :] in _SNAPSHOT_READERS
-        and (name[len(PREFIX) :] not in _LISTED)
-    )
+    attr = _snapshot_attribute(name)
+    return attr is not None and not attr.listed
 
 
 async def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
@@ -96,13 +159,12 @@ async def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
     if isinstance(node, Snapshot):
         if computed(name):
             await store.seal_settling(node, quiet=True)  # a full disk: it says `creating`
-        if name.startswith(PREFIX) and (read := _SNAPSHOT_READERS.get(name[len(PREFIX) :])):
-            value = read(node)
+        if (attr := _snapshot_attribute(name)) is not None:
+            value = attr.read(node)
         elif name.startswith(TAG_PREFIX):
-            value = node.region.index.tags(node.id).get(name[len(TAG_PREFIX) :])
-    elif isinstance(node, Region) and name.startswith(PREFIX):
-        read_region = _REGION_READERS.get(name[len(PREFIX) :])
-        value = read_region(store, node) if read_region else None
+            value = metadata.tags(node).get(name[len(TAG_PREFIX) :])
+    elif isinstance(node, Region) and (region_attr := _region_attribute(name)) is not None:
+        value = region_attr.read(store, node)
     if value is None:
         raise NoSuchAttribute(f"no attribute {name}")
     return value.encode()
@@ -110,37 +172,50 @@ async def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
 
 async def set(store: Store, node: Region | Snapshot | None, name: str, raw: bytes) -> None:  # noqa: A001
     value = _text(raw)
-    if isinstance(node, Snapshot) and name == SEAL_ATTR:
-        await store.seal(node)
-    elif isinstance(node, Snapshot):
-        _set_snapshot(node, name, value)
-    elif isinstance(node, Region) and name == PREFIX + "copy":
-        await _copy_request(store, node, value)
+    if isinstance(node, Snapshot):
+        if (command := SNAPSHOT_COMMANDS.get(name)) is not None:
+            await command(store, node, value)
+        elif name.startswith(TAG_PREFIX):
+            metadata.set_tag(node, name[len(TAG_PREFIX) :], value)
+        else:
+            attr = _snapshot_attribute(name)
+            _refuse_unless_writable(name, attr is not None, attr is not None and attr.write)
+            assert attr is not None and attr.write is not None
+            attr.write(node, value)
     elif isinstance(node, Region):
-        _set_region(store, node, name, value)
+        if (region_command := REGION_COMMANDS.get(name)) is not None:
+            await region_command(store, node, value)
+        else:
+            region_attr = _region_attribute(name)
+            known = region_attr is not None
+            _refuse_unless_writable(name, known, known and region_attr.write is not None)
+            assert region_attr is not None and region_attr.write is not None
+            region_attr.write(store, node, value, name)
     else:
         raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
+
+
+def _refuse_unless_writable(name: str, known: bool, writable: object) -> None:
+    """ENOTSUP for a name snapfs does not store, EPERM for a read-only one."""
+    if not known:
+        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
+    if not writable:
+        raise NotPermitted(f"{name} is read-only")
 
 
 async def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
     if isinstance(node, Snapshot):
         if name.startswith(TAG_PREFIX):
-            key = name[len(TAG_PREFIX) :]
-            if key not in node.region.index.tags(node.id):
-                raise NoSuchAttribute(f"no attribute {name}")
-            node.region.index.set_tag(node.id, key, None)
+            metadata.remove_tag(node, name[len(TAG_PREFIX) :], name)
             return
-        if name in (PREFIX + "description", PREFIX + "retention_days"):
-            field = name[len(PREFIX) :]
-            node.region.index.update_snapshot(node.id, **{field: None})
-            setattr(node, field, None)
+        if (attr := _snapshot_attribute(name)) is not None and attr.clear is not None:
+            attr.clear(node)
             return
-    if isinstance(node, Region) and name in (
-        PREFIX + "snapshot_quota",
-        PREFIX + "default_kms_key_id",
-    ):
-        node.index.set_setting(name[len(PREFIX) :], "")
-        return
+    if isinstance(node, Region):
+        region_attr = _region_attribute(name)
+        if region_attr is not None and region_attr.clear is not None:
+            region_attr.clear(node)
+            return
     await set(store, node, name, b"")
 
 
@@ -149,119 +224,3 @@ def _text(raw: bytes) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise InvalidParameter("attribute values must be UTF-8 text") from None
-
-
-def _set_snapshot(snap: Snapshot, name: str, value: str) -> None:
-    # The index first, then memory: a refusal or a failed commit (disk full) changes nothing.
-    if name == PREFIX + "description":
-        description = params.check_description(value)
-        snap.region.index.update_snapshot(snap.id, description=description)
-        snap.description = description
-    elif name == PREFIX + "retention_days":
-        days = params.check_retention_days(value)
-        snap.region.index.update_snapshot(snap.id, retention_days=days)
-        snap.retention_days = days
-    elif name.startswith(TAG_PREFIX):
-        key = params.check_tag_key(name[len(TAG_PREFIX) :])
-        params.check_tag_value(value)
-        tags = snap.region.index.tags(snap.id)
-        if key not in tags and len(tags) >= params.MAX_TAGS:
-            raise InvalidParameter(
-                f"a snapshot has at most {params.MAX_TAGS} tags", code="InvalidTagCount"
-            )
-        snap.region.index.set_tag(snap.id, key, value)
-    elif name.startswith(PREFIX) and name[len(PREFIX) :] in _SNAPSHOT_READERS:
-        raise NotPermitted(f"{name} is read-only")
-    else:
-        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
-
-
-def _positive(value: str, name: str, limit: int) -> int:
-    # ASCII digits only, and few of them: str.isdigit() accepts "²", which int() refuses,
-    # and int() refuses more than 4300 digits.
-    if not re.fullmatch(r"[0-9]{1,20}", value) or not 1 <= int(value) <= limit:
-        raise InvalidParameter(f"{name} must be a whole number from 1 to {limit}, got {value!r}")
-    return int(value)
-
-
-def _set_region(store: Store, region: Region, name: str, value: str) -> None:
-    key = name[len(PREFIX) :] if name.startswith(PREFIX) else None
-    if key == "max_parallel_copies":
-        region.index.set_setting(key, str(_positive(value, name, 100_000)))
-        store.copies.reschedule(region)
-    elif key == "snapshot_quota":
-        region.index.set_setting(key, str(_positive(value, name, 1 << 40)))
-    elif key == "compression":
-        region.set_compression(value)
-    elif key == "default_kms_key_id":
-        region.index.set_setting(key, store.keys.usable(value.strip(), region.name).id)
-    elif key == "encrypt_by_default":
-        if value not in ("true", "false"):
-            raise InvalidParameter(f"{name} is true or false, got {value!r}")
-        if value == "true" and region.default_kms_key_id is None:
-            raise InvalidParameter(
-                f"region {region.name} has no default_kms_key_id: set it first",
-                code="InvalidParameter.KMSKeyId.NotFound",
-            )
-        region.index.set_setting(key, value)
-    elif key in _REGION_READERS:
-        raise NotPermitted(f"{name} is read-only")
-    else:
-        raise AttributeNotSupported(f"snapfs does not store the attribute {name}")
-
-
-async def _copy_request(store: Store, dst_region: Region, value: str) -> None:
-    request = _parse_copy_request(value)
-    src_region_name, _, src_name = request["source"].partition("/")
-    name = request.get("name") or src_name
-    description = request.get("description")
-    retention = request.get("retention_days")
-    tags = params.check_tags(list((request.get("tags") or {}).items()))
-    if request.get("name"):
-        params.check_cloud_snapshot_name(name)
-    await store.copy_snapshot(
-        store.region(src_region_name), src_name, dst_region, name,
-        description=None if description is None else params.check_description(description),
-        retention_days=None if retention is None else params.check_retention_days(retention),
-        tags=tags, encrypted=request.get("encrypted"),
-        kms_key_id=request.get("kms_key_id") or None,
-    )  # fmt: skip
-
-
-# The JSON types each field of a copy request may have (None: absent or null).
-_COPY_FIELDS: dict[str, tuple[type, ...]] = {
-    "source": (str,),
-    "name": (str,),
-    "description": (str,),
-    "retention_days": (int, str),
-    "tags": (dict,),
-    "encrypted": (bool,),
-    "kms_key_id": (str,),
-}
-
-
-def _parse_copy_request(value: str) -> dict:
-    """The request as a dict whose fields have the types the CopySnapshot rules expect; any
-    other JSON (a list, a number for a name, a boolean for a retention...) is EINVAL."""
-    try:
-        request = json.loads(value)
-    except ValueError:
-        request = None
-    if not isinstance(request, dict) or not isinstance(request.get("source"), str):
-        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}')
-    for key, item in request.items():
-        types = _COPY_FIELDS.get(key)
-        if types is None:
-            raise InvalidParameter(f"a copy request has no field {key!r}")
-        # bool is an int to Python, never a retention to a user
-        if item is not None and (
-            not isinstance(item, types) or (bool not in types and isinstance(item, bool))
-        ):
-            raise InvalidParameter(f"the copy request's {key} has the wrong type")
-    tags = request.get("tags") or {}
-    if not all(isinstance(v, str) for v in tags.values()):
-        raise InvalidParameter("tag values in a copy request are strings")
-    texts = [v for v in request.values() if isinstance(v, str)] + [*tags, *tags.values()]
-    if not all(is_text(t) for t in texts):  # JSON can carry lone surrogates ("\ud800")
-        raise InvalidParameter("a copy request's strings must be Unicode text")
-    return request

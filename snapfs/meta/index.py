@@ -1,9 +1,9 @@
 """A region's block index: one SQLite database per region, beside its block objects.
 
-Design notes (schema version 1)
--------------------------------
+Design notes (schema version 3: MIGRATIONS below)
+-------------------------------------------------
 - `blocks` has one row per stored block object, keyed by its 32-byte content id. A row is
-  only ever inserted after the object is durable (see `Region.commit`), so a row never points
+  only ever inserted after the object is durable (see `BlockRepository.sync`), so a row never points
   at missing data. `refcount` counts the `snapshot_blocks` rows that name the block.
 - `snapshot_blocks` maps (snapshot, block number) to a block id; a block number with no row
   is a hole (all zeros, costs nothing).

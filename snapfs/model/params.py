@@ -3,6 +3,8 @@ the command line so both refuse the same values with the same codes."""
 
 from __future__ import annotations
 
+import json
+
 from snapfs.errors import InvalidParameter, SnapfsError
 from snapfs.model.names import check_cloud_snapshot_name, is_text
 
@@ -13,6 +15,7 @@ __all__ = [
     "check_tag_key",
     "check_tag_value",
     "check_tags",
+    "parse_copy_request",
     "parse_tag",
 ]
 
@@ -89,3 +92,42 @@ def parse_tag(text: str) -> tuple[str, str]:
     if not sep:
         raise _refuse("InvalidTagKey.Malformed", f"a tag is KEY=VALUE, got {text!r}")
     return key, value
+
+
+# The JSON types each field of a copy request may have (None: absent or null).
+_COPY_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "name": (str,),
+    "description": (str,),
+    "retention_days": (int, str),
+    "tags": (dict,),
+    "encrypted": (bool,),
+    "kms_key_id": (str,),
+}
+
+
+def parse_copy_request(value: str) -> dict:
+    """The request as a dict whose fields have the types the CopySnapshot rules expect; any
+    other JSON (a list, a number for a name, a boolean for a retention...) is EINVAL."""
+    try:
+        request = json.loads(value)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict) or not isinstance(request.get("source"), str):
+        raise InvalidParameter('a copy request is JSON {"source": "REGION/NAME", ...}')
+    for key, item in request.items():
+        types = _COPY_FIELDS.get(key)
+        if types is None:
+            raise InvalidParameter(f"a copy request has no field {key!r}")
+        # bool is an int to Python, never a retention to a user
+        if item is not None and (
+            not isinstance(item, types) or (bool not in types and isinstance(item, bool))
+        ):
+            raise InvalidParameter(f"the copy request's {key} has the wrong type")
+    tags = request.get("tags") or {}
+    if not all(isinstance(v, str) for v in tags.values()):
+        raise InvalidParameter("tag values in a copy request are strings")
+    texts = [v for v in request.values() if isinstance(v, str)] + [*tags, *tags.values()]
+    if not all(is_text(t) for t in texts):  # JSON can carry lone surrogates ("\ud800")
+        raise InvalidParameter("a copy request's strings must be Unicode text")
+    return request
