@@ -367,7 +367,7 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
 
 # Modules whose tests run without the kernel (store, index, crypto and copy engine in-process):
 # `pytest -m 'not mount'` runs just these, in seconds. Every other test mounts a real snapfs.
-IN_PROCESS_MODULES = {"test_units"}
+IN_PROCESS_MODULES = {"test_units", "test_object_stores"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

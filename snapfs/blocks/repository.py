@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -46,6 +46,7 @@ from snapfs.objects.local import LocalBackend
 
 if TYPE_CHECKING:
     from snapfs.meta.keys import BlockKeys, KeyRing
+    from snapfs.objects.protocol import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class BlockRepository:
         limiter: trio.CapacityLimiter,
         cache: BlockCache,
         keys: KeyRing | None = None,
-        backend: Any | None = None,
+        backend: ObjectStore | None = None,
         io_limiter: trio.CapacityLimiter | None = None,
         frees: PendingFrees | None = None,
     ):
@@ -135,8 +136,10 @@ class BlockRepository:
         self.limiter = limiter
         self.cache = cache
         self.index = RegionIndex(directory / "index.db")
-        self.backend = backend if backend is not None else LocalBackend(directory / "blocks")
-        self.remote = bool(getattr(self.backend, "remote", False))
+        self.backend: ObjectStore = (
+            backend if backend is not None else LocalBackend(directory / "blocks")
+        )
+        self.remote = self.backend.remote
         self.io_limiter = io_limiter if io_limiter is not None and self.remote else limiter
         # Objects some writer is putting right now; others wanting the same id wait.
         self._writing: dict[bytes, trio.Event] = {}

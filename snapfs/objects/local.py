@@ -25,10 +25,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapfs import durable
 from snapfs.errors import StoreFull
 from snapfs.faults import fault_point
+
+if TYPE_CHECKING:
+    from snapfs.objects.protocol import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +447,7 @@ class LocalBackend:
     def _punch(self, fd: int, offset: int, length: int) -> None:
         """Punch a hole if the filesystem can; if it cannot, the bytes stay (unmapped, so
         harmless) until the pack is unlinked. Said once per backend, not per object."""
-        if not self.can_punch:
+        if not self.can_punch or length == 0:  # fallocate refuses an empty range (EINVAL)
             return
         try:
             punch_hole(fd, offset, length)
@@ -474,12 +478,13 @@ class LocalBackend:
         """Every stored object key (packed, unsynced or a file of layouts 1-2); leftover
         temp files of an interrupted put are removed (read-only: listed as they are)."""
         with self._lock:
-            unsynced = list(self._unsynced)
+            unsynced = set(self._unsynced)
         yield from unsynced
         with self._reader() as conn:
             packed = [] if conn is None else conn.execute("SELECT key FROM objects").fetchall()
         for (key,) in packed:
-            yield key.hex()
+            if key.hex() not in unsynced:  # overwritten, the new copy not synced yet
+                yield key.hex()
         for dirpath, dirs, files in os.walk(self.root):
             if dirpath == str(self.root) and "packs" in dirs:
                 dirs.remove("packs")
@@ -611,3 +616,7 @@ def _by_pack(locations: Iterable[Location]) -> dict[int, list[tuple[int, int]]]:
     for location in locations:
         ranges.setdefault(location.pack, []).append((location.offset, location.length))
     return ranges
+
+
+if TYPE_CHECKING:
+    _conforms: type[ObjectStore] = LocalBackend  # mypy checks that LocalBackend is an ObjectStore

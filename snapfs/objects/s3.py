@@ -27,11 +27,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapfs.errors import InvalidParameter, SnapfsError
+
+if TYPE_CHECKING:
+    from snapfs.objects.protocol import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ class S3Backend:
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key),
         )
 
-    def delete_many(self, keys: list[str], each: Callable[[], None] | None = None) -> None:
+    def delete_many(self, keys: Sequence[str], each: Callable[[], None] | None = None) -> None:
         """Delete in batches of DELETE_BATCH; `each` is called after every object is gone
         (a fault point for the crash tests)."""
         for start in range(0, len(keys), DELETE_BATCH):
@@ -332,3 +335,7 @@ class S3Backend:
             pass
         self._call("CREATE BUCKET", "", lambda: self.client.create_bucket(Bucket=self.bucket))
         log.info("created bucket %s", self.bucket)
+
+
+if TYPE_CHECKING:
+    _conforms: type[ObjectStore] = S3Backend  # mypy checks that S3Backend is an ObjectStore
