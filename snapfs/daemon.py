@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from snapfs import durable, faults
-from snapfs.errors import SnapfsError, from_sqlite
+from snapfs.errors import MountPointInUse, MountPointNotFound, SnapfsError, from_sqlite, restated
 from snapfs.fuse import mounts
 from snapfs.fuse.operations import Operations
 from snapfs.service.store import DEFAULT_SETTLE, Store
@@ -151,9 +151,7 @@ def open_store(
         error = from_sqlite(exc)
         if error is None:
             raise
-        raise SnapfsError(
-            f"store {store_path}: {error.message}", code=error.code, errno=error.errno
-        ) from None
+        raise restated(error, f"store {store_path}: {error.message}") from None
 
 
 def run(
@@ -186,13 +184,9 @@ def run(
         if mounts.clear_stale_mount(mountpoint):
             log.warning("cleared a stale mount left at %s by a daemon that died", mountpoint)
         if mounts.mount_fstype(mountpoint) is not None:
-            raise SnapfsError(
-                f"{mountpoint} is already a mountpoint", code="MountPoint.InUse", errno=16
-            )
+            raise MountPointInUse(f"{mountpoint} is already a mountpoint")
         if not mountpoint.is_dir():
-            raise SnapfsError(
-                f"mountpoint {mountpoint} is not a directory", code="MountPoint.NotFound", errno=2
-            )
+            raise MountPointNotFound(f"mountpoint {mountpoint} is not a directory")
         store = open_store(store_path, block_size, copy_bandwidth_limit, settle)
     except SnapfsError as exc:
         log.error("%s", exc)

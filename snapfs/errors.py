@@ -3,6 +3,11 @@
 Every refusal snapfs makes is a `SnapfsError`: the FUSE layer turns it into the errno, the
 command line prints `code: message`, and both log it. Anything else that escapes is a bug and
 surfaces as `EIO`.
+
+Each cloud code has its class here, with its errno (named from the `errno` module): the rest
+of snapfs raises the class and never spells a code or an errno number itself. A bad
+parameter subclasses `InvalidParameter`, a damaged block `BlockCorrupt`, so a handler of the
+general refusal still catches the particular one.
 """
 
 from __future__ import annotations
@@ -46,6 +51,20 @@ class RegionNotFound(SnapfsError):
     errno = errno_mod.ENOENT
 
 
+class RegionAlreadyExists(SnapfsError):
+    """A region of that name exists, or the bucket prefix already holds one."""
+
+    code = "InvalidRegionId.Duplicate"
+    errno = errno_mod.EEXIST
+
+
+class RegionMetadataMalformed(SnapfsError):
+    """A bucket prefix's `meta/region.json` is not snapfs region metadata."""
+
+    code = "InvalidRegion.Malformed"
+    errno = errno_mod.EINVAL
+
+
 class AlreadyExists(SnapfsError):
     code = "InvalidSnapshotName.Duplicate"
     errno = errno_mod.EEXIST
@@ -76,6 +95,72 @@ class KeyIdNotFound(InvalidParameter):
     code = "InvalidParameter.KMSKeyId.NotFound"
 
 
+class KeyIdDuplicate(InvalidParameter):
+    """An imported key is already in the store."""
+
+    code = "InvalidParameter.KMSKeyId.Duplicate"
+    errno = errno_mod.EEXIST
+
+
+class InvalidBlockSize(InvalidParameter):
+    """A region's block size is not the store's."""
+
+    code = "InvalidParameter.BlockSize"
+
+
+class RegionIdMismatch(InvalidParameter):
+    """The region at a bucket prefix has another name than the one asked for."""
+
+    code = "InvalidRegionId.Mismatch"
+
+
+class InvalidDescription(InvalidParameter):
+    code = "InvalidDescription.Malformed"
+
+
+class InvalidRetentionDays(InvalidParameter):
+    code = "InvalidRetentionDays.Malformed"
+
+
+class InvalidTagKey(InvalidParameter):
+    code = "InvalidTagKey.Malformed"
+
+
+class InvalidTagValue(InvalidParameter):
+    code = "InvalidTagValue.Malformed"
+
+
+class DuplicateTagKey(InvalidParameter):
+    code = "Duplicate.TagKey"
+
+
+# --- keys (meta/keys.py) ------------------------------------------------------------------------
+
+
+class KeyNotFound(SnapfsError):
+    """A customer master key that is unknown, of another region, or not loaded."""
+
+    code = "InvalidParameter.KMSKeyId.NotFound"
+    errno = errno_mod.ENOKEY
+
+
+class KeyDisabled(SnapfsError):
+    code = "InvalidParameter.KMSKeyId.CMKNotEnabled"
+    errno = errno_mod.EKEYREVOKED
+
+
+class WrongPassphrase(SnapfsError):
+    code = "InvalidPassphrase"
+    errno = errno_mod.EACCES
+
+
+class MasterKeyNotFound(SnapfsError):
+    """The store's master key file is missing."""
+
+    code = "MasterKey.NotFound"
+    errno = errno_mod.ENOKEY
+
+
 class NotReady(SnapfsError):
     code = "InvalidSnapshotId.NotReady"
     errno = errno_mod.EBUSY
@@ -84,6 +169,13 @@ class NotReady(SnapfsError):
 class QuotaExceeded(SnapfsError):
     code = "QuotaExceed.SnapshotQuota"
     errno = errno_mod.EDQUOT
+
+
+class SnapshotFailed(SnapfsError):
+    """A snapshot in the `failed` state (a copy that did not finish, a seal that failed)."""
+
+    code = "InvalidSnapshot.Failed"
+    errno = errno_mod.EIO
 
 
 class Sealed(SnapfsError):
@@ -115,6 +207,12 @@ class ObjectMissing(BlockCorrupt):
     """A block object that the index names is not in the backend at all."""
 
 
+class SnapshotDamaged(BlockCorrupt):
+    """A block of a snapshot being copied is damaged and cannot be copied from elsewhere."""
+
+    code = "InvalidSnapshot.Damaged"
+
+
 class StoreBusy(SnapfsError):
     code = "StoreBusy"
     errno = errno_mod.EBUSY
@@ -123,6 +221,32 @@ class StoreBusy(SnapfsError):
 class StoreFormat(SnapfsError):
     code = "StoreFormat.Unsupported"
     errno = errno_mod.EINVAL
+
+
+class StoreNotFound(SnapfsError):
+    """No snapfs store (no `store.db`) at the path given."""
+
+    code = "StoreNotFound"
+    errno = errno_mod.ENOENT
+
+
+class StoreIOError(SnapfsError):
+    """The disk failed a read or write; the errno is the OSError's when there is one."""
+
+    code = "StoreIOError"
+    errno = errno_mod.EIO
+
+
+class MountPointInUse(SnapfsError):
+    code = "MountPoint.InUse"
+    errno = errno_mod.EBUSY
+
+
+class MountPointNotFound(SnapfsError):
+    """The mountpoint is missing or not a directory."""
+
+    code = "MountPoint.NotFound"
+    errno = errno_mod.ENOENT
 
 
 class NoSuchAttribute(SnapfsError):
@@ -139,6 +263,33 @@ class IndexDamaged(SnapfsError):
     """A region's SQLite index (or the catalogue) is unreadable: a damaged page."""
 
     code = "RegionIndex.Damaged"
+    errno = errno_mod.EIO
+
+
+# --- object stores (objects/s3.py) --------------------------------------------------------------
+
+
+class BackendUnavailable(SnapfsError):
+    """The object store did not answer in time (or the mount is stopping)."""
+
+    code = "ServiceUnavailable.ObjectStore"
+    errno = errno_mod.EIO
+
+
+class BackendDenied(SnapfsError):
+    code = "Forbidden.ObjectStore"
+    errno = errno_mod.EACCES
+
+
+class NoSuchBucket(SnapfsError):
+    code = "NoSuchBucket"
+    errno = errno_mod.ENOENT
+
+
+class ObjectStoreError(SnapfsError):
+    """The object store refused a request for a reason that retrying does not mend."""
+
+    code = "ObjectStoreError"
     errno = errno_mod.EIO
 
 
@@ -182,8 +333,13 @@ def as_snapfs_error(exc: BaseException) -> SnapfsError:
     if isinstance(exc, OSError) and exc.errno:
         if exc.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
             return StoreFull(f"no space left for new blocks: {exc}")
-        return SnapfsError(str(exc), code="StoreIOError", errno=exc.errno)
-    return SnapfsError(f"{type(exc).__name__}: {exc}", code="InternalError")
+        return StoreIOError(str(exc), errno=exc.errno)
+    return SnapfsError(f"{type(exc).__name__}: {exc}")  # the base class's code: InternalError
+
+
+def restated(error: SnapfsError, message: str) -> SnapfsError:
+    """The same refusal (class, code and errno) with another message, e.g. with context."""
+    return type(error)(message, code=error.code, errno=error.errno)
 
 
 def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:

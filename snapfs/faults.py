@@ -3,7 +3,7 @@
 `SNAPFS_FAULT=NAME[:N]` makes the daemon `os._exit` the N-th time (default the first) it
 reaches `fault_point(NAME)`, after logging which point it died at. Nothing is flushed,
 closed or unmounted: to the store this is a `kill -9` at exactly that moment, which makes
-the crash matrix (`tests/test_crash_matrix.py`) deterministic. Several faults may be given,
+the crash matrix (`tests/crash/test_crash_matrix.py`) deterministic. Several faults may be given,
 comma-separated; the first one reached ends the process.
 
 `SNAPFS_FAULT_TRACE=1` instead logs every point reached with its hit count, so a soak run

@@ -82,10 +82,9 @@ def _locate(path: Path) -> tuple[Path, str, str]:
 
 
 def _side(path: Path, index: RegionIndex, region: str, name: str) -> Side:
-    rows = list(index.db["snapshots"].rows_where("name = ? AND deleted = 0", [name]))
-    if not rows:
+    row = index.snapshot_named(name)
+    if row is None:
         raise NotFound(f"snapshot {name!r} does not exist in region {region}")
-    row = rows[0]
     if row["status"] != SnapshotStatus.AVAILABLE:
         raise NotReady(f"snapshot {region}/{name} ({row['id']}) is {row['status']}")
     return Side(str(path), region, name, row["id"], row["size"], row["kms_key_id"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from snapfs import durable
 from snapfs.cli import status
-from snapfs.errors import SnapfsError, from_sqlite
+from snapfs.errors import InvalidParameter, SnapfsError, from_sqlite
 from snapfs.fuse import mounts
 from snapfs.model import params
 from snapfs.model.states import SnapshotStatus
@@ -299,7 +299,7 @@ _COPY_ERRORS = {
 def _resolve(path: str, what: str) -> tuple[mounts.MountRecord, list[str]]:
     found = mounts.find_mount_root(Path(path))
     if found is None:
-        raise SnapfsError(f"{what} {path} is not inside a snapfs mount", code="InvalidParameter")
+        raise InvalidParameter(f"{what} {path} is not inside a snapfs mount")
     return found
 
 

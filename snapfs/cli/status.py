@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snapfs.errors import NotFound, RegionNotFound, SnapfsError
+from snapfs.errors import IndexDamaged, NotFound, RegionNotFound, StoreNotFound
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
 from snapfs.model.clock import expires_at, iso8601
@@ -52,7 +52,7 @@ def collect(
 ) -> dict[str, Any]:
     store_db = store_path / "store.db"
     if not store_db.exists():
-        raise SnapfsError(f"no snapfs store at {store_path}", code="StoreNotFound", errno=2)
+        raise StoreNotFound(f"no snapfs store at {store_path}")
     catalogue = dbutil.connect(store_db, readonly=True)
     try:
         block_size = int(dbutil.get_meta(catalogue, "block_size", "0") or 0)
@@ -87,9 +87,7 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
     try:
         index = RegionIndex(directory / "index.db", readonly=True)
     except sqlite3.Error as exc:
-        raise SnapfsError(
-            f"region {name}: index unreadable: {exc}", code="RegionIndex.Damaged", errno=5
-        ) from None
+        raise IndexDamaged(f"region {name}: index unreadable: {exc}") from None
     try:
         stored = index.snapshot_stored_bytes()
         jobs = {job["dst_snapshot_id"]: job for job in index.copy_jobs()}

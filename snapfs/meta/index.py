@@ -21,7 +21,7 @@ All methods run on the trio thread that owns the connection; each is short.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,17 @@ class NewBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class RestoredSnapshot:
+    """A snapshot rebuilt from its manifest: its row, its block map with each block's sizes,
+    its tags, and the key its blocks are encrypted under (None: in the clear)."""
+
+    row: dict[str, Any]
+    blocks: Sequence[tuple[int, bytes, int, int, int]]  # block_no, id, plain, stored, codec
+    tags: dict[str, str]
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RegionStats:
     blocks: int
     plain_bytes: int
@@ -197,6 +208,11 @@ class RegionIndex:
             dbutil.set_meta(conn, key, value)
         self._changed(None)
 
+    def settings(self) -> dict[str, str]:
+        """Every region setting (the `meta` table but the schema version)."""
+        rows = self.db.execute("SELECT key, value FROM meta").fetchall()
+        return {k: v for k, v in rows if k != "schema_version"}
+
     # --- snapshots -------------------------------------------------------------------------
 
     def snapshots(self, *, include_deleted: bool = False) -> list[dict[str, Any]]:
@@ -206,6 +222,15 @@ class RegionIndex:
     def snapshot_row(self, snapshot_id: str) -> dict[str, Any] | None:
         rows = list(self.db["snapshots"].rows_where("id = ?", [snapshot_id]))
         return rows[0] if rows else None
+
+    def snapshot_named(self, name: str) -> dict[str, Any] | None:
+        """The row of the live (not deleted) snapshot called `name`."""
+        rows = list(self.db["snapshots"].rows_where("name = ? AND deleted = 0", [name]))
+        return rows[0] if rows else None
+
+    def snapshot_ids_and_names(self) -> list[tuple[str, str | None]]:
+        """(id, name) of every snapshot row, deleted ones too."""
+        return self.db.execute("SELECT id, name FROM snapshots").fetchall()
 
     def insert_snapshot(
         self,
@@ -346,6 +371,25 @@ class RegionIndex:
         ).fetchone()
         return row[0] if row else None
 
+    def referenced_by(self, snapshot_id: str) -> list[bytes]:
+        """The block ids in one snapshot's map (with repeats): a read of that snapshot's rows
+        alone, so in a damaged index it fails (sqlite3.DatabaseError) only for the snapshots
+        whose rows are on damaged pages."""
+        rows = self.db.execute(
+            "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def block_map_with_sizes(self, snapshot_id: str) -> list[tuple[int, str, int, int, int]]:
+        """A snapshot's map in block order as (block number, id in upper-case hex, plain
+        size, stored size, codec): what its manifest lists."""
+        return self.db.execute(
+            "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec "
+            "FROM snapshot_blocks m JOIN blocks b ON b.id = m.block_id "
+            "WHERE m.snapshot_id = ? ORDER BY m.block_no",
+            [snapshot_id],
+        ).fetchall()
+
     def block_map(self, snapshot_id: str, first: int, last: int) -> dict[int, bytes]:
         """Block ids of block numbers first..last inclusive; holes are absent."""
         rows = self.db.execute(
@@ -448,6 +492,18 @@ class RegionIndex:
     def all_block_ids(self) -> set[bytes]:
         return {r[0] for r in self.db.execute("SELECT id FROM blocks")}
 
+    def referenced_block_ids(self) -> list[bytes]:
+        """Every block id some snapshot's map names, once each."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT block_id FROM snapshot_blocks")]
+
+    def block_users(self, block_id: bytes) -> Iterator[tuple[str | None, str, int]]:
+        """(snapshot name, snapshot id, block number) of every map row naming the block."""
+        yield from self.db.execute(
+            "SELECT s.name, s.id, m.block_no FROM snapshot_blocks m "
+            "JOIN snapshots s ON s.id = m.snapshot_id WHERE m.block_id = ?",
+            [block_id],
+        )
+
     def stats(self) -> RegionStats:
         blocks, plain, stored = self.db.execute(
             "SELECT count(*), coalesce(sum(plain_size), 0), coalesce(sum(stored_size), 0) "
@@ -468,3 +524,77 @@ class RegionIndex:
             "JOIN blocks b ON b.id = m.block_id GROUP BY m.snapshot_id"
         )
         return dict(rows.fetchall())
+
+    # --- checking, repair and rebuild (service/check.py, service/manifests.py) -------------
+
+    def block_refcounts(self) -> Iterator[tuple[bytes, int, int]]:
+        """(block id, recorded refcount, map rows naming it) for every block row."""
+        yield from self.db.execute(
+            "SELECT b.id, b.refcount, "
+            "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id) FROM blocks b"
+        )
+
+    def snapshot_allocations(self) -> Iterator[tuple[str, int, int]]:
+        """(snapshot id, recorded allocated_blocks, its map rows) for every snapshot row."""
+        yield from self.db.execute(
+            "SELECT s.id, s.allocated_blocks, "
+            "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = s.id) FROM snapshots s"
+        )
+
+    def recount(self) -> list[bytes]:
+        """One transaction: every refcount and allocated-block count recomputed from the
+        block maps, and the rows of blocks no map names deleted; returns their ids."""
+        with dbutil.transaction(self.db) as conn:
+            conn.execute(
+                "UPDATE blocks SET refcount = "
+                "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = blocks.id)"
+            )
+            conn.execute(
+                "UPDATE snapshots SET allocated_blocks = "
+                "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = snapshots.id)"
+            )
+            dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
+            conn.execute("DELETE FROM blocks WHERE refcount = 0")
+        return dropped
+
+    def quick_check(self, limit: int) -> list[str]:
+        """SQLite's check of every page (`PRAGMA quick_check`, at most `limit` problems):
+        ["ok"] when sound; sqlite3.DatabaseError when the damage stops the check itself."""
+        return [r[0] for r in self.db.execute(f"PRAGMA quick_check({int(limit)})")]
+
+    def schema_trees(self) -> list[tuple[int, str, str]]:
+        """(root page, name, type) of every schema object (`sqlite_master`)."""
+        return self.db.execute("SELECT rootpage, name, type FROM sqlite_master").fetchall()
+
+    def read_through(self, table: str) -> None:
+        """Read every row of `table`; sqlite3.DatabaseError if one of its pages is damaged."""
+        for _ in self.db.execute(f'SELECT * FROM "{table}"'):
+            pass
+
+    def restore(self, settings: dict[str, str], snapshots: Iterable[RestoredSnapshot]) -> None:
+        """Fill an empty index, in one transaction: the region's settings, then each
+        snapshot's row, block rows (those not there yet), block map and tags."""
+        with dbutil.transaction(self.db) as conn:
+            for key, value in settings.items():
+                dbutil.set_meta(conn, key, value)
+            for snap in snapshots:
+                cols = list(snap.row)
+                conn.execute(
+                    f"INSERT INTO snapshots ({', '.join(cols)}) "
+                    f"VALUES ({', '.join('?' for _ in cols)})",
+                    [snap.row[c] for c in cols],
+                )
+                conn.executemany(
+                    "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    [(block_id, *sizes, snap.key_id) for _, block_id, *sizes in snap.blocks],
+                )
+                conn.executemany(
+                    "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
+                    "VALUES (?, ?, ?)",
+                    [(snap.row["id"], no, block_id) for no, block_id, *_ in snap.blocks],
+                )
+                conn.executemany(
+                    "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
+                    [(snap.row["id"], k, v) for k, v in snap.tags.items()],
+                )

@@ -39,9 +39,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from snapfs import durable
-from snapfs.errors import SnapfsError
+from snapfs.errors import (
+    InvalidParameter,
+    KeyDisabled,
+    KeyIdDuplicate,
+    KeyNotFound,
+    MasterKeyNotFound,
+    WrongPassphrase,
+)
 from snapfs.meta import db as dbutil
 from snapfs.model.names import check_region_name, is_text
+
+# KeyNotFound, KeyDisabled and WrongPassphrase live in snapfs.errors; callers may import them
+# from here too.
 
 MASTER_FILE = "master.key"
 MASTER_KEY_BYTES = 32
@@ -49,21 +59,6 @@ PASSPHRASE_ENV = "SNAPFS_PASSPHRASE"
 EXPORT_PASSPHRASE_ENV = "SNAPFS_EXPORT_PASSPHRASE"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 EXPORT_FORMAT = "snapfs-key-export-v1"
-
-
-class KeyNotFound(SnapfsError):
-    code = "InvalidParameter.KMSKeyId.NotFound"
-    errno = 126  # ENOKEY
-
-
-class KeyDisabled(SnapfsError):
-    code = "InvalidParameter.KMSKeyId.CMKNotEnabled"
-    errno = 128  # EKEYREVOKED
-
-
-class WrongPassphrase(SnapfsError):
-    code = "InvalidPassphrase"
-    errno = 13  # EACCES
 
 
 def _scrypt(passphrase: str, salt: bytes) -> bytes:
@@ -105,10 +100,8 @@ def unlock_master(store_path: Path, db: sqlite_utils.Database, *, create: bool) 
         try:
             return (store_path / MASTER_FILE).read_bytes()
         except FileNotFoundError:
-            raise SnapfsError(
-                f"the store's master key file {store_path / MASTER_FILE} is missing",
-                code="MasterKey.NotFound",
-                errno=126,
+            raise MasterKeyNotFound(
+                f"the store's master key file {store_path / MASTER_FILE} is missing"
             ) from None
     passphrase = read_passphrase("snapfs store passphrase: ")
     if passphrase is None:
@@ -307,11 +300,7 @@ class KeyRing:
             raise WrongPassphrase("wrong passphrase for this key export") from None
         self._refresh()
         if key_id in self._states:
-            raise SnapfsError(
-                f"the key {key_id} is already in this store",
-                code="InvalidParameter.KMSKeyId.Duplicate",
-                errno=17,
-            )
+            raise KeyIdDuplicate(f"the key {key_id} is already in this store")
         row = {
             "id": key_id,
             "region": check_region_name(export["region"]),
@@ -349,8 +338,8 @@ _EXPORT_FIELDS: dict[str, tuple[type, ...]] = {
 _EXPORT_REQUIRED = ("format", "id", "region", "salt", "wrapped")
 
 
-def _not_an_export(why: str) -> SnapfsError:
-    return SnapfsError(f"not a snapfs key export: {why}", code="InvalidParameter", errno=22)
+def _not_an_export(why: str) -> InvalidParameter:
+    return InvalidParameter(f"not a snapfs key export: {why}")
 
 
 def _check_export(data: Any) -> dict[str, Any]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import json
 
-from snapfs.errors import InvalidParameter, SnapfsError
+from snapfs.errors import (
+    DuplicateTagKey,
+    InvalidDescription,
+    InvalidParameter,
+    InvalidRetentionDays,
+    InvalidTagCount,
+    InvalidTagKey,
+    InvalidTagValue,
+)
 from snapfs.model.names import check_cloud_snapshot_name, is_text
 
 __all__ = [
@@ -24,15 +32,10 @@ _URL_PREFIXES = ("http://", "https://")
 _RESERVED_TAG_PREFIXES = ("acs:", "aliyun")
 
 
-def _refuse(code: str, message: str) -> SnapfsError:
-    return InvalidParameter(message, code=code)
-
-
 def check_description(text: str) -> str:
     if not 2 <= len(text) <= 256 or text.startswith(_URL_PREFIXES):
-        raise _refuse(
-            "InvalidDescription.Malformed",
-            "the description must be 2 to 256 characters and cannot start with http:// or https://",
+        raise InvalidDescription(
+            "the description must be 2 to 256 characters and cannot start with http:// or https://"
         )
     return text
 
@@ -43,35 +46,33 @@ def check_retention_days(value: str | int) -> int:
     except (TypeError, ValueError):
         days = 0
     if str(value).strip() != str(days) or not 1 <= days <= 65536:
-        raise _refuse(
-            "InvalidRetentionDays.Malformed",
-            f"retention days {value!r} must be a whole number from 1 to 65536",
+        raise InvalidRetentionDays(
+            f"retention days {value!r} must be a whole number from 1 to 65536"
         )
     return days
 
 
-def _check_tag_text(text: str, what: str, code: str, *, allow_empty: bool) -> str:
+def _check_tag_text(
+    text: str, what: str, error: type[InvalidParameter], *, allow_empty: bool
+) -> str:
     if not is_text(text):
-        raise _refuse(code, f"the tag {what} must be UTF-8 text")
+        raise error(f"the tag {what} must be UTF-8 text")
     if (not text and not allow_empty) or len(text) > 128:
-        raise _refuse(
-            code, f"the tag {what} must be {'0' if allow_empty else '1'} to 128 characters"
-        )
+        raise error(f"the tag {what} must be {'0' if allow_empty else '1'} to 128 characters")
     if any(p in text for p in _URL_PREFIXES) or text.startswith(_RESERVED_TAG_PREFIXES):
-        raise _refuse(
-            code,
+        raise error(
             f"the tag {what} {text!r} cannot contain http:// or https:// "
-            "nor start with acs: or aliyun",
+            "nor start with acs: or aliyun"
         )
     return text
 
 
 def check_tag_key(key: str) -> str:
-    return _check_tag_text(key, "key", "InvalidTagKey.Malformed", allow_empty=False)
+    return _check_tag_text(key, "key", InvalidTagKey, allow_empty=False)
 
 
 def check_tag_value(value: str) -> str:
-    return _check_tag_text(value, "value", "InvalidTagValue.Malformed", allow_empty=True)
+    return _check_tag_text(value, "value", InvalidTagValue, allow_empty=True)
 
 
 def check_tags(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -80,17 +81,17 @@ def check_tags(pairs: list[tuple[str, str]]) -> dict[str, str]:
         check_tag_key(key)
         check_tag_value(value)
         if key in tags:
-            raise _refuse("Duplicate.TagKey", f"the tag key {key!r} is given twice")
+            raise DuplicateTagKey(f"the tag key {key!r} is given twice")
         tags[key] = value
     if len(tags) > MAX_TAGS:
-        raise _refuse("InvalidTagCount", f"at most {MAX_TAGS} tags, got {len(tags)}")
+        raise InvalidTagCount(f"at most {MAX_TAGS} tags, got {len(tags)}")
     return tags
 
 
 def parse_tag(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise _refuse("InvalidTagKey.Malformed", f"a tag is KEY=VALUE, got {text!r}")
+        raise InvalidTagKey(f"a tag is KEY=VALUE, got {text!r}")
     return key, value
 
 

@@ -5,7 +5,7 @@ A region keeps its block objects (and, on a bucket, its manifests) in an object 
 of an S3-compatible bucket, s3.py). The block repository (blocks/repository.py), `snapfs
 check` (service/check.py), the manifest publisher (service/manifests.py) and the store
 (service/store.py) use them only through the members below, so either can stand in for the
-other. tests/test_object_stores.py is the contract suite both are run against.
+other. tests/unit/test_object_stores.py is the contract suite both are run against.
 
 The contract (crash safety, as the region's write order relies on it):
 

@@ -31,12 +31,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from snapfs.errors import InvalidParameter, SnapfsError
+from snapfs.errors import (
+    BackendDenied,
+    BackendUnavailable,
+    InvalidParameter,
+    NoSuchBucket,
+    ObjectStoreError,
+    SnapfsError,
+)
 
 if TYPE_CHECKING:
     from snapfs.objects.protocol import ObjectStore
 
 log = logging.getLogger(__name__)
+
+# BackendUnavailable and BackendDenied live in snapfs.errors; callers may import them from here
+# too.
 
 T = TypeVar("T")
 
@@ -61,18 +71,6 @@ TRANSIENT_CODES = frozenset(
     }
 )
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-class BackendUnavailable(SnapfsError):
-    """The object store did not answer in time (or the mount is stopping)."""
-
-    code = "ServiceUnavailable.ObjectStore"
-    errno = 5  # EIO
-
-
-class BackendDenied(SnapfsError):
-    code = "Forbidden.ObjectStore"
-    errno = 13  # EACCES
 
 
 @dataclass(frozen=True)
@@ -231,12 +229,8 @@ class S3Backend:
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 return BackendDenied(f"{what} {self._where(key)}: {code}")
             if code == "NoSuchBucket":
-                return SnapfsError(
-                    f"bucket {self.bucket} does not exist ({self.location})",
-                    code="NoSuchBucket",
-                    errno=2,
-                )
-        return SnapfsError(f"{what} {self._where(key)} failed: {exc}", code="ObjectStoreError")
+                return NoSuchBucket(f"bucket {self.bucket} does not exist ({self.location})")
+        return ObjectStoreError(f"{what} {self._where(key)} failed: {exc}")
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"

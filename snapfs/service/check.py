@@ -34,18 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapfs.errors import BlockCorrupt, IndexDamaged, SnapfsError, StoreBusy
+from snapfs.errors import (
+    BlockCorrupt,
+    IndexDamaged,
+    KeyDisabled,
+    KeyNotFound,
+    SnapfsError,
+    StoreBusy,
+    StoreNotFound,
+)
 from snapfs.formats import codec
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
-from snapfs.meta.keys import (
-    MASTER_FILE,
-    MASTER_KEY_BYTES,
-    KeyDisabled,
-    KeyNotFound,
-    KeyRing,
-    unlock_master,
-)
+from snapfs.meta.keys import MASTER_FILE, MASTER_KEY_BYTES, KeyRing, unlock_master
 from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
 
@@ -197,29 +198,18 @@ class _Progress:
 
 
 def _count_checks(index: RegionIndex, report: RegionReport) -> None:
-    db = index.db
-    for block_id, recorded, actual in db.execute(
-        "SELECT b.id, b.refcount, (SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id)"
-        " FROM blocks b"
-    ):
+    for block_id, recorded, actual in index.block_refcounts():
         if recorded != actual:
             report.wrong_refcounts.append(
                 {"block": block_id.hex(), "recorded": recorded, "actual": actual}
             )
         if actual == 0:
             report.unreferenced += 1
-    for snapshot_id, recorded, actual in db.execute(
-        "SELECT s.id, s.allocated_blocks, "
-        "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = s.id) FROM snapshots s"
-    ):
+    for snapshot_id, recorded, actual in index.snapshot_allocations():
         if recorded != actual:
             report.wrong_allocated.append(
                 {"snapshot": snapshot_id, "recorded": recorded, "actual": actual}
             )
-
-
-def _referenced(index: RegionIndex) -> list[bytes]:
-    return [r[0] for r in index.db.execute("SELECT DISTINCT block_id FROM snapshot_blocks")]
 
 
 INDEX_PROBLEMS_SHOWN = 20
@@ -229,20 +219,19 @@ def _index_problems(index: RegionIndex) -> list[str]:
     """SQLite's own check of every page of the index (quick_check: b-trees, not the
     UNIQUE constraints), and which tables cannot be read through; empty when it is sound."""
     try:
-        lines = [r[0] for r in index.db.execute(f"PRAGMA quick_check({INDEX_PROBLEMS_SHOWN})")]
+        lines = index.quick_check(INDEX_PROBLEMS_SHOWN)
     except sqlite3.DatabaseError as exc:  # damage bad enough to stop the check itself
         lines = [str(exc)]
     if lines == ["ok"]:
         return []
     try:
-        schema = index.db.execute("SELECT rootpage, name, type FROM sqlite_master").fetchall()
+        schema = index.schema_trees()
     except sqlite3.DatabaseError:
         return lines
     lines = [_name_tree(line, {root: name for root, name, _ in schema if root}) for line in lines]
     for name in (name for root, name, kind in schema if kind == "table" and root):
         try:
-            for _ in index.db.execute(f'SELECT * FROM "{name}"'):
-                pass
+            index.read_through(name)
         except sqlite3.DatabaseError as exc:
             lines.append(f"{name} cannot be read through: {exc}")
     return lines
@@ -261,16 +250,13 @@ def _salvage_references(index: RegionIndex) -> tuple[list[bytes], list[DamagedSn
     on damaged pages are named and the blocks of all the others are still verified."""
     referenced: set[bytes] = set()
     unreadable: list[DamagedSnapshot] = []
-    snapshots = index.db.execute("SELECT id, name FROM snapshots").fetchall()
-    for snapshot_id, name in snapshots:
+    for snapshot_id, name in index.snapshot_ids_and_names():
         try:
-            rows = index.db.execute(
-                "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id]
-            ).fetchall()
+            blocks = index.referenced_by(snapshot_id)
         except sqlite3.DatabaseError:
             unreadable.append(DamagedSnapshot(name, snapshot_id, map_unreadable=True))
             continue
-        referenced.update(r[0] for r in rows)
+        referenced.update(blocks)
     return sorted(referenced), unreadable
 
 
@@ -305,11 +291,7 @@ def _damaged_snapshots(
 ) -> list[DamagedSnapshot]:
     found: dict[str, DamagedSnapshot] = {}
     for block_id in lost:
-        for name, snapshot_id, block_no in index.db.execute(
-            "SELECT s.name, s.id, m.block_no FROM snapshot_blocks m "
-            "JOIN snapshots s ON s.id = m.snapshot_id WHERE m.block_id = ?",
-            [block_id],
-        ):
+        for name, snapshot_id, block_no in index.block_users(block_id):
             entry = found.setdefault(snapshot_id, DamagedSnapshot(name, snapshot_id))
             entry.offsets.append(block_no * block_size)
     for entry in found.values():
@@ -322,17 +304,7 @@ def _repair(
 ) -> None:
     """Counts recomputed, unreferenced rows dropped (rows first), then their objects and
     the orphans deleted. Referenced blocks are never touched."""
-    with dbutil.transaction(index.db) as conn:
-        conn.execute(
-            "UPDATE blocks SET refcount = "
-            "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = blocks.id)"
-        )
-        conn.execute(
-            "UPDATE snapshots SET allocated_blocks = "
-            "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = snapshots.id)"
-        )
-        dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
-        conn.execute("DELETE FROM blocks WHERE refcount = 0")
+    dropped = index.recount()
     backend.delete_many([*(b.hex() for b in dropped), *orphans])
     backend.reclaim_unmapped()
     report.repaired |= {
@@ -380,17 +352,17 @@ def _check_region(
             _check_damaged_index(index, backend, report, block_size, keys_for, pool)
             return report  # never repaired automatically: what is lost must stay visible
         _count_checks(index, report)
-        known = {r[0].hex() for r in index.db.execute("SELECT id FROM blocks")}
+        known = {block_id.hex() for block_id in index.all_block_ids()}
         stored = backend.keys()
         orphans = [key for key in stored if key.removesuffix(".tmp") not in known]
         report.orphans = len(orphans)
-        referenced = _referenced(index)
+        referenced = index.referenced_block_ids()
         with _Progress(len(referenced)) as progress:
             lost = _verify_blocks(backend, report, referenced, keys_for, pool, progress)
         if lost and not repair:
             # Beside a running daemon a block can be collected after we listed it: only
             # what is still referenced now is damage.
-            still = set(_referenced(index))
+            still = set(index.referenced_block_ids())
             lost = [b for b in lost if b in still]
             report.missing = [h for h in report.missing if bytes.fromhex(h) in still]
             report.corrupt = [h for h in report.corrupt if bytes.fromhex(h) in still]
@@ -449,7 +421,7 @@ def _key_lookup(store: Path, catalogue: Any) -> Callable[[bytes], Any]:
 def check(store: Path, *, repair: bool = False) -> CheckReport:
     store = store.resolve()
     if not (store / "store.db").exists():
-        raise SnapfsError(f"no snapfs store at {store}", code="StoreNotFound", errno=2)
+        raise StoreNotFound(f"no snapfs store at {store}")
     with _store_lock(store, repair):
         catalogue = dbutil.connect(store / "store.db", readonly=True)
         try:

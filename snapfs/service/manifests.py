@@ -47,9 +47,8 @@ import trio
 import zstandard
 from cryptography.exceptions import InvalidTag
 
-from snapfs.errors import BlockCorrupt, SnapfsError
-from snapfs.meta import db as dbutil
-from snapfs.meta.index import RegionIndex
+from snapfs.errors import BlockCorrupt, KeyNotFound, SnapfsError
+from snapfs.meta.index import RegionIndex, RestoredSnapshot
 from snapfs.model.states import SnapshotStatus
 
 if TYPE_CHECKING:
@@ -127,12 +126,7 @@ def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict
     row = index.snapshot_row(snapshot_id)
     if row is None or row["deleted"] or row["status"] != SnapshotStatus.AVAILABLE:
         return None
-    blocks = index.db.execute(
-        "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec "
-        "FROM snapshot_blocks m JOIN blocks b ON b.id = m.block_id "
-        "WHERE m.snapshot_id = ? ORDER BY m.block_no",
-        [snapshot_id],
-    ).fetchall()
+    blocks = index.block_map_with_sizes(snapshot_id)
     return {
         "format": "snapfs-manifest",
         "version": VERSION,
@@ -144,11 +138,7 @@ def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict
 
 
 def region_document(index: RegionIndex, name: str, block_size: int) -> dict[str, Any]:
-    settings = {
-        k: v
-        for k, v in index.db.execute("SELECT key, value FROM meta").fetchall()
-        if k != "schema_version"
-    }
+    settings = index.settings()
     return {
         "format": REGION_FORMAT,
         "version": VERSION,
@@ -330,36 +320,20 @@ def rebuild(
             )
             continue
         docs.append(doc)
-    with dbutil.transaction(index.db) as conn:
-        for key, value in settings.items():
-            dbutil.set_meta(conn, key, value)
-        for doc in sorted(docs, key=lambda d: d["created_at"]):
-            _insert(conn, doc)
-            report.restored.append(doc["name"])
+    docs.sort(key=lambda d: d["created_at"])
+    index.restore(settings, [_restored(doc) for doc in docs])
+    report.restored.extend(doc["name"] for doc in docs)
     return report
 
 
-def _insert(conn: Any, doc: dict[str, Any]) -> None:
+def _restored(doc: dict[str, Any]) -> RestoredSnapshot:
     row = {field: doc[field] for field in FIELDS}
     row.update(status=SnapshotStatus.AVAILABLE, deleted=0)
-    cols = list(row)
-    conn.execute(
-        f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-        [row[c] for c in cols],
-    )
-    key_id = doc["kms_key_id"] if doc["encrypted"] else None
-    conn.executemany(
-        "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT(id) DO NOTHING",
-        [(bytes.fromhex(h), *sizes, key_id) for _, h, *sizes in doc["blocks"]],
-    )
-    conn.executemany(
-        "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?)",
-        [(doc["id"], no, bytes.fromhex(h)) for no, h, *_ in doc["blocks"]],
-    )
-    conn.executemany(
-        "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
-        [(doc["id"], k, v) for k, v in doc["tags"].items()],
+    return RestoredSnapshot(
+        row=row,
+        blocks=[(no, bytes.fromhex(h), *sizes) for no, h, *sizes in doc["blocks"]],
+        tags=doc["tags"],
+        key_id=doc["kms_key_id"] if doc["encrypted"] else None,
     )
 
 
@@ -368,8 +342,6 @@ def key_lookup(ring: Any) -> Callable[[bytes], BlockKeys]:
 
     def lookup(key_id: bytes) -> BlockKeys:
         if ring is None:
-            from snapfs.meta.keys import KeyNotFound
-
             raise KeyNotFound(
                 f"the key {uuid.UUID(bytes=key_id)} is not in this store: import it first"
             )

@@ -24,7 +24,14 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import SnapfsError
+from snapfs.errors import (
+    InvalidBlockSize,
+    InvalidParameter,
+    RegionAlreadyExists,
+    RegionIdMismatch,
+    RegionMetadataMalformed,
+    RegionNotFound,
+)
 from snapfs.meta.index import RegionIndex
 from snapfs.objects.s3 import S3Backend, S3Location
 from snapfs.service import manifests
@@ -47,10 +54,8 @@ def read_region_document(meta: S3Backend) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     if doc.get("format") != manifests.REGION_FORMAT:
-        raise SnapfsError(
-            f"s3://{meta.bucket}/{meta.prefix}{manifests.REGION_KEY} is not snapfs region metadata",
-            code="InvalidRegion.Malformed",
-            errno=22,
+        raise RegionMetadataMalformed(
+            f"s3://{meta.bucket}/{meta.prefix}{manifests.REGION_KEY} is not snapfs region metadata"
         )
     return doc
 
@@ -61,11 +66,9 @@ def claim_location(location: S3Location, name: str, block_size: int) -> None:
     meta.ensure_bucket()
     existing = read_region_document(meta)
     if existing is not None:
-        raise SnapfsError(
+        raise RegionAlreadyExists(
             f"{location} already holds region {existing.get('name')!r}: use "
-            "`snapfs region attach` to bring it into this store",
-            code="InvalidRegionId.Duplicate",
-            errno=17,
+            "`snapfs region attach` to bring it into this store"
         )
     doc = {
         "format": manifests.REGION_FORMAT,
@@ -81,15 +84,11 @@ def region_block_size(location: S3Location, name: str) -> int:
     """The block size of the region at `location`, after checking it is region `name`."""
     doc = read_region_document(_meta(location))
     if doc is None:
-        raise SnapfsError(
-            f"{location} holds no snapfs region", code="InvalidRegionId.NotFound", errno=2
-        )
+        raise RegionNotFound(f"{location} holds no snapfs region")
     if doc.get("name") != name:
-        raise SnapfsError(
+        raise RegionIdMismatch(
             f"{location} holds region {doc.get('name')!r}, not {name!r} (a region keeps its "
-            "name: it is bound into the authentication of its encrypted data)",
-            code="InvalidRegionId.Mismatch",
-            errno=22,
+            "name: it is bound into the authentication of its encrypted data)"
         )
     return int(doc["block_size"])
 
@@ -101,11 +100,9 @@ def rebuild_from_bucket(
     meta = _meta(location)
     doc = read_region_document(meta)
     if region_block_size(location, name) != block_size:
-        raise SnapfsError(
+        raise InvalidBlockSize(
             f"region {name} uses {doc['block_size'] if doc else '?'}-byte blocks, this store "
-            f"{block_size}: attach it to a new store",
-            code="InvalidParameter.BlockSize",
-            errno=22,
+            f"{block_size}: attach it to a new store"
         )
     assert doc is not None
     keys = [k for k in meta.keys() if k.startswith(manifests.SNAPSHOTS)]  # noqa: SIM118
@@ -164,8 +161,6 @@ def parse_request(raw: bytes) -> tuple[str, S3Location]:
         data = json.loads(raw)
         return str(data["name"]), S3Location.parse(str(data["backend"]), data.get("endpoint"))
     except (ValueError, KeyError, TypeError):
-        raise SnapfsError(
-            'a region request is JSON {"name": N, "backend": "s3://...", "endpoint": URL}',
-            code="InvalidParameter",
-            errno=22,
+        raise InvalidParameter(
+            'a region request is JSON {"name": N, "backend": "s3://...", "endpoint": URL}'
         ) from None
