@@ -89,3 +89,39 @@ def instruments_from_env() -> list[trio.abc.Instrument]:
         return []
     log.info("watching the loop for steps longer than %.0f ms", threshold_ms)
     return [StallWatch(threshold_ms)]
+
+
+# Long work on the trio thread (purging a deleted snapshot's map, dropping unreferenced
+# block rows) is cut into batches that each take about this long, so requests wait at most
+# that between two batches whatever the machine's speed and the rows' size.
+LOOP_BUDGET = 0.03  # seconds
+
+
+class BatchSizer:
+    """Batch sizes sized by time, not by a fixed row count: the next size doubles while a
+    batch takes under half of `budget` and halves when one takes longer than `budget`."""
+
+    def __init__(
+        self,
+        initial: int,
+        *,
+        minimum: int = 16,
+        maximum: int = 1 << 16,
+        budget: float = LOOP_BUDGET,
+    ):
+        self.size = max(minimum, min(maximum, initial))
+        self.minimum, self.maximum, self.budget = minimum, maximum, budget
+        self._started = 0.0
+
+    def start(self) -> int:
+        """Begin a batch: its size."""
+        self._started = time.perf_counter()
+        return self.size
+
+    def done(self) -> None:
+        """The batch's loop work ended: adapt the next size to how long it took."""
+        took = time.perf_counter() - self._started
+        if took > self.budget:
+            self.size = max(self.minimum, self.size // 2)
+        elif took < self.budget / 2:
+            self.size = min(self.maximum, self.size * 2)

@@ -43,6 +43,7 @@ from snapfs.formats import codec
 from snapfs.meta.index import NewBlock, RegionIndex
 from snapfs.meta.keys import KeyNotFound
 from snapfs.objects.local import LocalBackend
+from snapfs.stalls import BatchSizer
 
 if TYPE_CHECKING:
     from snapfs.meta.keys import BlockKeys, KeyRing
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
-GC_BATCH = 512  # unreferenced blocks dropped per index transaction
+GC_BATCH = 512  # first batch of unreferenced blocks dropped per index transaction
 # How long a writer that finds the disk full waits for deletes still being collected.
 FREES_WAIT = 30.0
 
@@ -185,7 +186,10 @@ class BlockRepository:
         if block_id is None:
             return None
         if copy_of is not None and copy_of[1] == block_id:
-            make = functools.partial(self._copy_or_encode, copy_of[0], plain, block_id, keys)
+            # The compression setting is read here: the index belongs to the trio thread.
+            make = functools.partial(
+                self._copy_or_encode, copy_of[0], plain, block_id, keys, self.compression
+            )
         else:
             make = functools.partial(
                 codec.encode, plain, block_id, keys, self.name, self.compression
@@ -295,13 +299,14 @@ class BlockRepository:
         plain: bytes | bytearray,
         block_id: bytes,
         keys: BlockKeys | None,
+        compression: str,
     ) -> codec.EncodedBlock:
         """Worker thread: the source's object (verified: decoding is cheaper than
         compressing), or, if it is gone or damaged there, our own encoding of `plain`."""
         try:
             return source.fetch_object(block_id)
         except BlockCorrupt:
-            return codec.encode(plain, block_id, keys, self.name, self.compression)
+            return codec.encode(plain, block_id, keys, self.name, compression)
 
     def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
         """A stored object as it is, verified, for copying to another region without
@@ -457,16 +462,20 @@ class BlockRepository:
                 return 0
             freed += await self._delete_abandoned()
             after = b""
+            sizer = BatchSizer(GC_BATCH)
             while True:
                 # A batch at a time, in id order: dropping rows runs on the trio thread, and
-                # a short transaction per batch keeps requests answered while a large delete
-                # is collected (the object deletion in between lets them in).
-                batch = self.index.unreferenced_blocks(GC_BATCH, after=after)
+                # a short transaction per batch (sized by time, LOOP_BUDGET) keeps requests
+                # answered while a large delete is collected (the object deletion in
+                # between lets them in).
+                size = sizer.start()
+                batch = self.index.unreferenced_blocks(size, after=after)
                 if not batch:
                     break
                 after = batch[-1]
                 candidates = [b for b in batch if b not in self._pins]
                 dropped = self.index.drop_unreferenced(candidates) if candidates else []
+                sizer.done()
                 if dropped:
                     self._unlinking.update(dropped)
                     self._gc_done = trio.Event()
@@ -481,7 +490,7 @@ class BlockRepository:
                         self._unlinking.difference_update(dropped)
                         self._gc_done.set()
                     freed += len(dropped)
-                if len(batch) < GC_BATCH:
+                if len(batch) < size:
                     break
         if freed:
             log.info("region %s: freed %d unreferenced blocks", self.name, freed)

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from snapfs.blocks.repository import StoredBlock
-from snapfs.errors import BlockCorrupt, NotFound, ObjectMissing, SnapfsError, as_snapfs_error
+from snapfs.errors import (
+    BlockCorrupt,
+    NotFound,
+    ObjectMissing,
+    SnapfsError,
+    SnapshotDamaged,
+    as_snapfs_error,
+)
 from snapfs.faults import fault_point
 from snapfs.formats import codec
 from snapfs.model.states import SnapshotStatus
@@ -299,10 +306,9 @@ class CopyEngine:
         """Rewrite destination block `dst_id` (block `block_no`) from the source's block."""
         found = src.region.index.block_map_from(src.id, block_no, 1)
         if not found or found[0][0] != block_no:
-            raise BlockCorrupt(
+            raise SnapshotDamaged(
                 f"destination block {block_no} of {job.dst.id} is damaged and the source "
                 f"{src.id} has no block there to copy it from",
-                code="InvalidSnapshot.Damaged",
             )
         src_id = found[0][1]
         dst_region = job.dst.region
@@ -402,9 +408,8 @@ class CopyEngine:
                         f"lost block {block_no} during the copy: {exc.message}"
                     ) from None
                 except BlockCorrupt as exc:
-                    raise BlockCorrupt(
+                    raise SnapshotDamaged(
                         f"source snapshot {src.id} block {block_no} is damaged: {exc.message}",
-                        code="InvalidSnapshot.Damaged",
                     ) from None
 
         pins: list[bytes] = []

@@ -9,7 +9,6 @@ makes them part of the index: every `COMMIT_EVERY` blocks, on fsync, on close, a
 
 from __future__ import annotations
 
-import errno
 import logging
 import stat
 import time
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from snapfs.blocks.repository import zeros
-from snapfs.errors import BlockCorrupt, SnapfsError, as_snapfs_error
+from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
 from snapfs.faults import fault_point
 from snapfs.formats.codec import content_id
 from snapfs.meta.index import NewBlock
@@ -177,10 +176,8 @@ class Snapshot:
         """Bytes [offset, offset+length) clipped to the size; holes read as zeros."""
         if self.status == SnapshotStatus.FAILED:
             # Its missing blocks are unknown, not zeros: never hand out wrong bytes.
-            raise SnapfsError(
+            raise SnapshotFailed(
                 f"snapshot {self.name} ({self.id}) is a failed copy: {self.error}",
-                code="InvalidSnapshot.Failed",
-                errno=errno.EIO,
             )
         if self.encrypted:
             self.block_keys()  # a disabled key refuses reads too (EKEYREVOKED), cache or not
@@ -240,11 +237,9 @@ class Snapshot:
         job = self.copy_job
         source = job.source if job is not None else None
         if source is None:
-            raise SnapfsError(
+            raise SnapshotFailed(
                 f"snapshot {self.name} ({self.id}): block {block_no} was not "
                 "copied and its source is gone",
-                code="InvalidSnapshot.Failed",
-                errno=errno.EIO,
             )
         block_id = source.region.index.block_id(source.id, block_no)
         return await source.region.read_block(block_id) if block_id else b""
@@ -512,7 +507,7 @@ class SnapshotWriter:
             return None if stored is None else stored.block_id
         keys = source.block_keys()
         id_key = keys.id_key if keys is not None else None
-        return await trio.to_thread.run_sync(content_id, plain, id_key)
+        return await trio.to_thread.run_sync(content_id, plain, id_key, limiter=self.region.limiter)
 
     def _check_copy(
         self, block_no: int, stored: StoredBlock | None, source_id: bytes | None

@@ -1,0 +1,109 @@
+"""Deleting and renaming snapshots: hidden at once (one small commit), their maps purged
+and blocks collected in the background."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from snapfs.faults import fault_point
+from snapfs.service.region import Region
+from snapfs.service.snapshots import Snapshot
+from snapfs.stalls import BatchSizer
+
+log = logging.getLogger(__name__)
+
+PURGE_CHUNK = 512  # first batch of block-map rows deleted when a snapshot goes
+
+
+class SnapshotRemoval:
+    """The deletion and rename part of `Store` (service/store.py composes it)."""
+
+    # --- deleting and renaming -------------------------------------------------------------
+
+    def _hide(self, snap: Snapshot) -> None:
+        """Take a snapshot out of its region's namespace; its data stays while in use."""
+        snap.region.index.update_snapshot(snap.id, deleted=1)  # first: it may fail (disk full)
+        if snap.region.snapshots.get(snap.name) is snap:
+            del snap.region.snapshots[snap.name]
+        snap.deleted = True
+        if not snap.open_handles and self.by_ino.get(snap.ino) is snap:
+            del self.by_ino[snap.ino]
+
+    async def unlink(self, region: Region, name: str) -> None:
+        snap = region.lookup(name)
+        await self._cancel_copy(snap, "deletion")  # deleting a copy's destination cancels it
+        if snap.in_use:
+            self._hide(snap)
+        else:
+            await self._destroy(snap)  # the index first: a failed delete leaves the name
+            del region.snapshots[name]
+            snap.deleted = True
+
+    async def _destroy(self, snap: Snapshot) -> None:
+        if snap.writer is not None:
+            await snap.writer.discard()
+            snap.writer = None
+        self._end_cp_copy(snap, keep_lineage=False)
+        self._drop(snap)
+
+    def _drop(self, snap: Snapshot) -> None:
+        """Delete a snapshot that nothing uses any more; its unshared blocks are collected.
+
+        It is marked deleted at once (one small commit); its block map then goes a chunk at
+        a time in a background task, so deleting a multi-terabyte snapshot (millions of map
+        rows) does not stall requests. A crash meanwhile leaves it marked deleted, and the
+        next mount's recovery finishes the job.
+        """
+        if not snap.deleted:
+            snap.region.index.update_snapshot(snap.id, deleted=1)
+            snap.deleted = True
+        for ino in (snap.ino, *snap.inode_aliases):
+            if self.by_ino.get(ino) is snap:
+                del self.by_ino[ino]
+        self.by_id.pop(snap.id, None)
+        if self.nursery is None:
+            snap.region.index.delete_snapshot(snap.id)
+            snap.region.request_gc()
+        else:
+            self.frees.begin()  # a writer on a full disk waits for what this frees
+            self.nursery.start_soon(self._purge, snap)
+
+    async def _purge(self, snap: Snapshot) -> None:
+        index = snap.region.index
+        sizer = BatchSizer(PURGE_CHUNK)  # rows per transaction, sized by LOOP_BUDGET
+        try:
+            while True:
+                size = sizer.start()
+                deleted = index.delete_map_chunk(snap.id, size)
+                sizer.done()
+                if deleted < size:
+                    break
+                fault_point("purge_chunk")
+                snap.region.request_gc()
+                await trio.sleep(0)  # let requests in between chunks
+            index.delete_snapshot(snap.id)
+        except Exception:  # noqa: BLE001 - left marked deleted; the next mount finishes it
+            log.exception("region %s: deleting snapshot %s failed", snap.region.name, snap.id)
+            return
+        finally:
+            snap.region.request_gc()  # before `end`: the frees stay pending until collected
+            self.frees.end()
+        log.info("region %s: deleted snapshot %s (%s)", snap.region.name, snap.name, snap.id)
+
+    async def rename(
+        self, old_region: Region, old: str, new_region: Region, new: str, flags: int
+    ) -> None:
+        if old_region is not new_region:
+            await self.move_snapshot(old_region, old, new_region, new, flags)
+            return
+        displaced = old_region.rename(old, new, flags)
+        if displaced is not None:
+            await self._displaced(displaced)
+
+    async def _displaced(self, snap: Snapshot) -> None:
+        """A snapshot replaced by a rename: gone from the namespace, deleted when unused."""
+        await self._cancel_copy(snap, "replacement by a rename")
+        if not snap.in_use:
+            await self._destroy(snap)
