@@ -1,6 +1,6 @@
 """snapfs soak runs: crashes at random points, and sustained load.
 
-crash: the crash workload of tests/workload.py (ingest, cp copy, mv, CopySnapshot into an
+crash: the crash workload of tests/crash/workload.py (ingest, cp copy, mv, CopySnapshot into an
     encrypted region, rm, retention) is run --runs times on copies of one prepared store.
     A first run with SNAPFS_FAULT_TRACE=1 learns how often the workload reaches each fault
     point; then each run makes the daemon die either at a random (point, N) among those
@@ -10,11 +10,11 @@ crash: the crash workload of tests/workload.py (ingest, cp copy, mv, CopySnapsho
     Prints one line per run and "survived X/N".
 
 powerloss: the same workload and verification, with the store on powercutfs (a test disk
-    that drops every write, truncate and directory entry not fsync'ed; tests/powercutfs.py):
+    that drops every write, truncate and directory entry not fsync'ed; tests/crash/powercutfs.py):
     each run the daemon dies (a random fault point or moment, as above) and then the power
     is cut, before the store is mounted again and verified.
 
-load: rounds of tests/loadwork.py (100 copies into one region at once by mv, cp and the
+load: rounds of tests/mount/loadwork.py (100 copies into one region at once by mv, cp and the
     CopySnapshot API, with reader and writer threads; each copy limited by --copy-bwlimit
     so that they run side by side) until --duration seconds have passed;
     each round's copies are verified and deleted. Prints per round and in total: copies
@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from snapfs import faults  # noqa: E402
 from snapfs.fuse import mounts  # noqa: E402
-from tests import loadwork, workload  # noqa: E402
 from tests.conftest import SnapfsMount, wait_for  # noqa: E402
-from tests.powercutfs import PowerCutFS  # noqa: E402
+from tests.crash import workload  # noqa: E402
+from tests.crash.powercutfs import PowerCutFS  # noqa: E402
+from tests.mount import loadwork  # noqa: E402
 
 
 def learn_fault_points(

@@ -122,6 +122,26 @@ def stored_objects(blocks: Path) -> list[StoredObject]:
     return sorted(StoredObject(key, blocks) for key in keys)
 
 
+def gc_settled(store: Path, region: str) -> bool:
+    """No deleted snapshot waiting for its map to be purged, no unreferenced block rows
+    left, and exactly one object per row (read-only look).
+
+    A deleted snapshot keeps its map rows (and so its blocks' references) until the
+    background purge reaches it; without the first check this reads as settled before the
+    purge has freed anything."""
+    directory = store / "regions" / region
+    db = sqlite3.connect(f"file:{directory / 'index.db'}?mode=ro", uri=True)
+    try:
+        (pending,) = db.execute("SELECT count(*) FROM snapshots WHERE deleted = 1").fetchone()
+        rows, garbage = db.execute(
+            "SELECT count(*), coalesce(sum(refcount <= 0), 0) FROM blocks"
+        ).fetchone()
+    finally:
+        db.close()
+    objects = len(stored_objects(directory / "blocks"))
+    return pending == 0 and garbage == 0 and objects == rows
+
+
 def random_image(path: Path, size: int) -> Path:
     """Random bytes: every block distinct and incompressible (it costs its size stored)."""
     path.write_bytes(os.urandom(size))
@@ -365,14 +385,25 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         server.stop()
 
 
-# Modules whose tests run without the kernel (store, index, crypto and copy engine in-process):
-# `pytest -m 'not mount'` runs just these, in seconds. Every other test mounts a real snapfs.
-IN_PROCESS_MODULES = {"test_units", "test_object_stores"}
+# The layer a test lives in says whether it mounts (each layer's __init__.py says what it
+# holds): unit/ and service/ run in-process without the kernel, so `pytest -m 'not mount'`
+# runs just them, in seconds; every other test (mount/, crash/) mounts a real snapfs, or
+# powercutfs. A test outside the in-process layers counts as mounting, so that a new module
+# put in the wrong place never slows down or breaks the fast suite.
+IN_PROCESS_LAYERS = {"unit", "service"}
+TESTS = Path(__file__).resolve().parent
+
+
+def layer_of(item: pytest.Item) -> str | None:
+    """The directory under tests/ that holds the test (None: a module of tests/ itself)."""
+    path = Path(item.path).resolve()
+    if not path.is_relative_to(TESTS):
+        return None
+    parts = path.relative_to(TESTS).parts
+    return parts[0] if len(parts) > 1 else None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.split(".")[-1] not in (
-            IN_PROCESS_MODULES
-        ):
+        if layer_of(item) not in IN_PROCESS_LAYERS:
             item.add_marker(pytest.mark.mount)

@@ -1,7 +1,7 @@
 """powercutfs: a passthrough FUSE filesystem that can lose power, for crash tests.
 
 Like LazyFS (the filesystem Jepsen uses), but small, in Python, with pyfuse3 and trio.
-Run it as ``python -m tests.powercutfs BACKING MOUNTPOINT`` (a foreground process), or use
+Run it as ``python -m tests.crash.powercutfs BACKING MOUNTPOINT`` (a foreground process), or use
 `PowerCutFS` from a test. Every operation is passed through by path to BACKING at once;
 what powercutfs adds is an UNDO log of everything that a real disk would not yet have made
 durable, and a power cut that applies it.
@@ -88,7 +88,7 @@ CONTROL = "user.powercut"
 STATS = "user.powercut.stats"
 ROOT = pyfuse3.ROOT_INODE
 FSTYPE = "fuse.powercutfs"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -874,7 +874,7 @@ async def _stop_on_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m tests.powercutfs BACKING MOUNTPOINT", file=sys.stderr)
+        print("usage: python -m tests.crash.powercutfs BACKING MOUNTPOINT", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s powercutfs: %(message)s"
@@ -938,7 +938,7 @@ class PowerCutFS:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.powercutfs", self.backing, self.mountpoint],
+                [sys.executable, "-m", "tests.crash.powercutfs", self.backing, self.mountpoint],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,

@@ -2,7 +2,7 @@
 moment of ingest, seal, `cp` copies, `mv` jobs, CopySnapshot jobs, garbage collection and
 retention; after the next mount nothing sealed is lost or changed, every interrupted copy
 resumes and verifies, and `snapfs check` is clean. The workload and the checks are in
-tests/workload.py; `scripts/soak crash` runs them at random points."""
+tests/crash/workload.py; `scripts/soak crash` runs them at random points."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import SnapfsMount
 from . import workload
-from .conftest import SnapfsMount
 
 # (point, hit): the N-th time the daemon reaches the point it dies. Each is reached by the
 # workload's steps in order: ingest, cp copy, mv, snapfs copy into an encrypted region,

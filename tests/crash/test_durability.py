@@ -14,7 +14,7 @@ import pytest
 from snapfs.cli import diskimage
 from snapfs.fuse import mounts
 
-from .conftest import SnapfsMount, StoredObject, run, sha256, wait_for
+from ..conftest import SnapfsMount, StoredObject, run, sha256, wait_for
 
 MiB = 1 << 20
 
@@ -145,7 +145,7 @@ def test_second_mount_of_same_store_is_refused(mnt: SnapfsMount, tmp_path: Path)
 
 
 def test_umount_of_unmounted_path_fails_clearly(tmp_path: Path) -> None:
-    from .conftest import SNAPFS
+    from ..conftest import SNAPFS
 
     result = run(*SNAPFS, "umount", tmp_path, check=False)
     assert result.returncode != 0
@@ -155,7 +155,7 @@ def test_umount_of_unmounted_path_fails_clearly(tmp_path: Path) -> None:
 def test_foreground_mount_logs_to_stderr_and_umount_ends_it(tmp_path: Path) -> None:
     import subprocess
 
-    from .conftest import SNAPFS, SnapfsMount
+    from ..conftest import SNAPFS, SnapfsMount
 
     m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
     proc = subprocess.Popen(

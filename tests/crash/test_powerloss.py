@@ -1,4 +1,4 @@
-"""Power loss: the store lives on a disk that drops everything not fsync'ed (tests/powercutfs.py).
+"""Power loss: the store lives on a disk that drops everything not fsync'ed (powercutfs.py).
 
 `kill -9` alone keeps the page cache, so the crash matrix cannot see a missing fsync. Here
 the daemon is killed AND the disk under the store loses every write, truncate, new entry,
@@ -26,9 +26,17 @@ import pytest
 
 from snapfs.cli import diskimage
 
-from .conftest import SNAPFS, S3Server, SnapfsMount, region_report, run, sha256, wait_for
+from ..conftest import (
+    SNAPFS,
+    S3Server,
+    SnapfsMount,
+    gc_settled,
+    region_report,
+    run,
+    sha256,
+    wait_for,
+)
 from .powercutfs import PowerCutFS
-from .workload import gc_settled
 
 MiB = 1 << 20
 COPY_TIMEOUT = 120
@@ -315,7 +323,7 @@ def test_power_loss_after_a_clean_umount(rig: Rig, trial: int) -> None:
 def test_power_loss_during_a_copy_with_an_s3_region(
     s3: S3Server, tmp_path: Path, disk: PowerCutFS, direction: str
 ) -> None:
-    from .test_s3 import create_s3_region
+    from ..mount.test_s3 import create_s3_region
 
     with mounted_rig(tmp_path, disk, "--copy-bwlimit", "4M") as rig:
         local = rig.m.path / "cn-hangzhou"

@@ -1,7 +1,7 @@
 """The crash workload: every kind of work the daemon does, driven with real tools, and the
 verification that nothing was lost after the daemon died somewhere in the middle of it.
 
-Shared by `tests/test_crash_matrix.py` (one named fault point per case) and
+Shared by `tests/crash/test_crash_matrix.py` (one named fault point per case) and
 `scripts/soak.py crash` (random fault points). The daemon runs with `SNAPFS_FAULT` set and
 dies at that point (`snapfs/faults.py`); `run_steps` notices and stops; the store is mounted
 again without the fault and `verify` checks, whatever step the daemon died in:
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ from pathlib import Path
 from snapfs.cli import diskimage
 from snapfs.fuse import mounts
 
-from .conftest import (
+from ..conftest import (
     SnapfsMount,
+    gc_settled,
     make_key,
     region_report,
     run,
     sha256,
-    stored_objects,
     wait_for,
 )
 
@@ -203,26 +202,6 @@ class Workload:
                 self.died_in = step
                 return step
         return None
-
-
-def gc_settled(store: Path, region: str) -> bool:
-    """No deleted snapshot waiting for its map to be purged, no unreferenced block rows
-    left, and exactly one object per row (read-only look).
-
-    A deleted snapshot keeps its map rows (and so its blocks' references) until the
-    background purge reaches it; without the first check this reads as settled before the
-    purge has freed anything."""
-    directory = store / "regions" / region
-    db = sqlite3.connect(f"file:{directory / 'index.db'}?mode=ro", uri=True)
-    try:
-        (pending,) = db.execute("SELECT count(*) FROM snapshots WHERE deleted = 1").fetchone()
-        rows, garbage = db.execute(
-            "SELECT count(*), coalesce(sum(refcount <= 0), 0) FROM blocks"
-        ).fetchone()
-    finally:
-        db.close()
-    objects = len(stored_objects(directory / "blocks"))
-    return pending == 0 and garbage == 0 and objects == rows
 
 
 # What each name may hold after the crash: (region, name) -> image.

@@ -1,5 +1,5 @@
 """The load workload: many copies into one region at once, with readers and writers beside
-them, and a probe of how long `ls` takes meanwhile. Shared by `tests/test_load.py` (one
+them, and a probe of how long `ls` takes meanwhile. Shared by `tests/mount/test_load.py` (one
 round) and `scripts/soak.py load` (rounds for a bounded time).
 
 One round, against regions `src` (the source snapshots) and `dst`:
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conftest import SnapfsMount, sha256, wait_for
+from ..conftest import SnapfsMount, sha256, wait_for
 
 SRC, DST = "src", "dst"
 SOURCES = 10

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from snapfs.cli import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, region_report, run, sha256
-from .conftest import check_store as check
+from ..conftest import SNAPFS, SnapfsMount, StoredObject, encrypt_region, region_report, run, sha256
+from ..conftest import check_store as check
 
 MiB = 1 << 20
 

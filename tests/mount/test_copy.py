@@ -19,7 +19,7 @@ import pytest
 from snapfs.cli import diskimage
 from snapfs.fuse import mounts
 
-from .conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
+from ..conftest import SNAPFS, SnapfsMount, run, sha256, wait_for
 
 MiB = 1 << 20
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

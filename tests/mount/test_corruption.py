@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
+from ..conftest import (
     SnapfsMount,
     StoredObject,
     encrypt_region,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snapfs.cli import diskimage
 
-from .conftest import SnapfsMount, run, sha256, wait_for
+from ..conftest import SnapfsMount, run, sha256, wait_for
 
 MiB = 1 << 20
 

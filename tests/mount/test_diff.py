@@ -9,7 +9,7 @@ from pathlib import Path
 
 from snapfs.cli import diskimage
 
-from .conftest import SnapfsMount, encrypt_region, run, sha256
+from ..conftest import SnapfsMount, encrypt_region, run, sha256
 
 MiB = 1 << 20
 

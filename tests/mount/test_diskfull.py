@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SnapfsMount, random_image, run, sha256, wait_for
-from .workload import gc_settled
+from ..conftest import SnapfsMount, gc_settled, random_image, run, sha256, wait_for
 
 MiB = 1 << 20
 DISK = "24m"

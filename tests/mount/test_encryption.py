@@ -13,7 +13,7 @@ import pytest
 
 from snapfs.cli import diskimage
 
-from .conftest import SNAPFS, SnapfsMount, encrypt_region, make_key, run, sha256, wait_for
+from ..conftest import SNAPFS, SnapfsMount, encrypt_region, make_key, run, sha256, wait_for
 
 MiB = 1 << 20
 MARKER = b"SNAPFS-SECRET-MARKER-7f3a9c"

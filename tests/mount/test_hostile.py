@@ -23,7 +23,7 @@ from snapfs.cli import main as cli
 from snapfs.errors import SnapfsError
 from snapfs.model import params
 
-from .conftest import SnapfsMount, wait_for
+from ..conftest import SnapfsMount, wait_for
 
 BLOCK = 16 << 10
 MAX_OFFSET = (1 << 63) - 1  # off_t

@@ -11,7 +11,7 @@ from pathlib import Path
 from snapfs.meta.keys import KeyRing, _open, unlock_master
 from snapfs.service.store import open_catalogue
 
-from .conftest import SNAPFS, SnapfsMount, run
+from ..conftest import SNAPFS, SnapfsMount, run
 
 
 def key_cli(store: Path, *args: str, env: dict | None = None, check: bool = True):

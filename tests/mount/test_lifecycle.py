@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SnapfsMount, run, wait_for
+from ..conftest import SnapfsMount, run, wait_for
 
 DAY = 86400
 

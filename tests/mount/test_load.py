@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..conftest import SnapfsMount, gc_settled, wait_for
 from . import loadwork
-from .conftest import SnapfsMount, wait_for
-from .workload import gc_settled
 
 
 def test_hundred_concurrent_copies_with_readers_and_writers(tmp_path: Path) -> None:

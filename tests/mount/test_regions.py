@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from .conftest import SnapfsMount, run
+from ..conftest import SnapfsMount, run
 
 
 def test_mkdir_creates_region_with_own_index_and_blocks(mnt: SnapfsMount) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from snapfs.cli import diskimage
 
-from .conftest import SNAPFS, S3Server, SnapfsMount, make_key, run, sha256, wait_for
+from ..conftest import SNAPFS, S3Server, SnapfsMount, make_key, run, sha256, wait_for
 
 MiB = 1 << 20
 BUCKET = "snapfs-test"

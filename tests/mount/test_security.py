@@ -17,7 +17,7 @@ import pytest
 
 from snapfs.fuse import mounts
 
-from .conftest import SNAPFS, SnapfsMount, encrypt_region, run
+from ..conftest import SNAPFS, SnapfsMount, encrypt_region, run
 
 NOBODY = 65534
 # The venv's interpreter may sit where nobody cannot reach it; the script needs only `os`.

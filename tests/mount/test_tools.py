@@ -28,7 +28,7 @@ import pytest
 from snapfs.cli import diskimage
 from snapfs.fuse import mounts
 
-from .conftest import SnapfsMount, _mounted, run, sha256, wait_for
+from ..conftest import SnapfsMount, _mounted, run, sha256, wait_for
 
 MiB = 1 << 20
 SETTLE = 0.5  # the --settle of the mounts that watch a snapshot seal by itself

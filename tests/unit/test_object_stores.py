@@ -33,7 +33,7 @@ from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
 from snapfs.objects.s3 import BackendUnavailable, S3Backend, S3Location, make_client
 
-from .conftest import S3Server
+from ..conftest import S3Server
 
 KiB, MiB = 1 << 10, 1 << 20
 BUCKET = "snapfs-contract"
@@ -356,7 +356,7 @@ def test_sync_then_reopen_gets_everything_back(case: StoreCase, store: ObjectSto
 
 
 def test_a_crash_keeps_what_was_synced(case: StoreCase, store: ObjectStore) -> None:
-    """The local semantics are those of test_units.py (packs keep synced objects and
+    """The local semantics are those of test_storage.py (packs keep synced objects and
     reclaim the rest after a crash); a store durable on put keeps the rest too."""
     synced = {key(n): os.urandom(256 * KiB) for n in range(6)}
     put_all(store, synced)

@@ -30,3 +30,22 @@ def test_stall_watch_names_the_code_that_blocks_the_loop(
 
     monkeypatch.setenv("SNAPFS_STALL_MS", "soon")
     assert stalls.instruments_from_env() == []
+
+
+def test_batch_sizer_sizes_loop_work_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches double while quick, halve when slow, within their bounds."""
+    from snapfs import stalls
+
+    now = [0.0]
+    monkeypatch.setattr(stalls.time, "perf_counter", lambda: now[0])
+    sizer = stalls.BatchSizer(512, minimum=16, maximum=4096, budget=0.03)
+
+    def batch(seconds: float) -> int:
+        size = sizer.start()
+        now[0] += seconds
+        sizer.done()
+        return size
+
+    assert [batch(0.001) for _ in range(5)] == [512, 1024, 2048, 4096, 4096]
+    assert [batch(0.1) for _ in range(10)][-1] == 16  # slow batches shrink to the minimum
+    assert batch(0.02) == 16 and sizer.size == 16  # within the budget: kept
