@@ -123,7 +123,7 @@ async def serve(
         try:
             mounts.register(mountpoint, store.path)
             ready()
-            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_stop_on_signal, name="signals")
             await pyfuse3.main()
         finally:
             pyfuse3.close(unmount=True)

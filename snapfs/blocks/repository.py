@@ -347,7 +347,7 @@ class BlockRepository:
             self._uncommitted.pop(block_id, None)
             self._unpin(block_id)
 
-    def released(self, block_ids: list[bytes], written: list[bytes]) -> None:
+    def abandoned(self, block_ids: list[bytes], written: list[bytes]) -> None:
         """Release the pins of a batch that will never be committed (its snapshot is gone).
 
         Objects it wrote that no one else commits are deleted by the next collection.

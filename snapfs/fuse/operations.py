@@ -23,7 +23,6 @@ import trio
 from snapfs.errors import NotPermitted, SnapfsError, from_sqlite
 from snapfs.fuse import xattrs
 from snapfs.model.states import SnapshotStatus
-from snapfs.service import regionadmin
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot
 from snapfs.service.store import ROOT_INO, OpenFile, Store
@@ -114,7 +113,7 @@ class Operations(pyfuse3.Operations):
         if node is None:
             attr.st_ino = ROOT_INO
             attr.st_mode = stat.S_IFDIR | 0o755
-            attr.st_nlink = 2 + len(self.store.regions)
+            attr.st_nlink = 2 + len(self.store.children(ROOT_INO))
             attr.st_uid, attr.st_gid = self.root_uid, self.root_gid
             attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = 0
         elif isinstance(node, Region):
@@ -138,7 +137,7 @@ class Operations(pyfuse3.Operations):
     def _node(self, ino: int) -> Region | Snapshot | None:
         if ino == ROOT_INO:
             return None
-        node = self.store.by_ino.get(ino)
+        node = self.store.node(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
@@ -150,10 +149,7 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         text = _name(name)
-        if parent_inode == ROOT_INO:
-            node: Region | Snapshot | None = self.store.regions.get(text)
-        else:
-            node = self.store.region_by_ino(parent_inode).snapshots.get(text)
+        node = self.store.child(parent_inode, text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(node)
@@ -197,12 +193,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh == ROOT_INO:
-            entries: list[Region | Snapshot] = sorted(
-                self.store.regions.values(), key=lambda r: r.ino
-            )
-        else:
-            entries = sorted(self.store.region_by_ino(fh).snapshots.values(), key=lambda s: s.ino)
+        entries = self.store.children(fh)
         # The entry's inode is its offset cookie: stable while entries come and go.
         for node in entries:
             if node.ino <= start_id:
@@ -363,17 +354,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
-        attr = _name(name)
-        if inode == ROOT_INO and attr in (regionadmin.CREATE_ATTR, regionadmin.ATTACH_ATTR):
-            # `snapfs region create/attach` on a mounted store: network work, so awaited
-            # here rather than in the synchronous xattr table.
-            region_name, location = regionadmin.parse_request(value)
-            if attr == regionadmin.CREATE_ATTR:
-                await self.store.create_remote_region(region_name, location)
-            else:
-                await self.store.attach_region(region_name, location)
-            return
-        await xattrs.set(self.store, self._node(inode), attr, value)
+        await xattrs.set(self.store, self._node(inode), _name(name), value)
 
     @translate_errors
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:

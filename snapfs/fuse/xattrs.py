@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from snapfs.errors import AttributeNotSupported, InvalidParameter, NoSuchAttribute, NotPermitted
 from snapfs.model.clock import expires_at, iso8601
 from snapfs.model.states import SnapshotStatus
-from snapfs.service import metadata
+from snapfs.service import metadata, regionadmin
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot
 from snapfs.service.store import Store
@@ -126,6 +126,11 @@ SNAPSHOT_COMMANDS: dict[str, Callable[[Store, Snapshot, str], Awaitable[None]]] 
 REGION_COMMANDS: dict[str, Callable[[Store, Region, str], Awaitable[None]]] = {
     COPY_ATTR: metadata.copy_request,
 }
+# On the mount's root: `snapfs region create/attach` while mounted.
+ROOT_COMMANDS: dict[str, Callable[[Store, bytes], Awaitable[None]]] = {
+    regionadmin.CREATE_ATTR: metadata.create_region_request,
+    regionadmin.ATTACH_ATTR: metadata.attach_region_request,
+}
 
 
 def _snapshot_attribute(name: str) -> SnapshotAttribute | None:
@@ -171,6 +176,9 @@ async def get(store: Store, node: Region | Snapshot | None, name: str) -> bytes:
 
 
 async def set(store: Store, node: Region | Snapshot | None, name: str, raw: bytes) -> None:  # noqa: A001
+    if node is None and (root_command := ROOT_COMMANDS.get(name)) is not None:
+        await root_command(store, raw)
+        return
     value = _text(raw)
     if isinstance(node, Snapshot):
         if (command := SNAPSHOT_COMMANDS.get(name)) is not None:

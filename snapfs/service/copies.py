@@ -209,7 +209,7 @@ class SnapshotCopies:
             return
         if not succeeded and job.kind == "move" and source.deleted:
             self._unhide(source)
-        self._release_source(source)
+        self._end_copy_read(source)
 
     def _unhide(self, snap: Snapshot) -> None:
         region = snap.region
@@ -255,4 +255,4 @@ class SnapshotCopies:
         )
         source, job.source = job.source, None
         if source is not None:
-            self._release_source(source)
+            self._end_copy_read(source)

@@ -116,7 +116,7 @@ class CopyEngine:
             job = queue.popleft()
             self._running[region.name] += 1
             job.scope = trio.CancelScope()  # from now on cancel() can stop it
-            self._nursery.start_soon(self._run, job)
+            self._nursery.start_soon(self._run, job, name=f"copy into {job.dst.id}")
 
     def reschedule(self, region: Region) -> None:
         """The region's max_parallel_copies changed: start what now fits."""
@@ -436,7 +436,7 @@ class CopyEngine:
                 learnt,
             )
         except BaseException:
-            dst_region.released(
+            dst_region.abandoned(
                 [s.block_id for s in stored], [s.block_id for s in stored if s.new is not None]
             )
             raise

@@ -408,7 +408,7 @@ class SnapshotLifecycle:
         if not keep_lineage:
             snap.source_snapshot_id = snap.source_region = snap.description = None
             snap.transferred_bytes = 0
-        self._release_source(source)
+        self._end_copy_read(source)
 
     def not_a_copy(self, snap: Snapshot, reason: str) -> None:
         """The writer found a block that differs from the source: an ordinary snapshot."""
@@ -423,7 +423,7 @@ class SnapshotLifecycle:
         snap.become(SnapshotStatus.CREATING)
         self._end_cp_copy(snap, keep_lineage=False)
 
-    def _release_source(self, source: Snapshot) -> None:
+    def _end_copy_read(self, source: Snapshot) -> None:
         source.copy_readers -= 1
         if source.deleted and not source.in_use:
             self._drop(source)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from snapfs.errors import InvalidParameter, InvalidTagCount, KeyIdNotFound, NoSuchAttribute
 from snapfs.model import params
+from snapfs.service import regionadmin
 
 if TYPE_CHECKING:
     from snapfs.service.region import Region
@@ -100,6 +101,18 @@ def set_region_setting(store: Store, region: Region, key: str, value: str, name:
 def clear_region_setting(region: Region, key: str) -> None:
     assert key in CLEARABLE_SETTINGS, key
     region.index.set_setting(key, "")
+
+
+async def create_region_request(store: Store, raw: bytes) -> None:
+    """`snapfs region create --backend s3://...` on a mounted store (network work)."""
+    name, location = regionadmin.parse_request(raw)
+    await store.create_remote_region(name, location)
+
+
+async def attach_region_request(store: Store, raw: bytes) -> None:
+    """`snapfs region attach` on a mounted store: the region rebuilt from its bucket."""
+    name, location = regionadmin.parse_request(raw)
+    await store.attach_region(name, location)
 
 
 async def copy_request(store: Store, dst_region: Region, value: str) -> None:

@@ -1,5 +1,20 @@
 """Deleting and renaming snapshots: hidden at once (one small commit), their maps purged
-and blocks collected in the background."""
+and blocks collected in the background.
+
+Deletion has stages, one verb each, in the order a snapshot goes through them:
+
+- `unlink` (rm, retention, a replacing rename): the user's request; a snapshot still in use
+  is only hidden, one nothing uses is destroyed at once;
+- `_hide`: out of the namespace (`deleted = 1` committed), data kept while a handle is open
+  or a copy reads it; its last close or the copy's end destroys it;
+- `_destroy`: a writer's buffered blocks discarded, a `cp` copy's source read ended, then
+- `_drop`: gone from every inode and id table, and its map handed to
+- `_purge`: the block map deleted in time-budgeted batches, then the row; the blocks nobody
+  else names are then collected by the region's garbage collector.
+
+And `_end_copy_read` (lifecycle.py) ends a copy's read of its source, the one other thing
+that can keep a hidden snapshot's data.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +83,7 @@ class SnapshotRemoval:
             snap.region.request_gc()
         else:
             self.frees.begin()  # a writer on a full disk waits for what this frees
-            self.nursery.start_soon(self._purge, snap)
+            self.nursery.start_soon(self._purge, snap, name=f"purge {snap.id}")
 
     async def _purge(self, snap: Snapshot) -> None:
         index = snap.region.index

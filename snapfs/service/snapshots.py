@@ -426,7 +426,9 @@ class SnapshotWriter:
             return
         done = self.inflight[block_no] = trio.Event()
         await self._slots.acquire()
-        self.nursery.start_soon(self._store_task, block_no, buf, done)
+        self.nursery.start_soon(
+            self._store_task, block_no, buf, done, name=f"store {self.snap.id}:{block_no}"
+        )
 
     async def _store_task(self, block_no: int, buf: bytearray, done: trio.Event) -> None:
         try:
@@ -642,4 +644,4 @@ class SnapshotWriter:
             written = list(self.new_blocks)
             self.new_blocks.clear()
             pinned, self.pinned = self.pinned, []
-            self.region.released(pinned, written)
+            self.region.abandoned(pinned, written)

@@ -327,14 +327,14 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         for region in self.regions.values():
             self._start_region(region)
         self.copies.start(nursery)
-        nursery.start_soon(retention_loop, self, self.clock)
+        nursery.start_soon(retention_loop, self, self.clock, name="retention")
 
     def _start_region(self, region: Region) -> None:
         if self.nursery is None:
             return
-        self.nursery.start_soon(region.gc_loop)
+        self.nursery.start_soon(region.gc_loop, name=f"gc {region.name}")
         if region.publisher is not None:
-            self.nursery.start_soon(region.publisher.run)
+            self.nursery.start_soon(region.publisher.run, name=f"publish {region.name}")
 
     async def shutdown(self) -> None:
         """Stop copy jobs where they are (they resume at the next mount), store what open
@@ -383,6 +383,22 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             return self.regions[name]
         except KeyError:
             raise RegionNotFound(f"region {name!r} does not exist") from None
+
+    def node(self, ino: int) -> Region | Snapshot | None:
+        """The region or snapshot behind an inode (an open, even deleted, snapshot too)."""
+        return self.by_ino.get(ino)
+
+    def child(self, parent_ino: int, name: str) -> Region | Snapshot | None:
+        """A region of the root (ROOT_INO), or a snapshot of a region directory, by name."""
+        if parent_ino == ROOT_INO:
+            return self.regions.get(name)
+        return self.region_by_ino(parent_ino).snapshots.get(name)
+
+    def children(self, ino: int) -> list[Region] | list[Snapshot]:
+        """A directory's entries in inode order (readdir's offsets are inode numbers)."""
+        if ino == ROOT_INO:
+            return sorted(self.regions.values(), key=lambda r: r.ino)
+        return sorted(self.region_by_ino(ino).snapshots.values(), key=lambda s: s.ino)
 
     def region_by_ino(self, ino: int) -> Region:
         node = self.by_ino.get(ino)
@@ -514,7 +530,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         with contextlib.suppress(OSError):
             durable.fsync_dir(region.directory.parent)  # not resurrected by a power loss
         if region.remote and self.nursery is not None:
-            self.nursery.start_soon(self._destroy_remote, region)
+            self.nursery.start_soon(self._destroy_remote, region, name=f"destroy {region.name}")
         log.info("removed region %s", name)
 
     async def _destroy_remote(self, region: Region) -> None:
