@@ -1,18 +1,18 @@
-"""What durability costs: ingest and copies of one snapfs revision beside another, one run.
+"""One snapfs revision beside another: ingest, reads and copies, side by side in one run.
 
-Issue 13 replaced one syncfs() per batch (a no-op on FUSE stores, so not durable there) by an
-fdatasync of each pack a batch appended to and fsyncs of the directories whose entries
-matter. This runs the same scenarios on the current tree and on a baseline revision (default
-the last one before that change), alternating their order round by round, on the same images
-and the same disk, and prints the times side by side with their ratio, beside `cp` + `sync`
-to local disk (the price of durability for a plain copy).
+It runs the same scenarios on the current tree and on a baseline revision, alternating their
+order round by round, on the same images and the same disk, and prints the times side by
+side with their ratio, beside `cp` + `sync` to local disk. Used for issue 13 (what durability
+costs: fdatasync per pack instead of one syncfs per batch; baseline ab59861) and issue 14
+(the restructure must not slow anything; baseline 7def49c).
 
 Scenarios on a disk-like image (default 1 GiB) and a day-2 image that differs from it in
 scattered 4 KiB pages (`--changed` of the pages, default 0.3%): ingest (`cp` into a region,
-until sealed), day-2 ingest, a full `mv` copy into an empty region (until available) and an
-incremental `cp` copy of day 2.
+until sealed), a sequential read (`cat`, cold: the snapshot's pages dropped first), day-2
+ingest, a full `mv` copy into an empty region (until available) and an incremental `cp`
+copy of day 2.
 
-    scripts/bench_durability.py [--baseline REV] [--size 1G] [--rounds 2] [--workdir DIR]
+    scripts/bench_compare.py [--baseline REV] [--size 1G] [--rounds 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +34,13 @@ from snapfs.cli import diskimage  # noqa: E402
 
 MB = 1_000_000
 DEFAULT_BASELINE = "ab59861"  # the tree before issue 13: syncfs per batch
-SCENARIOS = ["ingest day 1", "ingest day 2", "mv copy, full", "cp copy of day 2, incremental"]
+SCENARIOS = [
+    "ingest day 1",
+    "sequential read (cat)",
+    "ingest day 2",
+    "mv copy, full",
+    "cp copy of day 2, incremental",
+]
 
 
 def run(*cmd: str | os.PathLike, env: dict | None = None, cwd: Path | None = None) -> None:
@@ -67,6 +73,18 @@ def wait_status(path: Path, wanted: str = "available", timeout: float = 1800) ->
     raise TimeoutError(f"{path} not {wanted}")
 
 
+def cold_read(path: Path) -> float:
+    """`cat` of a sealed snapshot whose pages were just dropped from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    start = time.perf_counter()
+    subprocess.run(f"cat {path} > /dev/null", shell=True, check=True)
+    return time.perf_counter() - start
+
+
 def one_run(tree: Path, work: Path, day1: Path, day2: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     check = subprocess.run([sys.executable, "-c", "import snapfs; print(snapfs.__file__)"],
@@ -87,6 +105,8 @@ def one_run(tree: Path, work: Path, day1: Path, day2: Path) -> dict[str, float]:
             run("cp", image, a / image.name)
             wait_status(a / image.name)
             times[name] = time.perf_counter() - start
+            if image is day1:
+                times["sequential read (cat)"] = cold_read(a / image.name)
         start = time.perf_counter()
         run("mv", a / day1.name, b)
         wait_status(b / day1.name)
