@@ -15,6 +15,11 @@ shared `trio.CapacityLimiter`, which is the backpressure for every writer and re
 on an object store (`backend.remote`) moves its objects under a second, wider limiter
 (`io_limiter`): a PUT or GET mostly waits on the network, so more of them run at once than
 there are cores, while encoding and verifying stay under the CPU limiter.
+
+Why one module of ~550 lines: dedup, pins, rewrites and garbage collection all read and
+change the same in-memory state (`_writing`, `_uncommitted`, `_pins`, `_unlinking`) under
+invariants that rest on there being no await between a check and the change it guards
+(docs/DEVELOPING.md, section 2); kept in one class, those invariants can be read in one place.
 """
 
 from __future__ import annotations
@@ -311,11 +316,7 @@ class BlockRepository:
     def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
         """A stored object as it is, verified, for copying to another region without
         recompressing. Runs in a worker thread."""
-        key = block_id.hex()
-        try:
-            data = self.backend.get(key)
-        except FileNotFoundError:
-            raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
+        data = self._get(block_id)
         codec.decode(data, block_id, self._keys_for, self.name)
         header = codec.parse_header(data)
         return codec.EncodedBlock(block_id, data, header.plain_size, header.codec)
@@ -324,11 +325,7 @@ class BlockRepository:
         self, block_id: bytes, new_id_key: bytes | None
     ) -> tuple[bytes, codec.OpenedBlock]:
         """A stored object opened for re-encryption elsewhere (worker thread; keys primed)."""
-        key = block_id.hex()
-        try:
-            data = self.backend.get(key)
-        except FileNotFoundError:
-            raise ObjectMissing(f"block object {key} is missing from region {self.name}") from None
+        data = self._get(block_id)
         return codec.open_for_copy(data, block_id, self._keys_for, self.name, new_id_key)
 
     def _keys_for(self, key_id: bytes) -> BlockKeys:
@@ -405,6 +402,7 @@ class BlockRepository:
         return await trio.to_thread.run_sync(self._get_and_decode, block_id, limiter=self.limiter)
 
     def _get(self, block_id: bytes) -> bytes:
+        """The stored object's bytes; ObjectMissing if the store has none (worker thread)."""
         key = block_id.hex()
         try:
             return self.backend.get(key)

@@ -2,6 +2,10 @@
 
 Every failure prints `Code: message` on stderr (the cloud-style code of `SnapfsError`) and
 exits non-zero; no traceback reaches the user for a refusal.
+
+Why one module of ~680 lines: it is the argparse tree and one short handler per command
+(mount, umount, copy, key, region, diff, check, seal, status), which share parsing helpers and
+nothing else; the work itself is in the service layer and cli/status.py and cli/diff.py.
 """
 
 from __future__ import annotations
