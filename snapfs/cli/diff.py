@@ -107,6 +107,7 @@ def _differing_blocks(
     next_a, next_b = next(map_a, None), next(map_b, None)
     while next_a is not None or next_b is not None:
         if next_b is None or (next_a is not None and next_a[0] < next_b[0]):
+            assert next_a is not None  # the loop runs while one side has blocks left
             yield next_a[0], True  # data in A, a hole in B
             next_a = next(map_a, None)
         elif next_a is None or next_b[0] < next_a[0]:

@@ -179,8 +179,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         region = parts[0] if parts else None
         snapshot = parts[1] if len(parts) > 1 else None
         mountpoint = Path(record.mountpoint)
-    elif (record := mounts.find_by_store(store)) is not None:
-        mountpoint = Path(record.mountpoint)
+    elif (mounted := mounts.find_by_store(store)) is not None:
+        mountpoint = Path(mounted.mountpoint)
     data = status.collect(store, region, snapshot)
     if mountpoint is not None and _seal_settling(mountpoint, data):
         data = status.collect(store, region, snapshot)

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -58,7 +58,7 @@ def translate_errors(fn: F) -> F:
             log.exception("%s failed unexpectedly", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps: the same signature
 
 
 def _name(raw: bytes) -> str:
@@ -143,11 +143,15 @@ class Operations(pyfuse3.Operations):
         return node
 
     @translate_errors
-    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
     @translate_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         text = _name(name)
         node = self.store.child(parent_inode, text)
         if node is None:
@@ -161,7 +165,7 @@ class Operations(pyfuse3.Operations):
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
         fh: int | None,
-        ctx,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if not isinstance(node, Snapshot):
@@ -185,7 +189,7 @@ class Operations(pyfuse3.Operations):
     # --- directories -----------------------------------------------------------------------
 
     @translate_errors
-    async def opendir(self, inode: int, ctx) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._node(inode)
         if inode != ROOT_INO:
             self.store.region_by_ino(inode)
@@ -208,14 +212,18 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT_INO:
             raise NotPermitted("a region holds snapshot files only, not directories")
         return self._attrs(self.store.create_region(_name(name)))
 
     @translate_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode != ROOT_INO:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         await self.store.remove_region(_name(name))
@@ -240,7 +248,12 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode == ROOT_INO:
             raise NotPermitted("snapshots live in region directories; mkdir a region first")
@@ -254,7 +267,12 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INO or not stat.S_ISREG(mode):
             raise NotPermitted("a region holds regular files (snapshots) only")
@@ -263,7 +281,7 @@ class Operations(pyfuse3.Operations):
         return self._attrs(snap)
 
     @translate_errors
-    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         return self._open_file(self.store.snapshot_by_ino(inode), flags, ctx.pid)
 
     @translate_errors
@@ -290,7 +308,7 @@ class Operations(pyfuse3.Operations):
         await self.store.release(self.handles.pop(fh))
 
     @translate_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode == ROOT_INO:
             raise pyfuse3.FUSEError(errno.EISDIR)
         await self.store.unlink(self.store.region_by_ino(parent_inode), _name(name))
@@ -303,7 +321,7 @@ class Operations(pyfuse3.Operations):
         parent_inode_new: int,
         name_new: bytes,
         flags: int,
-        ctx,
+        ctx: pyfuse3.RequestContext,
     ) -> None:
         if ROOT_INO in (parent_inode_old, parent_inode_new):
             raise NotPermitted("regions cannot be renamed, and snapshots live inside them")
@@ -317,18 +335,26 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx
+        self,
+        inode: int,
+        new_parent_inode: int,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise NotPermitted("snapshots cannot have hard links")
 
     @translate_errors
     async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx
+        self,
+        parent_inode: int,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise NotPermitted("a region holds regular files (snapshots) only")
 
     @translate_errors
-    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = self.store.statvfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = st.f_bsize
@@ -345,17 +371,19 @@ class Operations(pyfuse3.Operations):
     # --- extended attributes ---------------------------------------------------------------
 
     @translate_errors
-    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         return await xattrs.get(self.store, self._node(inode), _name(name))
 
     @translate_errors
-    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [os.fsencode(n) for n in xattrs.names(self.store, self._node(inode))]
 
     @translate_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         await xattrs.set(self.store, self._node(inode), _name(name), value)
 
     @translate_errors
-    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await xattrs.remove(self.store, self._node(inode), _name(name))

@@ -196,7 +196,8 @@ async def set(store: Store, node: Region | Snapshot | None, name: str, raw: byte
         else:
             region_attr = _region_attribute(name)
             known = region_attr is not None
-            _refuse_unless_writable(name, known, known and region_attr.write is not None)
+            writable = region_attr is not None and region_attr.write is not None
+            _refuse_unless_writable(name, known, writable)
             assert region_attr is not None and region_attr.write is not None
             region_attr.write(store, node, value, name)
     else:

@@ -29,10 +29,13 @@ import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
+
+import sqlite_utils
 
 from snapfs.errors import (
     BlockCorrupt,
@@ -57,7 +60,7 @@ BATCH = 64  # blocks verified per round of worker threads
 
 @dataclass
 class DamagedSnapshot:
-    name: str
+    name: str | None  # the `snapshots.name` column is nullable
     id: str
     offsets: list[int] = field(default_factory=list)
     map_unreadable: bool = False  # its block map is on a damaged index page
@@ -149,7 +152,7 @@ def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Obje
 
 
 def _verify(
-    backend: ObjectStore, region: str, block_id: bytes, keys_for: Callable[[bytes], Any]
+    backend: ObjectStore, region: str, block_id: bytes, keys_for: codec.KeyLookup
 ) -> tuple[str, int]:
     """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
     try:
@@ -190,8 +193,13 @@ class _Progress:
         self.bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.bar.__exit__(exc_type, exc, tb)
 
     def advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
@@ -264,7 +272,7 @@ def _verify_blocks(
     backend: ObjectStore,
     report: RegionReport,
     ids: list[bytes],
-    keys_for: Callable[[bytes], Any],
+    keys_for: codec.KeyLookup,
     pool: concurrent.futures.Executor,
     progress: _Progress,
 ) -> list[bytes]:
@@ -319,7 +327,7 @@ def _check_region(
     store: Path,
     row: dict[str, Any],
     block_size: int,
-    keys_for: Callable[[bytes], Any],
+    keys_for: codec.KeyLookup,
     *,
     repair: bool,
     pool: concurrent.futures.Executor,
@@ -382,7 +390,7 @@ def _check_damaged_index(
     backend: ObjectStore,
     report: RegionReport,
     block_size: int,
-    keys_for: Callable[[bytes], Any],
+    keys_for: codec.KeyLookup,
     pool: concurrent.futures.Executor,
 ) -> None:
     """What can still be checked in an index with damaged pages: the snapshots whose maps
@@ -402,7 +410,7 @@ def _check_damaged_index(
     report.damaged_snapshots = sorted(damaged + unreadable, key=lambda d: d.name or "")
 
 
-def _key_lookup(store: Path, catalogue: Any) -> Callable[[bytes], Any]:
+def _key_lookup(store: Path, catalogue: sqlite_utils.Database) -> codec.KeyLookup:
     """Header key id -> block keys; a store whose keys cannot be unlocked verifies plain
     blocks only (encrypted ones then report as lost, with the reason logged)."""
     try:
@@ -411,7 +419,7 @@ def _key_lookup(store: Path, catalogue: Any) -> Callable[[bytes], Any]:
     except SnapfsError as exc:
         log.warning("keys unavailable (%s): encrypted blocks cannot be verified", exc.message)
 
-        def no_keys(key_id: bytes) -> Any:
+        def no_keys(key_id: bytes) -> NoReturn:
             raise KeyNotFound(f"the key {uuid.UUID(bytes=key_id)} cannot be unlocked")
 
         return no_keys
@@ -455,7 +463,7 @@ def _check_region_or_say_why(
         return report
 
 
-def _store_problems(store: Path, catalogue: Any) -> list[str]:
+def _store_problems(store: Path, catalogue: sqlite_utils.Database) -> list[str]:
     """What would stop the whole store from mounting, beyond any one region."""
     problems = []
     if dbutil.get_meta(catalogue, "key_protection") == "keyfile":

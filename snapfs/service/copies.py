@@ -18,11 +18,12 @@ from snapfs.model.states import SnapshotStatus
 from snapfs.service.copyjobs import CopyJob
 from snapfs.service.region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from snapfs.service.snapshots import Snapshot
+from snapfs.service.storebase import StoreParts
 
 log = logging.getLogger(__name__)
 
 
-class SnapshotCopies:
+class SnapshotCopies(StoreParts):
     """The copy part of `Store` (service/store.py composes it)."""
 
     # --- copies ----------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class SnapshotCopies:
         region = snap.region
         alias_of = self.by_ino.get(snap.ino)
         if alias_of is not None and alias_of is not snap:
+            assert isinstance(alias_of, Snapshot)  # a snapshot's inode, the move's destination
             alias_of.inode_aliases.remove(snap.ino)
             self.forget_entry(alias_of.region.ino, alias_of.name)
         if snap.name in region.snapshots:

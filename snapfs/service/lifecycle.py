@@ -24,6 +24,7 @@ from snapfs.model.names import new_snapshot_id
 from snapfs.model.states import SnapshotStatus
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot, SnapshotWriter
+from snapfs.service.storebase import StoreParts
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class OpenFile:
     pid: int = 0
 
 
-class SnapshotLifecycle:
+class SnapshotLifecycle(StoreParts):
     """The lifecycle part of `Store` (service/store.py composes it)."""
 
     # --- snapshot lifecycle ----------------------------------------------------------------
@@ -143,7 +144,8 @@ class SnapshotLifecycle:
             self._readers.setdefault(pid, []).append(handle)
             for other in self._writing():
                 if other is not snap:
-                    other.writer.read_meanwhile.add(snap)  # type: ignore[union-attr]
+                    assert other.writer is not None  # _writing() keeps only those with one
+                    other.writer.read_meanwhile.add(snap)
         return handle
 
     def _writing(self) -> list[Snapshot]:

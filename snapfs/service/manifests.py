@@ -52,7 +52,8 @@ from snapfs.meta.index import RegionIndex, RestoredSnapshot
 from snapfs.model.states import SnapshotStatus
 
 if TYPE_CHECKING:
-    from snapfs.meta.keys import BlockKeys
+    from snapfs.meta.keys import BlockKeys, KeyRing
+    from snapfs.objects.protocol import ObjectStore
     from snapfs.service.region import Region
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class ManifestPublisher:
     """Keeps a region's bucket able to rebuild it: a task of the mount, fed by the index's
     change hook (`RegionIndex.on_change`)."""
 
-    def __init__(self, region: Region, meta: Any, block_size: int):
+    def __init__(self, region: Region, meta: ObjectStore, block_size: int):
         self.region = region
         self.meta = meta  # the region's backend for PREFIX/meta/
         self.block_size = block_size
@@ -337,7 +338,7 @@ def _restored(doc: dict[str, Any]) -> RestoredSnapshot:
     )
 
 
-def key_lookup(ring: Any) -> Callable[[bytes], BlockKeys]:
+def key_lookup(ring: KeyRing | None) -> Callable[[bytes], BlockKeys]:
     """Header key id -> block keys, from a primed KeyRing (or none)."""
 
     def lookup(key_id: bytes) -> BlockKeys:

@@ -10,11 +10,12 @@ from snapfs.model.states import SnapshotStatus
 from snapfs.service.copyjobs import CopyJob
 from snapfs.service.lifecycle import NO_LINEAGE, lineage_of, maps_equal
 from snapfs.service.region import Region
+from snapfs.service.storebase import StoreParts
 
 log = logging.getLogger(__name__)
 
 
-class StoreRecovery:
+class StoreRecovery(StoreParts):
     """The recovery part of `Store` (service/store.py composes it)."""
 
     async def recover(self) -> None:

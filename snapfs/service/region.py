@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -16,6 +16,8 @@ from snapfs.model.names import check_snapshot_filename
 
 if TYPE_CHECKING:
     from snapfs.meta.keys import KeyRing
+    from snapfs.objects.protocol import ObjectStore
+    from snapfs.service.manifests import ManifestPublisher
     from snapfs.service.snapshots import Snapshot
 
 DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
@@ -35,7 +37,7 @@ class Region(BlockRepository):
         limiter: trio.CapacityLimiter,
         cache: BlockCache,
         keys: KeyRing | None = None,
-        backend: Any | None = None,
+        backend: ObjectStore | None = None,
         io_limiter: trio.CapacityLimiter | None = None,
         frees: PendingFrees | None = None,
     ):
@@ -45,7 +47,7 @@ class Region(BlockRepository):
         self.ino = ino
         # Set by the store for a region on an object store: publishes what disaster recovery
         # needs (manifests.py) into the region's own backend.
-        self.publisher: Any | None = None
+        self.publisher: ManifestPublisher | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.created_ns = time.time_ns()
 
@@ -53,7 +55,11 @@ class Region(BlockRepository):
 
     @property
     def max_parallel_copies(self) -> int:
-        return int(self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES)))
+        # With a default, get_setting returns a str (the `value` column is NOT NULL).
+        value = cast(
+            str, self.index.get_setting("max_parallel_copies", str(DEFAULT_PARALLEL_COPIES))
+        )
+        return int(value)
 
     @property
     def snapshot_quota(self) -> int | None:

@@ -20,7 +20,7 @@ import concurrent.futures
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,6 +35,9 @@ from snapfs.errors import (
 from snapfs.meta.index import RegionIndex
 from snapfs.objects.s3 import S3Backend, S3Location
 from snapfs.service import manifests
+
+if TYPE_CHECKING:
+    from snapfs.meta.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def region_block_size(location: S3Location, name: str) -> int:
 
 
 def rebuild_from_bucket(
-    location: S3Location, name: str, block_size: int, index_path: Path, ring: Any
+    location: S3Location, name: str, block_size: int, index_path: Path, ring: KeyRing | None
 ) -> manifests.RebuildReport:
     """Build a new region index at `index_path` from the bucket (worker thread)."""
     meta = _meta(location)

@@ -25,6 +25,7 @@ import trio
 from snapfs.faults import fault_point
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot
+from snapfs.service.storebase import StoreParts
 from snapfs.stalls import BatchSizer
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 PURGE_CHUNK = 512  # first batch of block-map rows deleted when a snapshot goes
 
 
-class SnapshotRemoval:
+class SnapshotRemoval(StoreParts):
     """The deletion and rename part of `Store` (service/store.py composes it)."""
 
     # --- deleting and renaming -------------------------------------------------------------

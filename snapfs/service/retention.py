@@ -44,6 +44,7 @@ async def release_expired(store: Store, now: float) -> int:
         for snap in [s for s in region.snapshots.values() if expired(s, now)]:
             if region.snapshots.get(snap.name) is not snap:
                 continue  # renamed or deleted while an earlier release awaited
+            assert snap.retention_days is not None  # expired(); a retention is never unset
             log.info(
                 "region %s: releasing snapshot %s (%s): its retention of %d days ended at %s",
                 region.name,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from snapfs.blocks.cache import Plaintext
 from snapfs.blocks.repository import zeros
 from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
 from snapfs.faults import fault_point
@@ -98,7 +99,9 @@ class Snapshot:
         )  # fmt: skip
 
     @classmethod
-    def new(cls, snapshot_id: str, name: str, region: Region, mode: int, uid: int, gid: int):
+    def new(
+        cls, snapshot_id: str, name: str, region: Region, mode: int, uid: int, gid: int
+    ) -> Snapshot:
         now = time.time_ns()
         return cls(
             id=snapshot_id, name=name, region=region, status=SnapshotStatus.CREATING, size=0,
@@ -219,7 +222,7 @@ class Snapshot:
             self._read_ahead(first, last, nursery)
         self.last_read_block = last
 
-    async def _block_content(self, block_no: int, ids: dict[int, bytes] | None) -> bytes:
+    async def _block_content(self, block_no: int, ids: dict[int, bytes] | None) -> Plaintext:
         if self.writer is not None:
             return await self.writer.current_content(block_no)
         if self.copy_job is not None:
@@ -229,7 +232,7 @@ class Snapshot:
         )
         return await self.region.read_block(block_id) if block_id else b""
 
-    async def _read_copying(self, block_no: int) -> bytes:
+    async def _read_copying(self, block_no: int) -> Plaintext:
         """A block of a snapshot a job is filling: transferred, or served from the source."""
         block_id = self.region.index.block_id(self.id, block_no)
         if block_id is not None:
@@ -404,7 +407,7 @@ class SnapshotWriter:
             self.dirty[block_no] = buf
         return buf
 
-    async def current_content(self, block_no: int) -> bytes:
+    async def current_content(self, block_no: int) -> Plaintext:
         """The newest content of a block: buffered, being stored, pending or committed."""
         while (event := self.inflight.get(block_no)) is not None:
             await event.wait()
@@ -501,7 +504,7 @@ class SnapshotWriter:
         block_id = source.region.index.block_id(source.id, block_no)
         return (source.region, block_id) if block_id is not None else None
 
-    async def _source_id(self, plain: bytes, stored: StoredBlock | None) -> bytes | None:
+    async def _source_id(self, plain: Plaintext, stored: StoredBlock | None) -> bytes | None:
         """What the source's id of this content is: ours when both use the same keys (or
         none), else the content hashed under the source's id key."""
         source = self.snap.copy_source

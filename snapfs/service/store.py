@@ -31,7 +31,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import sqlite_utils
 import trio
@@ -65,6 +65,7 @@ from snapfs.service.snapshots import Snapshot
 
 if TYPE_CHECKING:
     from snapfs.objects.s3 import S3Location
+    from snapfs.service.manifests import RebuildReport
 
 from snapfs.service.copies import SnapshotCopies
 from snapfs.service.lifecycle import OpenFile, SnapshotLifecycle
@@ -445,7 +446,8 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         durable.sync_tree(directory)
         row = {"name": name, "created_at": time.time(), "backend": backend_url}
         row["endpoint"] = endpoint
-        region_id = self.db["regions"].insert(row).last_pk
+        # `id` is the INTEGER PRIMARY KEY: last_pk is the new row's rowid.
+        region_id = cast(int, self.db.table("regions").insert(row).last_pk)
         region = self._load_region(name, region_id, backend_url, endpoint)
         self._start_region(region)
         return region
@@ -475,7 +477,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         log.info("created region %s on %s", name, location)
         return region
 
-    async def attach_region(self, name: str, location: S3Location) -> Any:
+    async def attach_region(self, name: str, location: S3Location) -> RebuildReport:
         """Disaster recovery: rebuild a region and its snapshots from its bucket alone."""
         from snapfs.service import regionadmin
 
@@ -522,7 +524,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 await trio.sleep(0.02)
         if region.snapshots or region.index.snapshots(include_deleted=True):
             raise RegionNotEmpty(f"region {name!r} still holds snapshots")
-        self.db["regions"].delete_where("name = ?", [name])
+        self.db.table("regions").delete_where("name = ?", [name])
         del self.regions[name]
         self.by_ino.pop(region.ino, None)
         region.close()  # also ends its collector task
