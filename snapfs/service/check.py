@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
@@ -47,11 +46,13 @@ from snapfs.errors import (
     StoreNotFound,
 )
 from snapfs.formats import codec
+from snapfs.meta import catalogue
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
 from snapfs.meta.keys import MASTER_FILE, MASTER_KEY_BYTES, KeyRing, unlock_master
 from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
+from snapfs.objects.stores import open_block_store
 
 log = logging.getLogger(__name__)
 
@@ -127,28 +128,17 @@ class CheckReport:
 @contextlib.contextmanager
 def _store_lock(store: Path, repair: bool) -> Iterator[bool]:
     """Yields whether this check holds the store (unmounted); a mounted store is read-only."""
-    fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            held = False
+    with catalogue.held_if_free(store) as held:
         if repair and not held:
             raise StoreBusy(f"store {store} is mounted: unmount it before check --repair")
         yield held
-    finally:
-        os.close(fd)
 
 
 def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> ObjectStore:
-    """The region's objects as check sees them: local packs, or a bucket (s3backend.py)."""
-    if (row.get("backend") or "local") == "local":
-        return LocalBackend(directory / "blocks", readonly=readonly)
-    from snapfs.objects.s3 import S3Backend, S3Location
-
-    location = S3Location.parse(row["backend"], row.get("endpoint"))
-    return S3Backend(location, "blocks/", max_wait=60.0)
+    """The region's objects as check sees them: local packs, or a bucket (objects/s3.py)."""
+    return open_block_store(
+        directory, row.get("backend"), row.get("endpoint"), readonly=readonly, max_wait=60.0
+    )
 
 
 def _verify(

@@ -388,18 +388,7 @@ class SnapshotLifecycle(StoreParts):
         return None
 
     def _is_exact_copy(self, snap: Snapshot) -> bool:
-        source = snap.copy_source
-        if source is None or snap.status != SnapshotStatus.COPYING or source.size != snap.size:
-            return False
-        if source.kms_key_id == snap.kms_key_id:
-            return maps_equal(source, snap)
-        # Different keys give the same content different ids: every source block must have
-        # been matched by content, and nothing else written.
-        return (
-            len(snap.copy_matched)
-            == source.allocated_blocks
-            == snap.region.index.allocated_blocks(snap.id)
-        )
+        return is_exact_copy(snap, snap.copy_source, len(snap.copy_matched))
 
     def _end_cp_copy(self, snap: Snapshot, *, keep_lineage: bool) -> None:
         """A `cp` copy is over: keep its lineage if it matched, release the source."""
@@ -496,6 +485,26 @@ def lineage_of(snap: Snapshot) -> dict[str, object]:
         "description": snap.description,
         "transferred_bytes": snap.transferred_bytes,
     }
+
+
+def is_exact_copy(snap: Snapshot, source: Snapshot | None, matched: int | None) -> bool:
+    """The one rule for a `cp` copy keeping its lineage (at its seal, and at a mount that
+    seals it): it is `copying`, its source is sealed and as large, and it holds exactly the
+    source's content: with the same keys, the same block map; with different keys (the
+    same content has different ids), every source block matched by content (`matched`, known
+    only while the copy ran: None after a restart) and nothing else written."""
+    if (
+        source is None
+        or snap.status != SnapshotStatus.COPYING
+        or source.status != SnapshotStatus.AVAILABLE
+        or source.size != snap.size
+    ):
+        return False
+    if source.kms_key_id == snap.kms_key_id:
+        return maps_equal(source, snap)
+    if matched is None:
+        return False
+    return matched == source.allocated_blocks == snap.region.index.allocated_blocks(snap.id)
 
 
 def maps_equal(a: Snapshot, b: Snapshot, chunk: int = 4096) -> bool:

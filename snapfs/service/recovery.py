@@ -8,7 +8,7 @@ import logging
 from snapfs.faults import fault_point
 from snapfs.model.states import SnapshotStatus
 from snapfs.service.copyjobs import CopyJob
-from snapfs.service.lifecycle import NO_LINEAGE, lineage_of, maps_equal
+from snapfs.service.lifecycle import NO_LINEAGE, is_exact_copy, lineage_of
 from snapfs.service.region import Region
 from snapfs.service.storebase import StoreParts
 
@@ -91,14 +91,7 @@ class StoreRecovery(StoreParts):
         its lineage if its block map is its source's, as its seal would have decided."""
         snap = self.by_id[row["id"]]
         source = self.by_id.get(row["source_snapshot_id"] or "")
-        exact_copy = (
-            row["status"] == SnapshotStatus.COPYING
-            and source is not None
-            and source.status == SnapshotStatus.AVAILABLE
-            and source.size == snap.size
-            and source.kms_key_id == snap.kms_key_id
-            and maps_equal(source, snap)
-        )
+        exact_copy = is_exact_copy(snap, source, matched=None)
         lineage = (
             lineage_of(snap)
             if exact_copy or row["status"] == SnapshotStatus.CREATING

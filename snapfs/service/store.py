@@ -22,18 +22,15 @@ when something needs it sealed), removal.py (delete, rename, purge) and copies.p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import sqlite_utils
 import trio
 
 from snapfs import durable
@@ -48,16 +45,18 @@ from snapfs.errors import (
     RegionNotEmpty,
     RegionNotFound,
     SnapfsError,
-    StoreBusy,
     StoreFormat,
     from_sqlite,
 )
+from snapfs.meta import catalogue
 from snapfs.meta import db as dbutil
+from snapfs.meta.catalogue import open_catalogue  # noqa: F401 - re-exported for the CLI and tests
 from snapfs.meta.index import RegionIndex
 from snapfs.meta.keys import KeyRing, unlock_master
 from snapfs.model.clock import Clock
 from snapfs.model.names import check_region_name
 from snapfs.objects.local import LocalBackend
+from snapfs.objects.stores import open_block_store
 from snapfs.service.copyjobs import CopyEngine
 from snapfs.service.region import Region
 from snapfs.service.retention import retention_loop
@@ -106,66 +105,6 @@ def default_store_path() -> Path:
     return Path(base) / "snapfs"
 
 
-def _v1(db: sqlite_utils.Database) -> None:
-    dbutil.run_script(
-        db,
-        """
-        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS regions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL UNIQUE,
-            created_at REAL NOT NULL,
-            backend TEXT NOT NULL DEFAULT 'local'
-        );
-        """,
-    )
-
-
-def _v2(db: sqlite_utils.Database) -> None:
-    """Customer master keys, wrapped under the store master key (see keys.py)."""
-    dbutil.run_script(
-        db,
-        """
-        CREATE TABLE IF NOT EXISTS keys (
-            id TEXT PRIMARY KEY,
-            region TEXT NOT NULL,
-            alias TEXT,
-            enabled INTEGER NOT NULL DEFAULT 1,
-            created_at REAL NOT NULL,
-            wrapped BLOB NOT NULL
-        );
-        """,
-    )
-
-
-def _v3(db: sqlite_utils.Database) -> None:
-    """Regions on object storage: `backend` holds s3://BUCKET/PREFIX, `endpoint` the server
-    (NULL: AWS). Never credentials: those come from the environment, as for AWS tools."""
-    db.execute("ALTER TABLE regions ADD COLUMN endpoint TEXT")
-
-
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
-
-
-def make_private(path: Path) -> None:
-    """The store directory is its owner's alone: block objects, indexes, logs and the key
-    file inside it must not be readable by other users, whatever the umask was when it (or
-    an existing directory given as --store, e.g. a tmpfs root of mode 1777) was made."""
-    durable.make_dirs(path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("store %s was accessible to other users (mode %o); now 0700", path, mode)
-        path.chmod(0o700)
-
-
-def open_catalogue(path: Path) -> sqlite_utils.Database:
-    """The store's catalogue, created and migrated as needed (also used without a mount)."""
-    make_private(path)
-    catalogue = dbutil.connect(path / "store.db")
-    dbutil.migrate(catalogue, MIGRATIONS, f"store {path}")
-    return catalogue
-
-
 class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
     """The metadata service the FUSE layer talks to, composed of its parts: recovery,
     lifecycle, removal and copies, each in its own module."""
@@ -202,7 +141,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         durable.make_dirs(self.path)
         self._lock()
         try:
-            self.db = open_catalogue(self.path)
+            self.db = catalogue.open_catalogue(self.path)
             self.keys = KeyRing(self.path, self.db, unlock_master(self.path, self.db, create=False))
             self.block_size = self._settle_block_size(block_size)
             self.was_clean = dbutil.get_meta(self.db, "open", "0") == "0"
@@ -219,16 +158,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
     # --- opening and closing ---------------------------------------------------------------
 
     def _lock(self) -> None:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreBusy(f"store {self.path} is in use by pid {holder}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = catalogue.lock_for_daemon(self.path)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -285,15 +215,12 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
     def _load_region(
         self, name: str, region_id: int, backend_url: str = "local", endpoint: str | None = None
     ) -> Region:
-        backend = None
-        if backend_url != "local":
-            from snapfs.objects.s3 import S3Backend, S3Location
-
-            backend = S3Backend(S3Location.parse(backend_url, endpoint), "blocks/")
+        directory = self.path / "regions" / name
+        backend = open_block_store(directory, backend_url, endpoint)
         region = Region(
             name,
             ROOT_INO + region_id,
-            self.path / "regions" / name,
+            directory,
             self.block_size,
             self.limiter,
             self.cache,
@@ -302,9 +229,11 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             io_limiter=self.io_limiter,
             frees=self.frees,
         )
-        if backend is not None:
+        if region.remote:  # a bucket region publishes what disaster recovery needs
+            from snapfs.objects.s3 import S3Backend
             from snapfs.service.manifests import ManifestPublisher
 
+            assert isinstance(backend, S3Backend)
             region.publisher = ManifestPublisher(region, backend.sibling("meta/"), self.block_size)
             region.index.on_change = region.publisher.changed
         try:

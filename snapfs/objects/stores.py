@@ -1,0 +1,32 @@
+"""Which object store a region's catalogue row names: local packs, or a bucket prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from snapfs.objects.local import LocalBackend
+from snapfs.objects.protocol import ObjectStore
+
+LOCAL = "local"
+BLOCKS_PREFIX = "blocks/"  # where a bucket region keeps its block objects
+
+
+def open_block_store(
+    region_directory: Path,
+    backend_url: str | None,
+    endpoint: str | None,
+    *,
+    readonly: bool = False,
+    max_wait: float | None = None,
+) -> ObjectStore:
+    """The block objects of the region whose catalogue row says `backend_url` ('local' or
+    None: packs under `region_directory/blocks`; s3://BUCKET/PREFIX: that bucket, at
+    `endpoint`). `max_wait` bounds an object store's retries (None: its default)."""
+    if (backend_url or LOCAL) == LOCAL:
+        return LocalBackend(region_directory / "blocks", readonly=readonly)
+    from snapfs.objects.s3 import S3Backend, S3Location  # boto3 only when a bucket is used
+
+    location = S3Location.parse(backend_url or "", endpoint)
+    if max_wait is None:
+        return S3Backend(location, BLOCKS_PREFIX)
+    return S3Backend(location, BLOCKS_PREFIX, max_wait=max_wait)
