@@ -18,6 +18,9 @@ references, damaged or not: reading such a snapshot keeps failing with EIO at th
 rather than returning wrong bytes, and the damage stays visible to the next check.
 
 Blocks are verified in worker threads (hashing, decompression and AES-GCM release the GIL).
+
+Why one module of ~500 lines: each check is a short function; they share one report and
+one worker pool, and `snapfs check` runs them in this order.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """The snapshot lifecycle (model/states.py): creating, writing, the settle period and the
-seal, failure, `cp`-copy recognition and lineage by content, size and attribute changes."""
+seal, failure, `cp`-copy recognition and lineage by content, size and attribute changes.
+
+Why one module of ~520 lines: creation, the settle period, the seal, failure and `cp`-copy
+recognition are one state machine's transitions (model/states.py) with the ordering rules
+between them (a seal re-checks what a reopen or a truncate may have changed meanwhile);
+they read best together."""
 
 from __future__ import annotations
 
