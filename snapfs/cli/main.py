@@ -402,8 +402,8 @@ def _wait_for_copy(target: Path) -> bool:
 
 
 def _keyring(args: argparse.Namespace):
+    from snapfs.meta.catalogue import open_catalogue
     from snapfs.meta.keys import KeyRing
-    from snapfs.service.store import open_catalogue
 
     store = Path(args.store).expanduser() if args.store else default_store_path()
     return KeyRing(store, open_catalogue(store), None)

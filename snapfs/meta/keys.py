@@ -374,4 +374,5 @@ def export_to_file(ring: KeyRing, key_id: str, path: Path | None, passphrase: st
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())  # an export is the backup of a key: it must be on disk
+        durable.fsync_dir(path.parent)  # and so must its name
     return text

@@ -50,7 +50,6 @@ from snapfs.errors import (
 )
 from snapfs.meta import catalogue
 from snapfs.meta import db as dbutil
-from snapfs.meta.catalogue import open_catalogue  # noqa: F401 - re-exported for the CLI and tests
 from snapfs.meta.index import RegionIndex
 from snapfs.meta.keys import KeyRing, unlock_master
 from snapfs.model.clock import Clock

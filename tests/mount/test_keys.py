@@ -8,8 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from snapfs.meta.catalogue import open_catalogue
 from snapfs.meta.keys import KeyRing, _open, unlock_master
-from snapfs.service.store import open_catalogue
 
 from ..conftest import SNAPFS, SnapfsMount, run
 
