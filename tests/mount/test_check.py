@@ -136,3 +136,45 @@ def test_garbage_collection_is_crash_safe(tmp_path: Path, mnt: SnapfsMount) -> N
     assert code == 0 and r["orphans"] == 0 and r["unreferenced"] == 0, r
     assert len(mnt.objects("us-east-1")) == r["blocks_checked"] == 16
     mnt.mount()
+
+
+def test_a_region_whose_files_cannot_be_read_is_left_out_and_named(
+    tmp_path: Path, mnt: SnapfsMount
+) -> None:
+    """Not only a damaged index: any file of one region that cannot be opened (here its
+    block store is a file, not a directory) leaves that region out, named in the log and by
+    check, while the store mounts and the other regions are served."""
+    good, bad = mnt.path / "us-east-1", mnt.path / "eu-west-1"
+    good.mkdir()
+    bad.mkdir()
+    image = tmp_path / "disk.img"
+    diskimage.create(image, 2 * MiB, seed=31)
+    run("cp", image, good / "disk.img")
+    assert os.getxattr(good / "disk.img", "user.snapfs.status") == b"available"
+    mnt.umount()
+    blocks = mnt.store / "regions" / bad.name / "blocks"
+    for path in sorted(blocks.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    blocks.rmdir()
+    blocks.write_text("not a directory")
+    mnt.mount()
+    assert sorted(os.listdir(mnt.path)) == [good.name]
+    assert sha256(good / "disk.img") == sha256(image)
+    assert f"region {bad.name} is not served: its files cannot be read" in mnt.log()
+    mnt.umount()
+    code, report = check(mnt.store)
+    assert code != 0 and region_report(report, bad.name)["error"].startswith("Region.Unreadable")
+    assert not region_report(report, good.name)["damaged"]
+
+
+def test_check_reports_a_missing_master_key_file(tmp_path: Path, mnt: SnapfsMount) -> None:
+    """Without its key file the store cannot mount: check says so instead of "store ok"."""
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    encrypt_region(mnt, region)
+    mnt.umount()
+    (mnt.store / "master.key").unlink()
+    result = run(*SNAPFS, "check", "--store", mnt.store, check=False)
+    assert result.returncode != 0
+    assert "master key file" in result.stdout and "store ok" not in result.stdout
+    assert "store DAMAGED" in result.stdout
