@@ -38,6 +38,7 @@ from snapfs.errors import (
 from snapfs.faults import fault_point
 from snapfs.formats import codec
 from snapfs.model.states import SnapshotStatus
+from snapfs.pacing import Pacer
 
 if TYPE_CHECKING:
     from snapfs.service.region import Region
@@ -216,13 +217,13 @@ class CopyEngine:
         if job.verify_below:
             await self._verify_committed(job, src)
         batch_blocks = self._batch_blocks(dst.region.block_size)
+        pacer = Pacer(self.bandwidth_limit)
         while True:
             batch = src.region.index.block_map_from(src.id, job.next_block, batch_blocks)
             if not batch:
                 break
-            started = trio.current_time()
             await self._copy_batch(job, src, batch)
-            await self._throttle(len(batch) * dst.region.block_size, started)
+            await pacer.pace(len(batch) * dst.region.block_size)
         self._finish(job)
 
     async def _verify_committed(self, job: CopyJob, src: Snapshot) -> None:
@@ -338,10 +339,6 @@ class CopyEngine:
             return BATCH_BLOCKS
         # About four progress steps a second when throttled.
         return max(1, min(BATCH_BLOCKS, self.bandwidth_limit // 4 // block_size))
-
-    async def _throttle(self, nbytes: int, started: float) -> None:
-        if self.bandwidth_limit:
-            await trio.sleep_until(started + nbytes / self.bandwidth_limit)
 
     async def _copy_batch(
         self, job: CopyJob, src: Snapshot, batch: list[tuple[int, bytes]]

@@ -31,6 +31,7 @@ from snapfs.formats.codec import content_id
 from snapfs.meta.index import NewBlock
 from snapfs.model.names import snapshot_ino
 from snapfs.model.states import SnapshotStatus, checked_transition
+from snapfs.pacing import Pacer
 
 if TYPE_CHECKING:
     from snapfs.blocks.repository import StoredBlock
@@ -302,9 +303,7 @@ class SnapshotWriter:
     ):
         self.snap = snap
         self._not_a_copy = not_a_copy
-        self._copy_bandwidth_limit = copy_bandwidth_limit
-        self._copy_started: float | None = None
-        self._copy_written = 0
+        self._copy_pacer = Pacer(copy_bandwidth_limit)  # `cp` copies honour --copy-bwlimit
         self.region = snap.region
         self.nursery = nursery
         self.block_size = self.region.block_size
@@ -387,17 +386,9 @@ class SnapshotWriter:
         self._meta_dirty = True
         if len(self.dirty) > DIRTY_BLOCKS_MAX:
             await self._store(next(iter(self.dirty)))
-        if self.snap.copy_source is not None and self._copy_bandwidth_limit:
-            await self._throttle(len(data))
+        if self.snap.copy_source is not None:
+            await self._copy_pacer.pace(len(data))
         return len(data)
-
-    async def _throttle(self, nbytes: int) -> None:
-        """`cp` copies honour the copy bandwidth limit too (`snapfs mount --copy-bwlimit`)."""
-        if self._copy_started is None:
-            self._copy_started = trio.current_time()
-        self._copy_written += nbytes
-        assert self._copy_bandwidth_limit
-        await trio.sleep_until(self._copy_started + self._copy_written / self._copy_bandwidth_limit)
 
     async def _buffer(self, block_no: int) -> bytearray:
         """The writable buffer of a block, filled with its current content."""
