@@ -270,6 +270,13 @@ class KeyRing:
             keys = self._block_keys[info.id] = BlockKeys(info.id, material)
         return keys
 
+    def for_snapshot(self, encrypted: bool, key_id: str | None) -> BlockKeys | None:
+        """The one rule for a snapshot's block keys: none if it is not encrypted, else its
+        CMK's (KeyNotFound or KeyDisabled if that is unusable)."""
+        if not encrypted or key_id is None:
+            return None
+        return self.block_keys(key_id)
+
     # --- moving keys between stores --------------------------------------------------------
 
     def export(self, key_id: str, passphrase: str) -> dict[str, Any]:

@@ -229,8 +229,8 @@ class ManifestPublisher:
                 continue
             row = region.index.snapshot_row(snapshot_id)
             keys = None
-            if row is not None and row["encrypted"] and row["kms_key_id"]:
-                keys = region.keys.block_keys(row["kms_key_id"]) if region.keys else None
+            if row is not None and region.keys is not None:
+                keys = region.keys.for_snapshot(bool(row["encrypted"]), row["kms_key_id"])
             await self._run(self._put_snapshot, snapshot_id, keys)
         if sweep:
             await self._run(self._sweep_stale)
