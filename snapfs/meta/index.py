@@ -449,13 +449,26 @@ class RegionIndex:
             self._update_snapshot(conn, snapshot_id, fields)
         self._changed(snapshot_id)
 
-    def truncate_map(self, snapshot_id: str, first_dropped: int, fields: dict[str, Any]) -> None:
+    def truncate_map_step(
+        self, snapshot_id: str, first_dropped: int, limit: int, size: int, block_size: int
+    ) -> bool:
+        """One step of a shrink to `size`: drop up to `limit` of the highest mapped blocks
+        from `first_dropped` on, and record the size where they began (`size` itself once
+        none is left past it), in one transaction. True when the shrink is complete."""
         with dbutil.transaction(self.db) as conn:
+            row = conn.execute(
+                "SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ? "
+                "ORDER BY block_no DESC LIMIT 1 OFFSET ?",
+                [snapshot_id, first_dropped, limit - 1],
+            ).fetchone()
+            cut = first_dropped if row is None else max(first_dropped, row[0])
             conn.execute(
                 "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ?",
-                [snapshot_id, first_dropped],
+                [snapshot_id, cut],
             )
-            self._update_snapshot(conn, snapshot_id, fields)
+            done = cut == first_dropped
+            self._update_snapshot(conn, snapshot_id, {"size": size if done else cut * block_size})
+        return done
 
     # --- blocks ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from snapfs.model.states import SnapshotStatus
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot, SnapshotWriter
 from snapfs.service.storebase import StoreParts
+from snapfs.stalls import BatchSizer
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +268,16 @@ class SnapshotLifecycle(StoreParts):
             await self._fail_creation(snap, as_snapfs_error(exc))
             return
         try:
+            map_version = writer.map_version
             found = await self._lineage_by_content(snap, writer) if not snap.copy_source else None
+            exact_copy = await self._is_exact_copy(snap)
             fault_point("seal")
             # Every await is behind us: from this check to the commit nothing can change it.
             if not writer.idle(writer.generation) or snap.writer is not writer or snap.deleted:
                 return  # written, truncated or deleted meanwhile: its next close settles it
-            if not writer.is_flushed():
+            if not writer.is_flushed() or writer.map_version != map_version:
                 return  # ditto (a truncate by path came in between)
             # The index first: memory changes only once the seal is durable.
-            exact_copy = self._is_exact_copy(snap)
             if found is not None:
                 lineage = found
             elif exact_copy or snap.copy_source is None:
@@ -366,8 +368,20 @@ class SnapshotLifecycle(StoreParts):
                 settling.handles or settling.sealing or not settling.is_flushed()
             ):
                 continue
-            if source.allocated_blocks != snap.allocated_blocks or not maps_equal(source, snap):
+            if source.allocated_blocks != snap.allocated_blocks:
                 continue
+            source_version = settling.map_version if settling is not None else None
+            if not await maps_equal(source, snap):
+                continue
+            if (
+                source.writer is not settling
+                or source.deleted
+                or (
+                    settling is not None
+                    and (settling.handles or settling.map_version != source_version)
+                )
+            ):
+                continue  # the candidate changed while it was compared
             if settling is not None:
                 await self.seal_settling(source, wait=False, quiet=True)
                 if snap.deleted or snap.writer is not writer:
@@ -392,8 +406,8 @@ class SnapshotLifecycle(StoreParts):
             }
         return None
 
-    def _is_exact_copy(self, snap: Snapshot) -> bool:
-        return is_exact_copy(snap, snap.copy_source, len(snap.copy_matched))
+    async def _is_exact_copy(self, snap: Snapshot) -> bool:
+        return await is_exact_copy(snap, snap.copy_source, len(snap.copy_matched))
 
     def _end_cp_copy(self, snap: Snapshot, *, keep_lineage: bool) -> None:
         """A `cp` copy is over: keep its lineage if it matched, release the source."""
@@ -492,7 +506,7 @@ def lineage_of(snap: Snapshot) -> dict[str, object]:
     }
 
 
-def is_exact_copy(snap: Snapshot, source: Snapshot | None, matched: int | None) -> bool:
+async def is_exact_copy(snap: Snapshot, source: Snapshot | None, matched: int | None) -> bool:
     """The one rule for a `cp` copy keeping its lineage (at its seal, and at a mount that
     seals it): it is `copying`, its source is sealed and as large, and it holds exactly the
     source's content: with the same keys, the same block map; with different keys (the
@@ -506,20 +520,28 @@ def is_exact_copy(snap: Snapshot, source: Snapshot | None, matched: int | None) 
     ):
         return False
     if source.kms_key_id == snap.kms_key_id:
-        return maps_equal(source, snap)
+        return await maps_equal(source, snap)
     if matched is None:
         return False
     return matched == source.allocated_blocks == snap.region.index.allocated_blocks(snap.id)
 
 
-def maps_equal(a: Snapshot, b: Snapshot, chunk: int = 4096) -> bool:
-    """Two snapshots, possibly in different regions, map every block to the same id."""
-    next_a = next_b = 0
+async def maps_equal(a: Snapshot, b: Snapshot) -> bool:
+    """Two snapshots, possibly in different regions, map every block to the same id.
+
+    A disk of a million blocks takes about a second to compare, so the comparison runs in
+    chunks sized by the loop budget and lets other requests in between. The caller checks,
+    after it, that neither map changed meanwhile (`SnapshotWriter.map_version`)."""
+    sizer = BatchSizer(4096, minimum=256)
+    next_block = 0
     while True:
-        rows_a = a.region.index.block_map_from(a.id, next_a, chunk)
-        rows_b = b.region.index.block_map_from(b.id, next_b, chunk)
+        chunk = sizer.start()
+        rows_a = a.region.index.block_map_from(a.id, next_block, chunk)
+        rows_b = b.region.index.block_map_from(b.id, next_block, chunk)
+        sizer.done()
         if rows_a != rows_b:
             return False
         if not rows_a:
             return True
-        next_a = next_b = rows_a[-1][0] + 1
+        next_block = rows_a[-1][0] + 1
+        await trio.sleep(0)

@@ -56,7 +56,7 @@ class StoreRecovery(StoreParts):
                     row["status"] in (SnapshotStatus.CREATING, SnapshotStatus.COPYING)
                     and row["sealed_at"] is not None
                 ):
-                    self._seal_closed(region, row)
+                    await self._seal_closed(region, row)
                     continue
                 elif row["status"] in (SnapshotStatus.CREATING, SnapshotStatus.COPYING):
                     reason = "was still being written"
@@ -86,12 +86,12 @@ class StoreRecovery(StoreParts):
                 await region.collect_orphans()
             await region.collect_garbage()
 
-    def _seal_closed(self, region: Region, row: dict) -> None:
+    async def _seal_closed(self, region: Region, row: dict) -> None:
         """Seal, at mount, a snapshot that was complete at its last close. A `cp` copy keeps
         its lineage if its block map is its source's, as its seal would have decided."""
         snap = self.by_id[row["id"]]
         source = self.by_id.get(row["source_snapshot_id"] or "")
-        exact_copy = is_exact_copy(snap, source, matched=None)
+        exact_copy = await is_exact_copy(snap, source, matched=None)
         lineage = (
             lineage_of(snap)
             if exact_copy or row["status"] == SnapshotStatus.CREATING

@@ -32,6 +32,7 @@ from snapfs.meta.index import NewBlock
 from snapfs.model.names import snapshot_ino
 from snapfs.model.states import SnapshotStatus, checked_transition
 from snapfs.pacing import Pacer
+from snapfs.stalls import BatchSizer
 
 if TYPE_CHECKING:
     from snapfs.blocks.repository import StoredBlock
@@ -327,6 +328,9 @@ class SnapshotWriter:
         # Snapshots open for reading while this one was written: its possible sources.
         self.read_meanwhile: set[Snapshot] = set()
         self.written_bytes = 0  # plaintext of the new objects this writer stored
+        # Counts every change to the block map in the index: a comparison that awaits
+        # (lifecycle.maps_equal) holds only if this did not move meanwhile.
+        self.map_version = 0
         self._slots = trio.Semaphore(ENCODES_IN_FLIGHT)
         self._commit_lock = trio.Lock()
         self._meta_dirty = False
@@ -600,6 +604,8 @@ class SnapshotWriter:
                     "transferred_bytes": snap.transferred_bytes, **fields,
                 }  # fmt: skip
                 self.region.index.commit_blocks(self.snap.id, new_blocks, mapping, fields)
+                if mapping:
+                    self.map_version += 1
             except BaseException:
                 self.pinned[:0] = pinned
                 raise
@@ -622,9 +628,7 @@ class SnapshotWriter:
         await self.flush()
         bs = self.block_size
         if size < self.snap.size:
-            self.region.index.truncate_map(self.snap.id, -(-size // bs), {"size": size})
-            self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
-            self.region.request_gc()
+            await self._drop_map_past(size)
             tail = size % bs
             if tail:
                 buf = await self._buffer(size // bs)
@@ -633,6 +637,27 @@ class SnapshotWriter:
         self.snap.mtime_ns = self.snap.ctime_ns = time.time_ns()
         self._meta_dirty = True  # a grown size must reach the index (and the close mark)
         await self.flush()
+
+    async def _drop_map_past(self, size: int) -> None:
+        """Drop the map past a shrink from the top down, in transactions sized by the loop
+        budget (a terabyte disk cut to nothing is a million rows). Each step lowers the
+        recorded size to where its rows began, so a stop in between leaves a shorter
+        prefix of the old content, never rows past the size."""
+        first_dropped = -(-size // self.block_size)
+        sizer = BatchSizer(4096, minimum=256)
+        async with self._commit_lock:  # no commit may add rows behind the cut
+            while True:
+                rows = sizer.start()
+                done = self.region.index.truncate_map_step(
+                    self.snap.id, first_dropped, rows, size, self.block_size
+                )
+                sizer.done()
+                self.map_version += 1
+                if done:
+                    break
+                await trio.sleep(0)
+        self.snap.allocated_blocks = self.region.index.allocated_blocks(self.snap.id)
+        self.region.request_gc()
 
     async def discard(self) -> None:
         """Drop everything not committed (the snapshot is being deleted)."""

@@ -59,12 +59,29 @@ def test_index_triggers_keep_refcounts(tmp_path: Path) -> None:
     index.commit_blocks("s-1", [], [(1, b), (2, None)], {})  # overwrite, then a hole
     assert _refcounts(index) == {a: 2, b: 1}
     assert index.allocated_blocks("s-1") == 2
-    index.truncate_map("s-1", 1, {"size": 10})
+    assert index.truncate_map_step("s-1", 1, 100, 10, 10)
     assert _refcounts(index) == {a: 2, b: 0}
     index.delete_snapshot("s-1")
     assert _refcounts(index) == {a: 1, b: 0}
     assert index.drop_unreferenced([a, b]) == [b]
     assert _refcounts(index) == {a: 1}
+
+
+def test_a_shrink_drops_the_map_from_the_top_in_steps(tmp_path: Path) -> None:
+    """A shrink in steps (each one transaction, sized by the loop budget) lowers the recorded
+    size with every step, so a stop between two leaves a prefix, never rows past the size."""
+    index = RegionIndex(tmp_path / "index.db")
+    a = b"a" * 32
+    index.insert_snapshot(_snapshot_row("s-1", "one"))
+    index.commit_blocks("s-1", [NewBlock(a, 10, 20, 1)], [(n, a) for n in range(10)], {"size": 100})
+    sizes = []
+    while not index.truncate_map_step("s-1", 2, 3, 15, 10):
+        sizes.append(index.snapshot_row("s-1")["size"])
+        assert max(index.block_map("s-1", 0, 99)) * 10 < sizes[-1]
+    assert sizes == [70, 40]
+    assert index.snapshot_row("s-1")["size"] == 15
+    assert sorted(index.block_map("s-1", 0, 99)) == [0, 1]
+    assert _refcounts(index) == {a: 2}
 
 
 def test_index_refuses_row_without_block(tmp_path: Path) -> None:
