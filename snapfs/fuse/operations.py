@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         # The kernel refuses cache invalidations (ENOSYS) until its INIT request has been
         # answered; background work (the retention sweep at mount) can start before that.
         self.connected = False
-        store.forget_entry = self._forget_entry
+        store.attach_name_cache(self)
 
     def init(self) -> None:
         self.connected = True
@@ -92,7 +92,7 @@ class Operations(pyfuse3.Operations):
             # the hook tunes (the read-ahead) must come after that, so it runs as a task.
             self.nursery.start_soon(trio.to_thread.run_sync, self._on_init)
 
-    def _forget_entry(self, parent_ino: int, name: str) -> None:
+    def forget_entry(self, parent_ino: int, name: str) -> None:
         """Drop a name from the kernel's cache (it changed without a request through it).
 
         Before INIT the kernel has cached nothing, so there is nothing to drop."""

@@ -57,7 +57,7 @@ class SnapshotCopies(StoreParts):
         # keep reading it through their handles, which name the snapshot, not the inode.
         self.by_ino[source.ino] = dst
         dst.inode_aliases.append(source.ino)
-        self.forget_entry(dst_region.ino, new_name)
+        self.names.forget_entry(dst_region.ino, new_name)
         if displaced is not None:
             displaced.deleted = True
             await self._displaced(displaced)
@@ -225,7 +225,7 @@ class SnapshotCopies(StoreParts):
         if alias_of is not None and alias_of is not snap:
             assert isinstance(alias_of, Snapshot)  # a snapshot's inode, the move's destination
             alias_of.inode_aliases.remove(snap.ino)
-            self.forget_entry(alias_of.region.ino, alias_of.name)
+            self.names.forget_entry(alias_of.region.ino, alias_of.name)
         snap.name, snap.deleted = name, False
         self._add(snap)
         log.warning(

@@ -21,6 +21,7 @@ import collections
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,6 @@ from snapfs.pacing import Pacer
 if TYPE_CHECKING:
     from snapfs.service.region import Region
     from snapfs.service.snapshots import Snapshot
-    from snapfs.service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,17 @@ class CopyJob:
 class CopyEngine:
     """Schedules and runs the store's copy jobs."""
 
-    def __init__(self, store: Store, bandwidth_limit: int | None = None):
-        self.store = store
+    def __init__(
+        self,
+        regions: Callable[[], Iterable[Region]],
+        job_ended: Callable[[CopyJob, bool], None],
+        bandwidth_limit: int | None = None,
+    ):
+        # The engine knows the store only by these two: the regions whose queues it starts
+        # at mount, and whom to tell that a job ended (done or failed; not stopped), to
+        # release or give back its source. It does not import the Store.
+        self._regions = regions
+        self._job_ended = job_ended
         self.jobs: dict[str, CopyJob] = {}
         self._queues: dict[str, collections.deque[CopyJob]] = collections.defaultdict(
             collections.deque
@@ -106,7 +115,7 @@ class CopyEngine:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        for region in self.store.regions.values():
+        for region in self._regions():
             self._schedule(region)
 
     def _schedule(self, region: Region) -> None:
@@ -182,7 +191,7 @@ class CopyEngine:
         if job.state in ("done", "failed"):
             fault_point("copy_finished")
             try:
-                self.store.copy_finished(job, succeeded=job.state == "done")
+                self._job_ended(job, job.state == "done")
             except Exception:  # noqa: BLE001 - never let bookkeeping end the mount
                 log.exception("copy into %s: releasing the source failed", job.dst.id)
 

@@ -54,7 +54,7 @@ async def release_expired(store: Store, now: float) -> int:
                 iso8601(snap.created_at + snap.retention_days * DAY),
             )
             await store.unlink(region, snap.name)
-            store.forget_entry(region.ino, snap.name)
+            store.names.forget_entry(region.ino, snap.name)
             released += 1
             fault_point("retention_released")
     return released

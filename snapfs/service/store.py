@@ -27,7 +27,6 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -60,6 +59,7 @@ from snapfs.service.copyjobs import CopyEngine
 from snapfs.service.region import Region
 from snapfs.service.retention import retention_loop
 from snapfs.service.snapshots import Snapshot
+from snapfs.service.storebase import NameCache, NoNameCache
 
 if TYPE_CHECKING:
     from snapfs.objects.s3 import S3Location
@@ -129,11 +129,14 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         self.by_ino: dict[int, Region | Snapshot] = {}
         # Every snapshot by id, including deleted ones kept while open or read by a copy.
         self.by_id: dict[str, Snapshot] = {}
-        self.copies = CopyEngine(self, copy_bandwidth_limit)
+        self.copies = CopyEngine(
+            lambda: self.regions.values(),
+            lambda job, succeeded: self.copy_finished(job, succeeded=succeeded),
+            copy_bandwidth_limit,
+        )
         self._readers: dict[int, list[OpenFile]] = {}  # pid -> its read-only handles
         self._writers: set[Snapshot] = set()  # snapshots that had a writer (see _writing)
-        # Set by the FUSE layer: tell the kernel to forget a cached name (parent ino, name).
-        self.forget_entry: Callable[[int, str], None] = lambda parent, name: None
+        self.names: NameCache = NoNameCache()  # the FUSE layer attaches the kernel's
         self.nursery: trio.Nursery | None = None
         self.was_clean = True
         self._lock_fd: int | None = None
@@ -249,6 +252,10 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 region.snapshots[snap.name] = snap
                 self.by_ino[snap.ino] = snap
         return region
+
+    def attach_name_cache(self, names: NameCache) -> None:
+        """The FUSE layer: told when a name goes or changes without a request through it."""
+        self.names = names
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start background work (garbage collectors, copy jobs) that lives with the mount."""

@@ -15,8 +15,7 @@ Nothing here holds logic; a new cross-part call or shared attribute is declared 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import trio
@@ -27,6 +26,22 @@ if TYPE_CHECKING:
     from snapfs.service.lifecycle import OpenFile
     from snapfs.service.region import Region
     from snapfs.service.snapshots import Snapshot
+
+
+class NameCache(Protocol):
+    """What the service tells the layer above when a name changes without a request
+    through it (a copy ends, retention expires a snapshot): the FUSE layer implements it to
+    drop the kernel's cached entry. Registered with `Store.attach_name_cache`; the service
+    never imports the layer that implements it."""
+
+    def forget_entry(self, parent_ino: int, name: str) -> None: ...
+
+
+class NoNameCache:
+    """Until a FUSE layer attaches (tests, `snapfs check`): nothing is cached to forget."""
+
+    def forget_entry(self, parent_ino: int, name: str) -> None:
+        pass
 
 
 class StoreParts:
@@ -43,7 +58,7 @@ class StoreParts:
     copies: CopyEngine
     _readers: dict[int, list[OpenFile]]
     _writers: set[Snapshot]
-    forget_entry: Callable[[int, str], None]
+    names: NameCache
     nursery: trio.Nursery | None
     was_clean: bool
 
