@@ -16,6 +16,10 @@ Design notes (schema version 3: MIGRATIONS below)
   (index + objects) is self-contained and could be moved or rebuilt on its own.
 
 All methods run on the trio thread that owns the connection; each is short.
+
+Why one module of ~600 lines: issue 14 put all region-index SQL here, on purpose, so that a
+schema change (MIGRATIONS) and every query it affects are read and changed in one file;
+each method is one short statement or transaction.
 """
 
 from __future__ import annotations

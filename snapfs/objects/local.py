@@ -2,7 +2,7 @@
 
 A backend stores opaque objects under string keys (the hex block id). It knows nothing of
 blocks, snapshots or the index, so a region can move to another disk or to an object store
-by swapping the backend (`S3Backend` in s3backend.py). All methods block; callers run them in
+by swapping the backend (`S3Backend` in objects/s3.py). All methods block; callers run them in
 worker threads, several at once, so every method is thread-safe. `remote` tells the region
 whether I/O waits on a network (and so runs under the store's I/O limiter rather than the
 CPU one).
@@ -10,6 +10,11 @@ CPU one).
 The contract the region relies on (crash safety): after `put(key)` returns, `get(key)` gives
 the object back; after the next `sync()` returns, it survives a crash or a power loss.
 `delete` of a key that is not there is not an error.
+
+Why one module of ~600 lines: the pack format (append-only packs, the `.layout` marker, the
+pack table), its durability order (fdatasync each pack, fsync `packs/` for a new one, then
+commit the locations) and hole punching on delete are one on-disk format whose invariants
+hold only together; the older one-file-per-object layout it migrates from is read here too.
 """
 
 from __future__ import annotations
