@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from snapfs import workers
 from snapfs.blocks.cache import BlockCache, Plaintext
 from snapfs.errors import (
     BlockCorrupt,
@@ -185,9 +186,7 @@ class BlockRepository:
         instead of compressing the plaintext again, as a copy job does.
         """
         id_key = keys.id_key if keys is not None else None
-        block_id = await trio.to_thread.run_sync(
-            _hash_unless_zero, plain, id_key, limiter=self.limiter
-        )
+        block_id = await workers.run_sync(_hash_unless_zero, plain, id_key, limiter=self.limiter)
         if block_id is None:
             return None
         if copy_of is not None and copy_of[1] == block_id:
@@ -230,8 +229,8 @@ class BlockRepository:
         done = self._writing[block_id] = trio.Event()
         try:
             if self.remote:
-                encoded = await trio.to_thread.run_sync(make_object, limiter=self.limiter)
-                await trio.to_thread.run_sync(
+                encoded = await workers.run_sync(make_object, limiter=self.limiter)
+                await workers.run_sync(
                     self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
                 )
             else:
@@ -259,8 +258,8 @@ class BlockRepository:
             await writing.wait()
         done = self._writing[block_id] = trio.Event()
         try:
-            encoded = await trio.to_thread.run_sync(make_object, limiter=self.limiter)
-            await trio.to_thread.run_sync(
+            encoded = await workers.run_sync(make_object, limiter=self.limiter)
+            await workers.run_sync(
                 self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
             )
             await self.sync()
@@ -280,9 +279,7 @@ class BlockRepository:
         deadline = trio.current_time() + FREES_WAIT
         while True:
             try:
-                return await trio.to_thread.run_sync(
-                    self._make_and_put, make_object, limiter=self.limiter
-                )
+                return await workers.run_sync(self._make_and_put, make_object, limiter=self.limiter)
             except StoreFull:
                 if not self.frees.busy:
                     raise
@@ -336,7 +333,7 @@ class BlockRepository:
 
     async def sync(self) -> None:
         """Make every object written so far durable (before committing rows that name them)."""
-        await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
+        await workers.run_sync(self.backend.sync, limiter=self.limiter)
 
     def committed(self, block_ids: list[bytes]) -> None:
         """Release the pins of a batch whose rows are now in the index."""
@@ -397,9 +394,9 @@ class BlockRepository:
         """Fetch and decode a block in worker threads: a remote fetch waits on the network
         under the I/O limiter, so it does not hold one of the CPU workers meanwhile."""
         if self.remote:
-            data = await trio.to_thread.run_sync(self._get, block_id, limiter=self.io_limiter)
-            return await trio.to_thread.run_sync(self._decode, block_id, data, limiter=self.limiter)
-        return await trio.to_thread.run_sync(self._get_and_decode, block_id, limiter=self.limiter)
+            data = await workers.run_sync(self._get, block_id, limiter=self.io_limiter)
+            return await workers.run_sync(self._decode, block_id, data, limiter=self.limiter)
+        return await workers.run_sync(self._get_and_decode, block_id, limiter=self.limiter)
 
     def _get(self, block_id: bytes) -> bytes:
         """The stored object's bytes; ObjectMissing if the store has none (worker thread)."""
@@ -481,7 +478,7 @@ class BlockRepository:
                         self.cache.discard(block_id)
                     fault_point("gc_rows_dropped")
                     try:
-                        await trio.to_thread.run_sync(
+                        await workers.run_sync(
                             self._delete_objects, dropped, limiter=self.io_limiter
                         )
                     finally:
@@ -507,7 +504,7 @@ class BlockRepository:
         self._unlinking.update(doomed)
         self._gc_done = trio.Event()
         try:
-            await trio.to_thread.run_sync(self._delete_objects, doomed, limiter=self.io_limiter)
+            await workers.run_sync(self._delete_objects, doomed, limiter=self.io_limiter)
         finally:
             self._unlinking.difference_update(doomed)
             self._gc_done.set()
@@ -540,7 +537,7 @@ class BlockRepository:
             self.backend.reclaim_unmapped()  # then the bytes of objects that were never synced
             return len(orphans)
 
-        return await trio.to_thread.run_sync(scan_and_delete, limiter=self.io_limiter)
+        return await workers.run_sync(scan_and_delete, limiter=self.io_limiter)
 
     # --- settings -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from snapfs import workers
 from snapfs.blocks.repository import StoredBlock
 from snapfs.errors import (
     BlockCorrupt,
@@ -299,7 +300,7 @@ class CopyEngine:
         async def verify(block_no: int, block_id: bytes) -> None:
             async with limiter:
                 try:
-                    await trio.to_thread.run_sync(
+                    await workers.run_sync(
                         region.verify_object,
                         block_id,
                         limiter=region.io_limiter if region.remote else region.limiter,
@@ -396,7 +397,7 @@ class CopyEngine:
                 return await dst_region.put_block(
                     known, functools.partial(open_and_seal, block_id, known)
                 )
-            new_id, opened = await trio.to_thread.run_sync(
+            new_id, opened = await workers.run_sync(
                 open_block, block_id, None, limiter=dst_region.limiter
             )
             learnt.append((key_tag, block_id, new_id))

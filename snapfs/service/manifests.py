@@ -47,6 +47,7 @@ import trio
 import zstandard
 from cryptography.exceptions import InvalidTag
 
+from snapfs import workers
 from snapfs.errors import BlockCorrupt, KeyNotFound, SnapfsError
 from snapfs.meta.index import RegionIndex, RestoredSnapshot
 from snapfs.model.states import SnapshotStatus
@@ -236,7 +237,7 @@ class ManifestPublisher:
             await self._run(self._sweep_stale)
 
     async def _run(self, fn: Callable[..., None], *args: Any) -> None:
-        await trio.to_thread.run_sync(fn, *args, limiter=self.region.io_limiter)
+        await workers.run_sync(fn, *args, limiter=self.region.io_limiter)
 
     def _reader(self) -> RegionIndex:
         return RegionIndex(self.region.index.path, readonly=True)

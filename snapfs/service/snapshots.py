@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from snapfs import workers
 from snapfs.blocks.cache import Plaintext
 from snapfs.blocks.repository import zeros
 from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
@@ -513,7 +514,7 @@ class SnapshotWriter:
             return None if stored is None else stored.block_id
         keys = source.block_keys()
         id_key = keys.id_key if keys is not None else None
-        return await trio.to_thread.run_sync(content_id, plain, id_key, limiter=self.region.limiter)
+        return await workers.run_sync(content_id, plain, id_key, limiter=self.region.limiter)
 
     def _check_copy(
         self, block_no: int, stored: StoredBlock | None, source_id: bytes | None

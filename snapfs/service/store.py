@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, cast
 
 import trio
 
-from snapfs import durable
+from snapfs import durable, workers
 from snapfs.blocks.cache import BlockCache
 from snapfs.blocks.repository import PendingFrees
 from snapfs.errors import (
@@ -401,7 +401,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         from snapfs.service import regionadmin
 
         self._check_new_region(name)
-        await trio.to_thread.run_sync(
+        await workers.run_sync(
             regionadmin.claim_location, location, name, self.block_size, limiter=self.io_limiter
         )
         self._check_new_region(name)  # another create may have won meanwhile
@@ -421,7 +421,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         if self.keys is not None:
             self.keys.prime()  # encrypted manifests are opened in a worker thread
         try:
-            report = await trio.to_thread.run_sync(
+            report = await workers.run_sync(
                 regionadmin.rebuild_from_bucket,
                 location,
                 name,
@@ -473,11 +473,11 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
     async def _destroy_remote(self, region: Region) -> None:
         """An empty region's bucket prefix still holds its metadata (and maybe garbage)."""
         try:
-            await trio.to_thread.run_sync(
+            await workers.run_sync(
                 region.publisher.meta.destroy if region.publisher else region.backend.destroy,
                 limiter=self.io_limiter,
             )
-            await trio.to_thread.run_sync(region.backend.destroy, limiter=self.io_limiter)
+            await workers.run_sync(region.backend.destroy, limiter=self.io_limiter)
         except Exception as exc:  # noqa: BLE001 - the region is gone; leftovers are harmless
             log.warning("region %s: removing its objects failed: %s", region.name, exc)
 

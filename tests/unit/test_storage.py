@@ -3,6 +3,7 @@ accounting, GC and recovery."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -197,6 +198,41 @@ def test_packs_keep_synced_objects_and_reclaim_the_rest_after_a_crash(tmp_path: 
     after.delete_many(list(kept)[4:])  # the last object of a closed pack: the pack goes
     assert not pack.exists()
     after.close()
+
+
+def test_pack_read_fds_stay_open_are_capped_and_go_with_their_pack(tmp_path: Path) -> None:
+    """Gets reuse one open fd per pack (issue 15); the cache is bounded; a pack that is
+    unlinked takes its fd with it, so a later get cannot read another file's bytes."""
+    backend = LocalBackend(tmp_path / "blocks")
+    backend.PACK_BYTES = 1  # every object in its own pack
+    backend.READ_FDS = 3
+    objects = {os.urandom(32).hex(): os.urandom(4096) for _ in range(6)}
+    for key, data in objects.items():
+        backend.put(key, data)
+    backend.sync()
+
+    def open_packs() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # listdir's own fd
+                count += os.readlink(f"/proc/self/fd/{fd}").endswith(".pack")
+        return count
+
+    fds_before = open_packs()  # the pack being appended to
+    for _ in range(3):
+        for key, data in objects.items():
+            assert backend.get(key) == data
+    assert len(backend._read_fds) == 3  # the most recent three, no more
+    assert open_packs() == fds_before + 3
+    last = list(objects)[-2]  # the newest pack is still appended to: it stays
+    pack_of_last = backend.locate(last)
+    assert pack_of_last is not None and pack_of_last.pack in backend._read_fds
+    backend.delete_many([last])  # its pack is now empty and unlinked
+    assert pack_of_last.pack not in backend._read_fds
+    with pytest.raises(FileNotFoundError):
+        backend.get(last)
+    backend.close()
+    assert open_packs() == 0  # nothing leaked
 
 
 def test_a_pack_still_being_appended_to_survives_losing_its_objects(
