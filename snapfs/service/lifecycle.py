@@ -167,6 +167,8 @@ class SnapshotLifecycle(StoreParts):
     async def release(self, handle: OpenFile) -> None:
         snap = handle.snap
         snap.open_handles -= 1
+        if not snap.open_handles:
+            snap.closed_by_all()
         if not handle.writable and handle.pid:
             readers = self._readers.get(handle.pid, [])
             if handle in readers:

@@ -14,6 +14,7 @@ splitting the reader from the writer would put that rule in two places.
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from snapfs import workers
+from snapfs.blocks.blockmap import SealedMap
 from snapfs.blocks.cache import Plaintext
 from snapfs.blocks.repository import zeros
 from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
@@ -48,7 +50,6 @@ COMMIT_EVERY = 256  # blocks per index transaction while writing
 ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
 DIRTY_BLOCKS_MAX = 16  # partly written blocks a writer keeps before storing the oldest
 READ_AHEAD = 8  # blocks fetched ahead of a sequential reader
-MAP_CHUNK = 1024  # block-map rows an available snapshot's reader loads at once
 
 
 @dataclass(eq=False)
@@ -89,7 +90,10 @@ class Snapshot:
     copy_readers: int = 0
     inode_aliases: list[int] = field(default_factory=list, repr=False)
     page_cache_valid: bool = False  # sealed, and opened through the page cache since
-    _map_chunk: tuple[int, dict[int, bytes]] | None = field(default=None, repr=False)
+    # A sealed snapshot's whole map, loaded by its first read and dropped at its last
+    # close (blocks/blockmap.py); `_map_loaded` is set once a load has ended.
+    _sealed_map: SealedMap | None = field(default=None, repr=False)
+    _map_loaded: trio.Event | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any], region: Region) -> Snapshot:
@@ -205,7 +209,7 @@ class Snapshot:
             and self.writer is None
             and self.copy_job is None
         )
-        ids = self._block_ids(first, last) if stable else {}
+        ids = (await self._map()).between(first, last) if stable else {}
         if stable and not ids:
             # All holes (a sparse image's free space): one shared zero buffer, no copying.
             self._after_read(first, last, nursery)
@@ -268,21 +272,30 @@ class Snapshot:
                 nursery.start_soon(self.region.prefetch, block_id)
 
     def _block_ids(self, first: int, last: int) -> dict[int, bytes]:
-        """Block ids of first..last (holes absent). An available snapshot's map never
-        changes, so it is read from the index a chunk at a time instead of per request."""
-        if self.status != SnapshotStatus.AVAILABLE:
-            return self.region.index.block_map(self.id, first, last)
-        chunk = first // MAP_CHUNK
-        if chunk != last // MAP_CHUNK:
-            return self.region.index.block_map(self.id, first, last)
-        if self._map_chunk is None or self._map_chunk[0] != chunk:
-            start = chunk * MAP_CHUNK
-            self._map_chunk = (
-                chunk,
-                self.region.index.block_map(self.id, start, start + MAP_CHUNK - 1),
-            )
-        ids = self._map_chunk[1]
-        return {no: ids[no] for no in range(first, last + 1) if no in ids}
+        """Block ids of first..last (holes absent): from the sealed map once it is loaded."""
+        if self._sealed_map is not None:
+            return self._sealed_map.between(first, last)
+        return self.region.index.block_map(self.id, first, last)
+
+    async def _map(self) -> SealedMap:
+        """The sealed map, loaded on first need; concurrent readers wait for one load."""
+        while self._sealed_map is None:
+            if self._map_loaded is not None:
+                await self._map_loaded.wait()
+                continue
+            loaded = self._map_loaded = trio.Event()
+            try:
+                self._sealed_map = await SealedMap.load(
+                    functools.partial(self.region.index.block_map_from, self.id)
+                )
+            finally:
+                self._map_loaded = None
+                loaded.set()
+        return self._sealed_map
+
+    def closed_by_all(self) -> None:
+        """The last handle went: the kernel's page cache holds what is worth keeping."""
+        self._sealed_map = None
 
 
 def _round_up(value: int, unit: int) -> int:
