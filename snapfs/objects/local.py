@@ -390,6 +390,12 @@ class LocalBackend:
                 return f.read()
         entry = self._borrow_fd(location.pack)
         try:
+            if os.fstat(entry.fd).st_nlink == 0:
+                # Unlinked behind our back (a damaged or hand-edited store): its objects are
+                # missing, as they were when every get opened the pack by name.
+                with self._lock:
+                    self._forget_read_fd(location.pack)
+                raise FileNotFoundError(errno.ENOENT, "pack is gone", str(location.pack))
             return os.pread(entry.fd, location.length, location.offset)
         finally:
             self._return_fd(entry)
