@@ -231,6 +231,13 @@ def test_pack_read_fds_stay_open_are_capped_and_go_with_their_pack(tmp_path: Pat
     assert pack_of_last.pack not in backend._read_fds
     with pytest.raises(FileNotFoundError):
         backend.get(last)
+    first = list(objects)[3]  # cached; its pack then unlinked behind the backend's back
+    location = backend.locate(first)
+    assert location is not None and location.pack in backend._read_fds
+    (tmp_path / "blocks" / "packs" / f"{location.pack:08d}.pack").unlink()
+    with pytest.raises(FileNotFoundError):
+        backend.get(first)  # missing, as when every get opened the pack by name
+    assert location.pack not in backend._read_fds
     backend.close()
     assert open_packs() == 0  # nothing leaked
 
@@ -432,3 +439,32 @@ async def test_recover_drops_creating_snapshots_and_orphans(tmp_path: Path) -> N
         assert region.index.stats().blocks == 0
     finally:
         again.close()
+
+
+async def test_read_range_decodes_frames_and_matches_the_block(tmp_path: Path) -> None:
+    """A random read's range comes from the frames that hold it (format version 2), the
+    same bytes as the whole block; version 1 objects and short blocks read the same."""
+    from snapfs.blocks.repository import frame_key
+    from snapfs.formats import codec
+
+    store = Store(tmp_path / "store", block_size=512 * 1024)
+    try:
+        region = store.create_region("us-east-1")
+        plain = os.urandom(200_000) + b"text " * 60_000 + bytes(12_288)
+        plain = plain[: 512 * 1024]
+        block_id = codec.content_id(plain)
+        region.backend.put(block_id.hex(), codec.encode(plain, block_id).data)
+        region.backend.sync()
+        for start, end in [(0, 4096), (65_530, 65_600), (300_000, 300_001), (400_000, 524_288)]:
+            assert bytes(await region.read_range(block_id, start, end)) == plain[start:end]
+        assert block_id not in region.cache  # only frames were decoded
+        assert frame_key(block_id, 0) in region.cache
+        old = codec.encode_v1(plain[:1000])  # a version 1 object, and a short block
+        region.backend.put(old.block_id.hex(), old.data)
+        region.backend.sync()
+        assert bytes(await region.read_range(old.block_id, 10, 20)) == plain[10:20]
+        short = codec.encode(plain[:1000])
+        region.backend.put(short.block_id.hex(), short.data)
+        assert bytes(await region.read_range(short.block_id, 70_000, 74_096)) == b""
+    finally:
+        store.close()
