@@ -31,7 +31,13 @@ from snapfs.stalls import instruments_from_env
 
 log = logging.getLogger("snapfs")
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
+# Block buffers (512 KiB) come from the heap and freed ones are reused, not handed back:
+# see tame_malloc.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 128 << 20
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -54,17 +60,25 @@ def setup_logging(store_path: Path, *, to_stderr: bool, debug: bool = False) -> 
 
 
 def tame_malloc() -> None:
-    """Keep the daemon's memory flat whatever the image size.
+    """Keep the daemon's memory flat whatever the image size, and its buffers warm.
 
-    Block buffers are ~1 MiB and short-lived, allocated in one thread and freed in another.
-    With glibc's default of one heap per worker thread they fragment and peak RSS grew with
-    the image size (191 MiB for 512 MiB, 245 MiB for 2 GiB). One shared heap stays at ~140
-    MiB for both and is as fast (the GIL serialises allocation anyway); a fixed mmap
-    threshold also flattened it but cost a third of the ingest speed in page faults.
+    Block buffers are ~512 KiB and short-lived, allocated in one thread and freed in
+    another. With glibc's default of one heap per worker thread they fragment and peak RSS
+    grew with the image size (191 MiB for 512 MiB, 245 MiB for 2 GiB). One shared heap
+    stays at ~140 MiB for both and is as fast (the GIL serialises allocation anyway).
+
+    glibc also mmaps each buffer of 512 KiB or more, or trims the heap's top once 1 MiB of it
+    is free, and this VM hands freed pages back to the host: every decoded block then
+    page-faults 128 fresh pages, which made a 512 KiB LZ4 decode take 500 µs instead of 125
+    (issue 15, measured). A fixed mmap threshold above the block size and a trim threshold
+    of 128 MiB keep freed buffers in the heap for the next block. (A *low* fixed threshold,
+    tried before, made every buffer an mmap and cost a third of the ingest.)
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_ARENA_MAX, 1)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
         pass
 

@@ -205,7 +205,7 @@ class Frame:
     """One frame as stored before encryption: its codec, compressed bytes and their digest."""
 
     codec: int
-    payload: bytes
+    payload: bytes | memoryview  # a raw frame is a view of the block: no copy until framed
     digest: bytes
 
 
@@ -217,12 +217,13 @@ def _frames_of(plain: bytes | bytearray, codec: int) -> list[Frame]:
         piece = view[start : start + size]
         payload = _compress(piece, codec)
         if len(payload) > len(piece) * (1 - MIN_SAVING):
-            payload, frame_codec = bytes(piece), CODEC_RAW
+            stored: bytes | memoryview = piece
+            frame_codec = CODEC_RAW
         else:
-            frame_codec = codec
+            stored, frame_codec = payload, codec
         # The digest is of the stored bytes: a compressed frame hashes faster than its
         # plaintext, and a damaged one is refused before it reaches the decompressor.
-        frames.append(Frame(frame_codec, payload, _digest(payload)))
+        frames.append(Frame(frame_codec, stored, _digest(stored)))
     return frames
 
 
@@ -255,7 +256,7 @@ def _frame(
         for n, f in zip(stored, frames, strict=True)
     )
     head = header + table
-    parts = [head, blake3.blake3(head).digest(length=TABLE_CHECK_SIZE)]
+    parts: list[bytes | memoryview] = [head, blake3.blake3(head).digest(length=TABLE_CHECK_SIZE)]
     if keys is None:
         parts += [f.payload for f in frames]
         return EncodedBlock(block_id, b"".join(parts), plain_size, codec)
@@ -544,5 +545,6 @@ def reseal(
     format version it came in."""
     if block.version == 1:
         (frame,) = block.frames
-        return _seal_v1(frame.payload, block.codec, block.plain_size, block_id, keys, region)
+        payload = bytes(frame.payload)
+        return _seal_v1(payload, block.codec, block.plain_size, block_id, keys, region)
     return _frame(block.frames, block_id, block.plain_size, block.codec, keys, region)
