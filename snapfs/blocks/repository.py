@@ -237,7 +237,7 @@ class BlockRepository:
             if self.remote:
                 encoded = await workers.run_sync(make_object, limiter=self.limiter)
                 await workers.run_sync(
-                    self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
+                    self.backend.put, block_id.hex(), encoded.parts, limiter=self.io_limiter
                 )
             else:
                 encoded = await self._put_local(make_object)
@@ -266,7 +266,7 @@ class BlockRepository:
         try:
             encoded = await workers.run_sync(make_object, limiter=self.limiter)
             await workers.run_sync(
-                self.backend.put, block_id.hex(), encoded.data, limiter=self.io_limiter
+                self.backend.put, block_id.hex(), encoded.parts, limiter=self.io_limiter
             )
             await self.sync()
         finally:
@@ -298,7 +298,7 @@ class BlockRepository:
 
     def _make_and_put(self, make_object: Callable[[], codec.EncodedBlock]) -> codec.EncodedBlock:
         encoded = make_object()
-        self.backend.put(encoded.block_id.hex(), encoded.data)
+        self.backend.put(encoded.block_id.hex(), encoded.parts)
         return encoded
 
     def _copy_or_encode(
@@ -322,7 +322,7 @@ class BlockRepository:
         data = self._get(block_id)
         codec.decode(data, block_id, self._keys_for, self.name)
         header = codec.parse_header(data)
-        return codec.EncodedBlock(block_id, data, header.plain_size, header.codec)
+        return codec.EncodedBlock(block_id, (data,), header.plain_size, header.codec)
 
     def open_for_copy(
         self, block_id: bytes, new_id_key: bytes | None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from snapfs import durable
 from snapfs.errors import StoreFull
 from snapfs.faults import fault_point
+from snapfs.objects.protocol import Buffers, pieces
 
 if TYPE_CHECKING:
     from snapfs.objects.protocol import ObjectStore
@@ -312,9 +313,11 @@ class LocalBackend:
 
     # --- the object interface --------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Buffers) -> None:
         """Append an object to the current pack; durable after the next `sync()`."""
-        if free_bytes(self.root) < len(data) + self.reserve:
+        buffers = pieces(data)
+        size = sum(len(buffer) for buffer in buffers)
+        if free_bytes(self.root) < size + self.reserve:
             raise StoreFull(
                 f"no space left in the block store at {self.root} (the last "
                 f"{self.reserve >> 20} MiB are kept for the index)"
@@ -323,22 +326,19 @@ class LocalBackend:
             if self._pack_fd < 0 or self._pack_size >= self.PACK_BYTES:
                 self._start_pack()
             fd, pack, offset = self._pack_fd, self._pack_id, self._pack_size
-            self._pack_size += len(data)
+            self._pack_size += size
             self._appending[pack] = self._appending.get(pack, 0) + 1
         try:
-            view = memoryview(data)
-            written = 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
+            _write_all(fd, buffers, offset)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                punch_hole(fd, offset, len(data))
+                punch_hole(fd, offset, size)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"no space left in the block store at {self.root}") from exc
             raise
         else:
             with self._lock:
-                self._unsynced[key] = Location(pack, offset, len(data))
+                self._unsynced[key] = Location(pack, offset, size)
         finally:
             with self._lock:
                 self._appending[pack] -= 1
@@ -682,6 +682,20 @@ class LocalBackend:
                 os.rmdir(os.path.join(dirpath, name))
         with contextlib.suppress(FileNotFoundError):
             self.root.rmdir()
+
+
+def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+    """Write the buffers back to back at `offset`: one pwritev, and more only if the
+    kernel took part of them (a signal, a nearly full disk)."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 @dataclass

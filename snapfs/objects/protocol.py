@@ -38,6 +38,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+# What `put` takes: one buffer, or pieces stored back to back as one object (a block's
+# header, frame table and frames; a local store writes them with one pwritev).
+Buffers = bytes | bytearray | memoryview | Sequence[bytes | memoryview]
+
+
+def pieces(data: Buffers) -> list[bytes | bytearray | memoryview]:
+    """`data` as a list of buffers."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [data]
+    return list(data)
+
+
+def joined(data: Buffers) -> bytes:
+    """`data` as one bytes (for stores that need one)."""
+    if isinstance(data, bytes):
+        return data
+    return b"".join(pieces(data))
+
 
 @runtime_checkable
 class ObjectStore(Protocol):
@@ -56,8 +74,9 @@ class ObjectStore(Protocol):
         `interrupt()` is a no-op (local disk)."""
         ...
 
-    def put(self, key: str, data: bytes) -> None:
-        """Store `data` under `key`, replacing any object there. When it returns, `get(key)`
+    def put(self, key: str, data: Buffers) -> None:
+        """Store `data` (bytes, or a sequence of pieces stored back to back) under `key`,
+        replacing any object there. When it returns, `get(key)`
         gives `data` back; it is durable after the next `sync()` returns (or at once, on a
         store where a put is durable by itself). Raises StoreFull when the store is out of
         space (local disk)."""

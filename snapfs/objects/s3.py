@@ -39,6 +39,7 @@ from snapfs.errors import (
     ObjectStoreError,
     SnapfsError,
 )
+from snapfs.objects.protocol import Buffers, joined
 
 if TYPE_CHECKING:
     from snapfs.objects.protocol import ObjectStore
@@ -237,8 +238,9 @@ class S3Backend:
 
     # --- the backend interface ---------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Buffers) -> None:
         """Durable when it returns (S3 acknowledges a PUT only once it has the object)."""
+        data = joined(data)
         self._call(
             "PUT",
             key,

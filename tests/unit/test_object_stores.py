@@ -178,6 +178,16 @@ def test_put_then_get_gives_the_bytes_back_at_every_size(store: ObjectStore) -> 
     assert_holds(store, objects)
 
 
+def test_an_object_put_in_pieces_reads_back_as_one(store: ObjectStore) -> None:
+    """A block's header, table and frames go to `put` as pieces (one pwritev locally)."""
+    parts = [os.urandom(44), b"", memoryview(os.urandom(70_000))[5:], bytearray(os.urandom(9))]
+    store.put(key(1), parts)
+    store.put(key(2), (b"x",))
+    store.sync()
+    assert store.get(key(1)) == b"".join(bytes(p) for p in parts)
+    assert store.get(key(2)) == b"x"
+
+
 def test_get_of_a_missing_key_raises_file_not_found(store: ObjectStore) -> None:
     with pytest.raises(FileNotFoundError):
         store.get(key(1))

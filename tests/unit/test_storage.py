@@ -250,15 +250,15 @@ def test_a_pack_still_being_appended_to_survives_losing_its_objects(
     backend = LocalBackend(tmp_path / "blocks")
     backend.PACK_BYTES = 100
     slow_data, writing, release = b"s" * 50, threading.Event(), threading.Event()
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
 
-    def pwrite(fd: int, data, offset: int) -> int:
-        if bytes(data) == slow_data:
+    def pwritev(fd: int, buffers, offset: int) -> int:
+        if b"".join(bytes(b) for b in buffers) == slow_data:
             writing.set()
             release.wait(10)
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     backend.put("0" * 64, b"x" * 50)
     slow = threading.Thread(target=backend.put, args=("1" * 64, slow_data))
     slow.start()
