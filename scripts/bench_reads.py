@@ -59,7 +59,7 @@ if (VENV / "bin" / "python").exists() and Path(sys.prefix).resolve() != VENV.res
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench import peak_rss, settle, wait_available  # noqa: E402
-from bench_compare import export_revision  # noqa: E402
+from bench_compare import drop_pages, export_revision  # noqa: E402
 
 from snapfs.cli import diskimage  # noqa: E402
 from snapfs.fuse import mounts  # noqa: E402
@@ -125,15 +125,6 @@ def timed(*cmd: str | os.PathLike) -> float:
     start = time.perf_counter()
     run(*cmd)
     return time.perf_counter() - start
-
-
-def drop_pages(path: Path) -> None:
-    """Drop the file's clean pages from the page cache (dirty ones need a sync first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def cached_share(path: Path) -> float | None:

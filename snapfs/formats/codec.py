@@ -279,34 +279,24 @@ def encode(
     keys: CipherKeys | None = None,
     region: str = "",
     compression: str = DEFAULT_COMPRESSION,
+    *,
+    version: int = FORMAT_VERSION,
 ) -> EncodedBlock:
     """Frame `plain` (version 2), compress each frame unless it does not pay, encrypt each
-    if `keys`."""
+    if `keys`. `version=1` writes the format of before issue 15, for the tests that show
+    such objects keep reading."""
     if block_id is None:
         block_id = content_id(plain, keys.id_key if keys else None)
     codec = CODECS_BY_NAME[compression]
+    if version == 1:
+        payload: bytes | bytearray = _compress(plain, codec)
+        if len(payload) > len(plain) * (1 - MIN_SAVING):
+            payload, codec = plain, CODEC_RAW
+        return _seal_v1(bytes(payload), codec, len(plain), block_id, keys, region)
     frames = _frames_of(plain, codec)
     if all(f.codec == CODEC_RAW for f in frames):
         codec = CODEC_RAW
     return _frame(frames, block_id, len(plain), codec, keys, region)
-
-
-def encode_v1(
-    plain: bytes | bytearray,
-    block_id: bytes | None = None,
-    keys: CipherKeys | None = None,
-    region: str = "",
-    compression: str = DEFAULT_COMPRESSION,
-) -> EncodedBlock:
-    """A version 1 object, as snapfs wrote before issue 15: kept for the tests that show
-    such objects keep reading, and for nothing else."""
-    if block_id is None:
-        block_id = content_id(plain, keys.id_key if keys else None)
-    codec = CODECS_BY_NAME[compression]
-    payload: bytes | bytearray = _compress(plain, codec)
-    if len(payload) > len(plain) * (1 - MIN_SAVING):
-        payload, codec = plain, CODEC_RAW
-    return _seal_v1(bytes(payload), codec, len(plain), block_id, keys, region)
 
 
 def _seal_v1(

@@ -176,7 +176,7 @@ def test_version_1_objects_keep_reading_and_copy_as_version_1(encrypted: bool) -
     plain = _mixed_block()
     keys = _block_keys(5) if encrypted else None
     lookup = {keys.key_id_bytes: keys}.__getitem__ if keys else None
-    old = codec.encode_v1(plain, None, keys, "us-east-1")
+    old = codec.encode(plain, None, keys, "us-east-1", version=1)
     assert codec.parse_header(old.data).version == 1
     assert codec.decode(old.data, old.block_id, lookup, "us-east-1") == plain
     assert codec.decode_frames(old.data, old.block_id, 0, 0, lookup, "us-east-1") is None

@@ -459,7 +459,7 @@ async def test_read_range_decodes_frames_and_matches_the_block(tmp_path: Path) -
             assert bytes(await region.read_range(block_id, start, end)) == plain[start:end]
         assert block_id not in region.cache  # only frames were decoded
         assert frame_key(block_id, 0) in region.cache
-        old = codec.encode_v1(plain[:1000])  # a version 1 object, and a short block
+        old = codec.encode(plain[:1000], version=1)  # a version 1 object, and a short block
         region.backend.put(old.block_id.hex(), old.data)
         region.backend.sync()
         assert bytes(await region.read_range(old.block_id, 10, 20)) == plain[10:20]
