@@ -560,6 +560,35 @@ def test_mmap_shared_of_a_sealed_snapshot(image: Path, region: Path) -> None:
         assert m[:] == data
 
 
+def test_the_page_cache_never_serves_an_older_version(region: Path) -> None:
+    """A snapshot read while it is written, then changed and sealed, reads its final content
+    through the page cache (cat and mmap); a name replaced by another snapshot (rsync's
+    rename over it) reads the new one, though the old one's pages were cached."""
+    dst = region / "changing.img"
+    first = os.urandom(3 * MiB)
+    with open(dst, "wb") as f:
+        f.write(first)
+        f.flush()
+        with open(dst, "rb") as reader:  # direct_io while it can change
+            assert reader.read() == first
+        f.seek(MiB)
+        f.write(b"\xab" * MiB)
+    final = first[:MiB] + b"\xab" * MiB + first[2 * MiB :]
+    assert status(dst) == "available"
+    assert dst.read_bytes() == final
+    with (
+        open(dst, "rb") as f,
+        mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m,
+    ):
+        assert m[:] == final
+    other = region / ".incoming"
+    replacement = os.urandom(3 * MiB)
+    other.write_bytes(replacement)
+    assert status(other) == "available"
+    os.rename(other, dst)  # the cached pages belong to the old inode
+    assert dst.read_bytes() == replacement
+
+
 # --- fio ---------------------------------------------------------------------------------------
 
 
