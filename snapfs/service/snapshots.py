@@ -94,7 +94,8 @@ class Snapshot:
     inode_aliases: list[int] = field(default_factory=list, repr=False)
     page_cache_valid: bool = False  # sealed, and opened through the page cache since
     # A sealed snapshot's whole map, loaded by its first read and dropped at its last
-    # close (blocks/blockmap.py); `_map_loaded` is set once a load has ended.
+    # close (blocks/blockmap.py); `_map_loaded` is the event of a load in progress, set
+    # when it ends.
     _sealed_map: SealedMap | None = field(default=None, repr=False)
     _map_loaded: trio.Event | None = field(default=None, repr=False)
 
