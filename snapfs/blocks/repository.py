@@ -16,10 +16,11 @@ on an object store (`backend.remote`) moves its objects under a second, wider li
 (`io_limiter`): a PUT or GET mostly waits on the network, so more of them run at once than
 there are cores, while encoding and verifying stay under the CPU limiter.
 
-Why one module of ~550 lines: dedup, pins, rewrites and garbage collection all read and
-change the same in-memory state (`_writing`, `_uncommitted`, `_pins`, `_unlinking`) under
-invariants that rest on there being no await between a check and the change it guards
-(docs/DEVELOPING.md, section 2); kept in one class, those invariants can be read in one place.
+Why one module of ~600 lines: dedup, pins, rewrites, garbage collection and the two read
+paths (whole blocks, frame ranges) all read and change the same in-memory state
+(`_writing`, `_uncommitted`, `_pins`, `_unlinking`) under invariants that rest on there being
+no await between a check and the change it guards (docs/DEVELOPING.md, section 2); kept in
+one class, those invariants can be read in one place.
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ header; the object is stored under its id and verified against it, so a block th
 swapped, truncated or bit-flipped is never returned as data.
 
 Functions here are pure and thread-safe; they are called from worker threads.
+
+Why one module of ~550 lines: it is the block object format, both versions, reading and
+writing, with encryption inside it; what binds a frame, a header and an id together is one
+set of rules that must be read, and changed, in one place.
 """
 
 from __future__ import annotations

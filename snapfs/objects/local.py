@@ -11,10 +11,11 @@ The contract the region relies on (crash safety): after `put(key)` returns, `get
 the object back; after the next `sync()` returns, it survives a crash or a power loss.
 `delete` of a key that is not there is not an error.
 
-Why one module of ~600 lines: the pack format (append-only packs, the `.layout` marker, the
-pack table), its durability order (fdatasync each pack, fsync `packs/` for a new one, then
-commit the locations) and hole punching on delete are one on-disk format whose invariants
-hold only together; the older one-file-per-object layout it migrates from is read here too.
+Why one module of ~700 lines: the pack format (append-only packs, the `.layout` marker, the
+pack table, the read-fd cache and its rule against reused numbers), its durability order
+(fdatasync each pack, fsync `packs/` for a new one, then commit the locations) and hole
+punching on delete are one on-disk format whose invariants hold only together; the older
+one-file-per-object layout it migrates from is read here too.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ buffer to the region to be stored, in the background, so the next write can arri
 last block is hashed and compressed. Finished blocks wait in `pending` until a batch commit
 makes them part of the index: every `COMMIT_EVERY` blocks, on fsync, on close, and on seal.
 
-Why one module of ~650 lines: `Snapshot` (metadata and the block reader) and
+Why one module of ~700 lines: `Snapshot` (metadata and the block reader) and
 `SnapshotWriter` share the block map's two sources of truth (committed rows and the writer's
 `pending`/`dirty` blocks), and a read of a `creating` snapshot must see both consistently;
 splitting the reader from the writer would put that rule in two places.
