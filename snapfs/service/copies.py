@@ -203,23 +203,29 @@ class SnapshotCopies(StoreParts):
     def copy_finished(self, job: CopyJob, *, succeeded: bool) -> None:
         """Called by the engine when a job has succeeded or failed: release its source.
 
-        A failed `mv` gives the source back its name: a move must never lose the data.
+        A failed `mv` has given the source back its name already (`give_back_source`): a
+        move must never lose the data.
         """
         source, job.source = job.source, None
         if source is None:
             return
         if not succeeded and job.kind == "move" and source.deleted:
-            self._unhide(source)
+            self._unhide(source)  # not given back before (a job that failed at a mount)
         self._end_copy_read(source)
+
+    def give_back_source(self, job: CopyJob) -> None:
+        """A move is failing: its source gets its name back, committed before the engine
+        commits the job's failure (CopyEngine._fail says why the order matters)."""
+        source = job.source
+        if source is not None and source.deleted:
+            self._unhide(source)
 
     def _unhide(self, snap: Snapshot) -> None:
         region = snap.region
         name = snap.name
         if name in region.snapshots:
             name = f"{name}.restored-{snap.id}"
-        # The index first, memory after, like every metadata change. (Known gap: if this
-        # commit fails, e.g. a full disk, the source stays hidden in the index and, its job
-        # row gone, the next mount removes it; see the issue 14 closing note.)
+        # The index first, memory after, like every metadata change.
         region.index.update_snapshot(snap.id, deleted=0, name=name)
         alias_of = self.by_ino.get(snap.ino)
         if alias_of is not None and alias_of is not snap:

@@ -87,13 +87,16 @@ class CopyEngine:
         self,
         regions: Callable[[], Iterable[Region]],
         job_ended: Callable[[CopyJob, bool], None],
+        give_back_source: Callable[[CopyJob], None],
         bandwidth_limit: int | None = None,
     ):
-        # The engine knows the store only by these two: the regions whose queues it starts
-        # at mount, and whom to tell that a job ended (done or failed; not stopped), to
-        # release or give back its source. It does not import the Store.
+        # The engine knows the store only by these: the regions whose queues it starts at
+        # mount, whom to tell that a job ended (done or failed; not stopped) to release its
+        # source, and who gives a failing move's source its name back. It does not import
+        # the Store.
         self._regions = regions
         self._job_ended = job_ended
+        self._give_back_source = give_back_source
         self.jobs: dict[str, CopyJob] = {}
         self._queues: dict[str, collections.deque[CopyJob]] = collections.defaultdict(
             collections.deque
@@ -471,6 +474,21 @@ class CopyEngine:
 
     def _fail(self, job: CopyJob, error: SnapfsError) -> None:
         dst = job.dst
+        if job.kind == "move":
+            # The source gets its name back (its own region's index) before the job's end
+            # is committed (the destination's): a stop between the two then resumes the
+            # job, which hides the source again, instead of finding a hidden source with no
+            # job and removing it. If that commit fails, the job is left to the next mount.
+            try:
+                self._give_back_source(job)
+            except Exception:  # noqa: BLE001 - e.g. the source's index is on a full disk
+                log.exception(
+                    "copy into %s failed (%s) and its source could not be given back; the "
+                    "job is left as it is and retried at the next mount",
+                    dst.id,
+                    error,
+                )
+                return
         dst.become(SnapshotStatus.FAILED, error=str(error))
         job.state = "failed"
         log.error("copy into %s/%s (%s) failed: %s", dst.region.name, dst.name, dst.id, error)

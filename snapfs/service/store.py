@@ -132,6 +132,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         self.copies = CopyEngine(
             lambda: self.regions.values(),
             lambda job, succeeded: self.copy_finished(job, succeeded=succeeded),
+            self.give_back_source,
             copy_bandwidth_limit,
         )
         self._readers: dict[int, list[OpenFile]] = {}  # pid -> its read-only handles

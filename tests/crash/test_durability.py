@@ -264,3 +264,32 @@ def test_a_large_snapshot_is_deleted_a_chunk_at_a_time_and_a_crash_midway_loses_
         assert all(r["orphans"] == 0 and r["unreferenced"] == 0 for r in report["regions"])
     finally:
         m.teardown()
+
+
+def test_a_stop_right_after_a_failed_move_keeps_the_source(tmp_path: Path) -> None:
+    """A move whose destination cannot store its blocks fails and gives the source back
+    its name; the daemon then dies before it releases the source (fault point
+    `copy_finished`). The next mount must find the source visible, not hidden with no job,
+    which recovery removes: the name is given back before the job's end is committed."""
+    image = tmp_path / "disk.img"
+    diskimage.create(image, 24 * MiB, seed=11)
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt", extra_args=("--copy-bwlimit", "4M"))
+    try:
+        m.mount(env={"SNAPFS_FAULT": "copy_finished:1"})
+        a, b = m.path / "cn-hangzhou", m.path / "us-east-1"
+        a.mkdir()
+        b.mkdir()
+        run("cp", image, a / "disk.img")
+        source_id = os.getxattr(a / "disk.img", "user.snapfs.id").decode()
+        run("mv", a / "disk.img", b)
+        assert wait_for(lambda: float(os.getxattr(b / "disk.img", "user.snapfs.progress")) > 5)
+        shutil.rmtree(m.store / "regions" / "us-east-1" / "blocks")  # the job cannot go on
+        assert wait_for(lambda: not m.alive(), 30), "the daemon never reached copy_finished"
+        assert "fault injection: dying at copy_finished " in m.log()
+        m.mount()
+        assert os.listdir(a) == ["disk.img"]
+        assert "is back as disk.img" in m.log()
+        assert os.getxattr(a / "disk.img", "user.snapfs.id").decode() == source_id
+        assert sha256(a / "disk.img") == sha256(image)
+    finally:
+        m.teardown()
