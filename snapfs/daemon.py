@@ -140,6 +140,7 @@ async def serve(
             nursery.start_soon(_stop_on_signal, name="signals")
             await pyfuse3.main()
         finally:
+            operations.read_around.stop()  # before close: it uses the session
             pyfuse3.close(unmount=True)
             mounts.unregister(mountpoint)
             log.info("unmounted %s", mountpoint)

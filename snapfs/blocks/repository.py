@@ -422,6 +422,16 @@ class BlockRepository:
         joined = frames[0] if len(frames) == 1 else b"".join(frames)
         return joined[start - base : end - base]
 
+    def cached_frame(self, block_id: bytes, frame: int) -> memoryview | None:
+        """A frame's plaintext if the cache holds it (alone or in its whole block), without
+        any I/O; short or absent at the end of a short block."""
+        shift = codec.FRAME_SHIFT
+        plain = self.cache.get(block_id)
+        if plain is not None:
+            return memoryview(plain)[frame << shift : (frame + 1) << shift]
+        found = self.cache.get(frame_key(block_id, frame))
+        return None if found is None else memoryview(found)
+
     async def _load_frames(self, block_id: bytes, first: int, last: int) -> list[bytes] | None:
         if self.remote:
             data = await workers.run_sync(self._get, block_id, limiter=self.io_limiter)

@@ -30,7 +30,7 @@ from snapfs.blocks.cache import Plaintext
 from snapfs.blocks.repository import zeros
 from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
 from snapfs.faults import fault_point
-from snapfs.formats.codec import content_id
+from snapfs.formats.codec import FRAME_SHIFT, content_id
 from snapfs.meta.index import NewBlock
 from snapfs.model.names import snapshot_ino
 from snapfs.model.states import SnapshotStatus, checked_transition
@@ -246,6 +246,30 @@ class Snapshot:
                 parts.append(memoryview(zeros(bs))[: end - start - len(part)])
         self._after_read(first, last, nursery)
         return b"".join(parts)  # the one copy of the reply
+
+    def frame_around(self, offset: int, length: int) -> tuple[int, memoryview] | None:
+        """After a small read of a sealed snapshot: the decoded frame that held it, as
+        (file offset, bytes) clipped to the size, if the block cache has it (no I/O).
+
+        The FUSE layer gives it to the kernel's page cache (read-around): the decode was
+        paid already, and a reader near this one (a filesystem's metadata inside the image)
+        then finds its pages cached instead of making a request each."""
+        frame_bytes = 1 << FRAME_SHIFT
+        if self._sealed_map is None or length > frame_bytes // 2 or offset >= self.size:
+            return None
+        bs = self.region.block_size
+        block_no, within = divmod(offset, bs)
+        frame = within >> FRAME_SHIFT
+        if (within + length - 1) >> FRAME_SHIFT != frame:
+            return None  # across two frames: rare, and not worth a second lookup
+        block_id = self._sealed_map.get(block_no)
+        if block_id is None:
+            return None  # a hole: zeros cost the kernel little to ask for again
+        data = self.region.cached_frame(block_id, frame)
+        if data is None or not len(data):
+            return None
+        start = block_no * bs + (frame << FRAME_SHIFT)
+        return start, memoryview(data)[: max(0, self.size - start)]
 
     def _after_read(self, first: int, last: int, nursery: trio.Nursery | None) -> None:
         if nursery is not None and self.writer is None:

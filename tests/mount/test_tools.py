@@ -589,6 +589,40 @@ def test_the_page_cache_never_serves_an_older_version(region: Path) -> None:
     assert dst.read_bytes() == replacement
 
 
+def cached_bytes(path: Path) -> int:
+    out = run("fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path)
+    return int(out.stdout.split()[0])
+
+
+def test_a_random_read_caches_its_whole_frame(region: Path) -> None:
+    """A 4 KiB read of a sealed snapshot decodes its 64 KiB frame, and the daemon stores the
+    rest of that frame in the page cache (read-around): the neighbouring pages are cached
+    and right, also in the file's last, short frame, whose size does not change."""
+    if not shutil.which("fincore"):
+        pytest.skip("fincore (util-linux) is not installed")
+    size = 4 * MiB + 12345
+    data = os.urandom(size)
+    snap = region / "around.img"
+    snap.write_bytes(data)
+    assert status(snap) == "available"
+    with open(snap, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert cached_bytes(snap) == 0
+        asked = MiB + 5 * 4096  # inside the frame at 1 MiB
+        assert os.pread(f.fileno(), 4096, asked) == data[asked : asked + 4096]
+        assert wait_for(lambda: cached_bytes(snap) >= 64 * 1024, timeout=5)
+        frame = data[MiB : MiB + 64 * 1024]
+        assert os.pread(f.fileno(), 64 * 1024, MiB) == frame
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        tail = (size - 1) // 4096 * 4096  # the last, partial page
+        assert os.pread(f.fileno(), 4096, tail) == data[tail:]
+        assert wait_for(lambda: cached_bytes(snap) > 4096, timeout=5)
+        last_frame = size // (64 * 1024) * 64 * 1024
+        assert os.pread(f.fileno(), 1 << 20, last_frame) == data[last_frame:]
+    assert snap.stat().st_size == size
+    assert sha256(snap) == hashlib.sha256(data).hexdigest()
+
+
 # --- fio ---------------------------------------------------------------------------------------
 
 
