@@ -92,6 +92,16 @@ def timed(*cmd: str | os.PathLike, shell: bool = False, env: dict | None = None,
     return time.perf_counter() - start
 
 
+def ingest(image: Path, dst: Path) -> float:
+    """`cp` into a region, until the snapshot is sealed: reading its status seals it at once
+    (a script's `getfattr -n user.snapfs.status`), so the reads after it go through the page
+    cache as a sealed snapshot's do, instead of direct_io during the settle period."""
+    start = time.perf_counter()
+    subprocess.run(["cp", str(image), str(dst)], check=True)
+    wait_available(dst)
+    return time.perf_counter() - start
+
+
 def snapfs(*args: str | os.PathLike) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snapfs", *map(str, args)], check=True,
                           capture_output=True, text=True)
@@ -267,7 +277,7 @@ def snapfs_plain_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Path) 
     a, bb, c = mnt / "cn-hangzhou", mnt / "us-east-1", mnt / "eu-west-1"
     for region in (a, bb, c):
         region.mkdir()
-    b.add("snapfs", "ingest (cp into a region)", timed("cp", day1, a / "day1.img"))
+    b.add("snapfs", "ingest (cp into a region)", ingest(day1, a / "day1.img"))
     b.add("snapfs", "sequential read (cat)", timed(f"cat {a / 'day1.img'} > /dev/null", shell=True))
     b.add("snapfs", "sequential read again", timed(f"cat {a / 'day1.img'} > /dev/null", shell=True))
     from bench_reads import mmap_check
@@ -291,7 +301,7 @@ def snapfs_plain_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Path) 
     b.figures["mv_returned_s"] = returned
     b.figures["mv_copy_full_transferred"] = transferred(bb / "day1.img")
 
-    b.add("snapfs", "ingest of day 2", timed("cp", day2, a / "day2.img"))
+    b.add("snapfs", "ingest of day 2", ingest(day2, a / "day2.img"))
     b.add("snapfs", "cp copy of day 2, incremental", timed("cp", a / "day2.img", c))
     b.figures["cp_copy_incremental_transferred"] = transferred(c / "day2.img")
     _, done = mv_copy(a / "day2.img", bb)
@@ -309,10 +319,10 @@ def snapfs_encrypted_runs(b: Bench, mnt: Path, store: Path, day1: Path, day2: Pa
         os.setxattr(region, "user.snapfs.default_kms_key_id", key.encode())
         os.setxattr(region, "user.snapfs.encrypt_by_default", b"true")
     g = "snapfs encrypted"
-    b.add(g, "ingest (cp into a region)", timed("cp", day1, src / "day1.img"))
+    b.add(g, "ingest (cp into a region)", ingest(day1, src / "day1.img"))
     b.add(g, "sequential read (cat)", timed(f"cat {src / 'day1.img'} > /dev/null", shell=True))
     b.add(g, "mv copy to another region, full", mv_copy(src / "day1.img", dst)[1])
-    b.add(g, "ingest of day 2", timed("cp", day2, src / "day2.img"))
+    b.add(g, "ingest of day 2", ingest(day2, src / "day2.img"))
     b.add(g, "mv copy of day 2, incremental", mv_copy(src / "day2.img", dst)[1])
     b.figures["enc_mv_copy_incremental_transferred"] = transferred(dst / "day2.img")
 
