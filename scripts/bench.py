@@ -237,11 +237,10 @@ def reference_runs(b: Bench, work: Path, day1: Path) -> None:
 
 
 def ceiling_runs(b: Bench, work: Path, day1: Path) -> None:
-    """`cp` into, and a cold `dd` from, a pyfuse3 filesystem that does no work
-    (scripts/bench_ceiling.py): what FUSE itself allows here, for the ingest and read
-    targets that are stated against local disk."""
+    """`cp` into a pyfuse3 filesystem that does no work (scripts/bench_ceiling.py): what
+    FUSE itself allows here, for the ingest target that is stated against local disk. (Its
+    cold reads need memory held in use to mean anything on this VM: bench_ceiling.py.)"""
     import bench_ceiling
-    from bench_reads import dd_mb_s, drop_and_check
 
     mnt = work / "ceiling"
     mnt.mkdir()
@@ -250,9 +249,6 @@ def ceiling_runs(b: Bench, work: Path, day1: Path) -> None:
     try:
         b.add("reference", "cp into a no-op pyfuse3 fs", timed("cp", day1, mnt / "sink.img"),
               note="the FUSE ceiling for ingest")
-        image = mnt / bench_ceiling.IMAGE_NAME
-        drop_and_check(image)
-        b.figures["ceiling_cold_read_mb_s"] = dd_mb_s(image, b.size)
     finally:
         bench_ceiling.unmount_ceiling(proc, mnt)
 
@@ -480,9 +476,6 @@ def report(b: Bench) -> list[str]:
                   f"{d.get('fio_warm_qd16_iops', 0):8.0f} IOPS (cold QD1 p50 "
                   f"{d['fio_cold_qd1_p50_us']:.0f} µs; file cached after the cold QD1 run: "
                   f"{d.get('fio_cold_qd1_cached_pct', float('nan')):.0f}%)")
-    if "ceiling_cold_read_mb_s" in f:
-        print(f"cold dd of a no-op pyfuse3 fs      {f['ceiling_cold_read_mb_s']:6.0f} MB/s "
-              "(what FUSE allows a first read here)")
     print(f"mmap(MAP_SHARED) SHA-256 of the snapshot: {f.get('mmap_sha256', 'not run')}")
     for key in ("latency_during_cp_copy", "latency_during_mv_copy"):
         lat = f[key]
@@ -520,10 +513,8 @@ def report(b: Bench) -> list[str]:
     if restic_backup:
         target("ingest >= 2.5x restic backup", restic_backup / ingest >= 2.5,
                f"{restic_backup / ingest:.2f}x")
-    cold_ceiling = f.get("ceiling_cold_read_mb_s")
     target("first sequential read >= 1.5 GB/s", b.size / read >= 1.5e9,
-           f"{b.size / read / MB:.0f} MB/s" + (f" (a no-op pyfuse3 fs: {cold_ceiling:.0f})"
-                                               if cold_ceiling else ""))
+           f"{b.size / read / MB:.0f} MB/s")
     again, local_cat = row("sequential read again"), row("cat local image", "reference")
     target("warm re-read >= 60% of cat of a local file", local_cat / again >= 0.6,
            f"{local_cat / again:.0%}")
