@@ -4,7 +4,7 @@ A stored block object is a fixed 44-byte header followed by the payload:
 
     offset size field
     0      4    magic  b"SNFB"
-    4      1    format version (1 or 2)
+    4      1    format version (1, 2, or 3: a delta object, formats/delta.py)
     5      1    codec: 0 raw, 1 zstd, 2 lz4 (block format); in version 2 the region's codec,
                 while each frame says its own (a frame that does not compress is raw)
     6      1    flags: bit 0 = payload is AES-256-GCM encrypted
@@ -71,7 +71,7 @@ from snapfs.errors import BlockCorrupt
 
 MAGIC = b"SNFB"
 FORMAT_VERSION = 2  # what encode writes; version 1 objects are still read
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)  # 3: delta objects (formats/delta.py)
 HEADER = struct.Struct("<4sBBBBII16s12s")
 assert HEADER.size == 44
 FRAME_SHIFT = 16  # 64 KiB frames: LZ4's own window, so framing costs it almost no ratio
@@ -149,6 +149,7 @@ class EncodedBlock:
     plain_size: int
     codec: int
     key_id: str | None = None
+    base_id: bytes | None = None  # a delta object (formats/delta.py): the block it is over
 
     @property
     def data(self) -> bytes:
@@ -433,6 +434,19 @@ def _keys(header: BlockHeader, keys_for: KeyLookup | None) -> CipherKeys | None:
     return keys_for(header.key_id)
 
 
+# For formats/delta.py, the other object format of this package.
+compress = _compress
+decompress = _decompress
+keys_of = _keys
+
+
+def _not_a_delta(header: BlockHeader) -> None:
+    if header.version == 3:
+        # The repository opens deltas over their base (formats/delta.py); reaching here
+        # means a caller skipped that, which must not turn into wrong bytes.
+        raise BlockCorrupt("block object is a delta: it decodes only over its base")
+
+
 def decode(
     data: bytes, block_id: bytes, keys_for: KeyLookup | None = None, region: str = ""
 ) -> bytes:
@@ -443,6 +457,7 @@ def decode(
     CMK's keys (raising when the key is unknown or disabled).
     """
     header = parse_header(data)
+    _not_a_delta(header)
     if header.version == 1:
         payload = _open_payload_v1(data, header, block_id, keys_for, region)
         plain = _decompress(header.codec, payload, header.plain_size)
@@ -474,6 +489,7 @@ def decode_frames(
     """Frames first..last of a version 2 object, each verified on its own (see the module
     doc): (frame size, their plaintexts). None for a version 1 object: decode it whole."""
     header = parse_header(data)
+    _not_a_delta(header)
     if header.version == 1:
         return None
     keys = _keys(header, keys_for)
@@ -524,6 +540,7 @@ def open_for_copy(
     to another key or region without compressing it again (the costly step).
     """
     header = parse_header(data)
+    _not_a_delta(header)
     if header.version == 1:
         payload = bytes(_open_payload_v1(data, header, block_id, keys_for, region))
         plain = _decompress(header.codec, payload, header.plain_size)

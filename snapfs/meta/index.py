@@ -1,10 +1,11 @@
 """A region's block index: one SQLite database per region, beside its block objects.
 
-Design notes (schema version 3: MIGRATIONS below)
+Design notes (schema version 4: MIGRATIONS below)
 -------------------------------------------------
 - `blocks` has one row per stored block object, keyed by its 32-byte content id. A row is
   only ever inserted after the object is durable (see `BlockRepository.sync`), so a row never points
-  at missing data. `refcount` counts the `snapshot_blocks` rows that name the block.
+  at missing data. `refcount` counts the `snapshot_blocks` rows that name the block and the
+  delta objects stored over it (`base_id`, version 4).
 - `snapshot_blocks` maps (snapshot, block number) to a block id; a block number with no row
   is a hole (all zeros, costs nothing).
 - Triggers on `snapshot_blocks` keep `blocks.refcount` and `snapshots.allocated_blocks` right
@@ -143,7 +144,38 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX id_translations_dst ON id_translations(dst_block_id)")
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Delta objects (formats/delta.py): a block may be stored over a base block.
+
+    `base_id` names the base of a delta object (NULL: a full object). A base counts as
+    referenced while a delta row names it: the triggers add the reference when the delta's
+    row is inserted and drop it when the row is deleted, so garbage collection takes a base
+    only after its last delta, by construction, as it does for map rows. Existing rows are
+    full objects, so the migration adds the column and nothing else changes.
+    """
+    dbutil.run_script(
+        db,
+        """
+        ALTER TABLE blocks ADD COLUMN base_id BLOB;
+        CREATE INDEX blocks_base ON blocks(base_id) WHERE base_id IS NOT NULL;
+        CREATE TRIGGER blocks_base_insert AFTER INSERT ON blocks
+        WHEN NEW.base_id IS NOT NULL BEGIN
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.base_id;
+        END;
+        CREATE TRIGGER blocks_base_delete AFTER DELETE ON blocks
+        WHEN OLD.base_id IS NOT NULL BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.base_id;
+        END;
+        CREATE TRIGGER blocks_base_update AFTER UPDATE OF base_id ON blocks
+        WHEN OLD.base_id IS NOT NEW.base_id BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.base_id;
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.base_id;
+        END;
+        """,
+    )
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4]
 
 SNAPSHOT_COLUMNS = (
     "id", "name", "status", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
@@ -151,6 +183,13 @@ SNAPSHOT_COLUMNS = (
     "source_region", "description", "retention_days", "encrypted", "kms_key_id", "error",
     "transferred_bytes",
 )  # fmt: skip
+
+
+# What a block's refcount must be: the map rows naming it, and the deltas stored over it.
+_USERS = (
+    "((SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id)"
+    " + (SELECT count(*) FROM blocks d WHERE d.base_id = b.id))"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +201,13 @@ class NewBlock:
     stored_size: int
     codec: int
     key_id: str | None = None
+    base_id: bytes | None = None  # a delta object: the block it is stored over
+
+    @property
+    def transferred_size(self) -> int:
+        """What a copy counts for it: a full block its plaintext (as the clouds count a
+        copied block), a delta the bytes of its object (what actually moved)."""
+        return self.stored_size if self.base_id is not None else self.plain_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +216,11 @@ class RestoredSnapshot:
     its tags, and the key its blocks are encrypted under (None: in the clear)."""
 
     row: dict[str, Any]
-    blocks: Sequence[tuple[int, bytes, int, int, int]]  # block_no, id, plain, stored, codec
+    # block_no, id, plain, stored, codec, base id (None: a full object)
+    blocks: Sequence[tuple[int, bytes, int, int, int, bytes | None]]
     tags: dict[str, str]
     key_id: str | None = None
+    bases: Sequence[tuple[bytes, int, int, int]] = ()  # id, plain, stored, codec
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +238,7 @@ class RegionIndex:
         self.db = dbutil.connect(path, readonly=readonly)
         if not readonly:
             dbutil.migrate(self.db, MIGRATIONS, f"region index {path}")
+        self.bases_released = 0  # by the last drop_unreferenced
         # Told after each commit that changes a snapshot's row, tags or name (its id) or the
         # region's settings (None): a region on an object store republishes its manifests.
         self.on_change: Callable[[str | None], None] | None = None
@@ -384,13 +433,27 @@ class RegionIndex:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def block_map_with_sizes(self, snapshot_id: str) -> list[tuple[int, str, int, int, int]]:
+    def block_map_with_sizes(
+        self, snapshot_id: str
+    ) -> list[tuple[int, str, int, int, int, str | None]]:
         """A snapshot's map in block order as (block number, id in upper-case hex, plain
-        size, stored size, codec): what its manifest lists."""
+        size, stored size, codec, base id in hex or None): what its manifest lists."""
         return self.db.execute(
-            "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec "
+            "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec, "
+            "CASE WHEN b.base_id IS NULL THEN NULL ELSE hex(b.base_id) END "
             "FROM snapshot_blocks m JOIN blocks b ON b.id = m.block_id "
             "WHERE m.snapshot_id = ? ORDER BY m.block_no",
+            [snapshot_id],
+        ).fetchall()
+
+    def bases_of(self, snapshot_id: str) -> list[tuple[str, int, int, int]]:
+        """The bases a snapshot's delta blocks are stored over, as (id in upper-case hex,
+        plain size, stored size, codec): a manifest lists them too, since no map may name
+        them any more."""
+        return self.db.execute(
+            "SELECT DISTINCT hex(b.id), b.plain_size, b.stored_size, b.codec "
+            "FROM snapshot_blocks m JOIN blocks d ON d.id = m.block_id "
+            "JOIN blocks b ON b.id = d.base_id WHERE m.snapshot_id = ?",
             [snapshot_id],
         ).fetchall()
 
@@ -421,9 +484,12 @@ class RegionIndex:
         holes = [(snapshot_id, no) for no, bid in mapping if bid is None]
         with dbutil.transaction(self.db) as conn:
             conn.executemany(
-                "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                [(b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id) for b in new_blocks],
+                "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                [
+                    (b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id, b.base_id)
+                    for b in new_blocks
+                ],
             )
             conn.executemany(
                 "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", holes
@@ -483,6 +549,22 @@ class RegionIndex:
         ).fetchone()
         return row[0] if row else None
 
+    def base_of(self, block_id: bytes) -> bytes | None:
+        """The base a delta object is stored over; None for a full object (or no row)."""
+        row = self.db.execute("SELECT base_id FROM blocks WHERE id = ?", [block_id]).fetchone()
+        return row[0] if row else None
+
+    def deltas_over(self, base_id: bytes) -> list[bytes]:
+        """The delta objects stored over `base_id`."""
+        rows = self.db.execute("SELECT id FROM blocks WHERE base_id = ?", [base_id])
+        return [r[0] for r in rows]
+
+    def set_base(self, block_id: bytes, base_id: bytes | None) -> None:
+        """Record that a block's object was replaced by one over `base_id` (None: whole);
+        the triggers move the base's reference."""
+        with dbutil.transaction(self.db) as conn:
+            conn.execute("UPDATE blocks SET base_id = ? WHERE id = ?", [base_id, block_id])
+
     def has_block(self, block_id: bytes) -> bool:
         row = self.db.execute("SELECT 1 FROM blocks WHERE id = ?", [block_id]).fetchone()
         return row is not None
@@ -496,13 +578,20 @@ class RegionIndex:
         return [r[0] for r in rows]
 
     def drop_unreferenced(self, block_ids: Iterable[bytes]) -> list[bytes]:
-        """Delete the rows of blocks still unreferenced; returns the ids actually dropped."""
+        """Delete the rows of blocks still unreferenced; returns the ids actually dropped.
+        A dropped delta's base loses that reference (its trigger): `bases_released` counts
+        them, so the collector knows to look again."""
         dropped = []
+        self.bases_released = 0
         with dbutil.transaction(self.db) as conn:
             for block_id in block_ids:
-                cur = conn.execute("DELETE FROM blocks WHERE id = ? AND refcount <= 0", [block_id])
-                if cur.rowcount:
+                row = conn.execute(
+                    "DELETE FROM blocks WHERE id = ? AND refcount <= 0 RETURNING base_id",
+                    [block_id],
+                ).fetchone()
+                if row is not None:
                     dropped.append(block_id)
+                    self.bases_released += row[0] is not None
                     conn.execute("DELETE FROM id_translations WHERE dst_block_id = ?", [block_id])
         return dropped
 
@@ -547,8 +636,7 @@ class RegionIndex:
     def block_refcounts(self) -> Iterator[tuple[bytes, int, int]]:
         """(block id, recorded refcount, map rows naming it) for every block row."""
         yield from self.db.execute(
-            "SELECT b.id, b.refcount, "
-            "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id) FROM blocks b"
+            f"SELECT b.id, b.refcount, {_USERS} FROM blocks b"
         )
 
     def snapshot_allocations(self) -> Iterator[tuple[str, int, int]]:
@@ -562,16 +650,15 @@ class RegionIndex:
         """One transaction: every refcount and allocated-block count recomputed from the
         block maps, and the rows of blocks no map names deleted; returns their ids."""
         with dbutil.transaction(self.db) as conn:
-            conn.execute(
-                "UPDATE blocks SET refcount = "
-                "(SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = blocks.id)"
-            )
+            conn.execute(f"UPDATE blocks SET refcount = {_USERS.replace('b.id', 'blocks.id')}")
             conn.execute(
                 "UPDATE snapshots SET allocated_blocks = "
                 "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = snapshots.id)"
             )
             dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
-            conn.execute("DELETE FROM blocks WHERE refcount = 0")
+            # By id, not by refcount: deleting a delta's row lowers its base's count, and
+            # a base that reaches 0 meanwhile goes with the next collection, not here.
+            conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in dropped])
         return dropped
 
     def quick_check(self, limit: int) -> list[str]:
@@ -601,10 +688,19 @@ class RegionIndex:
                     f"VALUES ({', '.join('?' for _ in cols)})",
                     [snap.row[c] for c in cols],
                 )
+                # Bases first: a delta's row counts its reference on the base's row.
                 conn.executemany(
                     "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                    [(block_id, *sizes, snap.key_id) for _, block_id, *sizes in snap.blocks],
+                    [(*base, snap.key_id) for base in snap.bases],
+                )
+                conn.executemany(
+                    "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    [
+                        (block_id, plain, stored, codec, snap.key_id, base)
+                        for _, block_id, plain, stored, codec, base in snap.blocks
+                    ],
                 )
                 conn.executemany(
                     "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "

@@ -68,6 +68,47 @@ def test_index_triggers_keep_refcounts(tmp_path: Path) -> None:
     assert _refcounts(index) == {a: 1}
 
 
+def test_a_delta_keeps_its_base_referenced_until_its_row_goes(tmp_path: Path) -> None:
+    """Schema 4: a delta row counts as a reference to its base, by trigger; dropping the
+    delta's row releases the base, which only then can be collected; a recount agrees."""
+    index = RegionIndex(tmp_path / "index.db")
+    base, d = b"b" * 32, b"d" * 32
+    index.insert_snapshot(_snapshot_row("s-1", "day1"))
+    index.insert_snapshot(_snapshot_row("s-2", "day2"))
+    index.commit_blocks("s-1", [NewBlock(base, 10, 20, 1)], [(0, base)], {})
+    index.commit_blocks("s-2", [NewBlock(d, 10, 3, 1, None, base)], [(0, d)], {})
+    assert _refcounts(index) == {base: 2, d: 1}
+    assert index.base_of(d) == base and index.base_of(base) is None
+    assert index.deltas_over(base) == [d]
+    index.delete_snapshot("s-1")  # day 1 gone: its block stays, as day 2's base
+    assert _refcounts(index) == {base: 1, d: 1}
+    assert index.drop_unreferenced([base]) == []
+    assert [(b, r, u) for b, r, u in index.block_refcounts() if r != u] == []
+    index.delete_snapshot("s-2")
+    assert index.drop_unreferenced([base, d]) == [d]  # the base: still the delta's
+    assert index.bases_released == 1
+    assert _refcounts(index) == {base: 0}
+    assert index.drop_unreferenced([base]) == [base]
+    assert _refcounts(index) == {}
+
+
+def test_a_schema_3_index_migrates_to_4_and_keeps_its_blocks(tmp_path: Path) -> None:
+    from snapfs.meta import index as index_module
+
+    path = tmp_path / "index.db"
+    database = db.connect(path)
+    db.migrate(database, index_module.MIGRATIONS[:3], "old index")
+    database.execute(
+        "INSERT INTO blocks (id, refcount, plain_size, stored_size, codec) VALUES (?, 0, 1, 1, 1)",
+        [b"x" * 32],
+    )
+    database.conn.commit()
+    database.close()
+    index = RegionIndex(path)
+    assert db.get_meta(index.db, "schema_version") == "4"
+    assert index.base_of(b"x" * 32) is None and index.has_block(b"x" * 32)
+
+
 def test_a_shrink_drops_the_map_from_the_top_in_steps(tmp_path: Path) -> None:
     """A shrink in steps (each one transaction, sized by the loop budget) lowers the recorded
     size with every step, so a stop between two leaves a prefix, never rows past the size."""
