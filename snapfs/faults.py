@@ -32,6 +32,7 @@ EXIT_STATUS = 137  # what a shell reports for kill -9, so a fault looks like one
 # start (see `check_configuration`), so a typo in SNAPFS_FAULT cannot silently test nothing.
 POINTS: dict[str, str] = {
     "object_written": "a block object is written (not synced, no index row names it)",
+    "delta_written": "a delta object is written over a pinned base (not synced, no row)",
     "writer_synced": "a writer's batch of objects is synced, its index commit not yet made",
     "writer_committed": "a writer's batch is committed (more of the file is still to come)",
     "seal": "the last writer closed and everything is flushed; the seal is not committed",
@@ -42,6 +43,7 @@ POINTS: dict[str, str] = {
     "copy_batch_committed": "a copy batch and its resume point are committed",
     "copy_finished": "a copy job's end is committed, its source not yet released",
     "gc_rows_dropped": "garbage collection dropped index rows, their objects still exist",
+    "gc_delta_dropped": "collection dropped delta rows: their bases lost those references",
     "gc_object_deleted": "garbage collection deleted one object of a batch",
     "purge_chunk": "a deleted snapshot's block map: one chunk of rows gone, the rest not yet",
     "retention_released": "retention released one expired snapshot; others may be due",

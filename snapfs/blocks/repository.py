@@ -46,7 +46,7 @@ from snapfs.errors import (
     StoreFull,
 )
 from snapfs.faults import fault_point
-from snapfs.formats import codec
+from snapfs.formats import codec, delta
 from snapfs.meta.index import NewBlock, RegionIndex
 from snapfs.meta.keys import KeyNotFound
 from snapfs.objects.local import LocalBackend
@@ -169,6 +169,7 @@ class BlockRepository:
         self._gc_wanted = trio.Event()
         self._abandoned: set[bytes] = set()  # written objects whose batch was dropped
         self._compression: str | None = None
+        self._deltas: bool | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -184,6 +185,7 @@ class BlockRepository:
         plain: bytes | bytearray,
         keys: BlockKeys | None = None,
         copy_of: tuple[BlockRepository, bytes] | None = None,
+        base_id: bytes | None = None,
     ) -> StoredBlock | None:
         """Make `plain` durable-to-be in this region, encrypted under `keys` if given; None if
         it is all zeros (a hole). The id is pinned until the caller passes it to `committed()`.
@@ -191,27 +193,133 @@ class BlockRepository:
         `copy_of` (region, block id) names a stored object this block is expected to equal,
         under the same keys (a `cp` copy): if the ids match, that object is copied as it is
         instead of compressing the plaintext again, as a copy job does.
+
+        `base_id` names a full block of this region, under the same keys, that this one
+        probably resembles (the block at the same place in an earlier snapshot): if the
+        block is new and differs from it in few pages, it is stored as a delta over it
+        (formats/delta.py). Its plaintext is read only when the block is new.
         """
         id_key = keys.id_key if keys is not None else None
         block_id = await workers.run_sync(_hash_unless_zero, plain, id_key, limiter=self.limiter)
         if block_id is None:
             return None
-        if copy_of is not None and copy_of[1] == block_id:
-            # The compression setting is read here: the index belongs to the trio thread.
+        compression = self.compression  # read here: the index belongs to the trio thread
+        held: bytes | None = None
+        if copy_of is not None and copy_of[1] == block_id and self._can_copy(copy_of[0], block_id):
             make = functools.partial(
-                self._copy_or_encode, copy_of[0], plain, block_id, keys, self.compression
+                self._copy_or_encode, copy_of[0], plain, block_id, keys, compression
+            )
+            held = copy_of[0].index.base_of(block_id)  # held by _can_copy, if a delta
+        elif base_id is not None and not self.knows(block_id) and self.hold_base(base_id):
+            held = base_id
+            try:
+                base = await self.read_block(base_id)
+            except Exception:  # noqa: BLE001 - a base that does not read: store it whole
+                log.warning("region %s: base %s does not read; storing a block whole",
+                            self.name, base_id.hex(), exc_info=True)
+                base = b""
+            make = functools.partial(
+                self._encode_over, plain, block_id, base_id, base, keys, compression
             )
         else:
-            make = functools.partial(
-                codec.encode, plain, block_id, keys, self.name, self.compression
-            )
-        stored = await self.put_block(block_id, make)
+            make = functools.partial(codec.encode, plain, block_id, keys, self.name, compression)
+        stored = await self.put_block(block_id, make, held_base=held)
         if stored.written:
             self.cache.put(block_id, plain)
         return stored
 
+    # --- deltas (formats/delta.py) ---------------------------------------------------------
+
+    def knows(self, block_id: bytes) -> bool:
+        """The region holds the block (indexed, or written and awaiting its commit)."""
+        return block_id in self._uncommitted or self.index.has_block(block_id)
+
+    def hold_base(self, base_id: bytes) -> bool:
+        """Pin `base_id` if this region holds it as a full object, for a delta about to be
+        stored over it: garbage collection must not take a base between this check and the
+        commit of the delta's row, whose trigger then counts the reference. False (nothing
+        pinned) if the region lacks it, is collecting it, or holds it as a delta itself."""
+        if base_id in self._unlinking:
+            return False
+        known = self._uncommitted.get(base_id)
+        if known is not None:
+            if known.base_id is not None:
+                return False
+        elif not self.index.has_block(base_id) or self.index.base_of(base_id) is not None:
+            return False
+        self._pins[base_id] += 1
+        return True
+
+    def release_base(self, base_id: bytes) -> None:
+        """Undo a `hold_base` whose delta was not stored."""
+        self._unpin(base_id)
+
+    def full_base(self, block_id: bytes) -> bytes:
+        """The full block to store a delta over, for a block resembling `block_id`: the
+        block itself, or its base if it is a delta (chains stay one deep)."""
+        known = self._uncommitted.get(block_id)
+        base = known.base_id if known is not None else self.index.base_of(block_id)
+        return base if base is not None else block_id
+
+    def _can_copy(self, source: BlockRepository, block_id: bytes) -> bool:
+        """Whether `source`'s object for `block_id` can be copied here as it is: a full
+        object always; a delta only over a base this region holds (then held)."""
+        base = source.index.base_of(block_id)
+        return base is None or self.hold_base(base)
+
+    def _encode_over(
+        self,
+        plain: bytes | bytearray,
+        block_id: bytes,
+        base_id: bytes,
+        base: bytes | bytearray,
+        keys: BlockKeys | None,
+        compression: str,
+    ) -> codec.EncodedBlock:
+        """Worker thread: a delta over `base` when few pages differ, else the whole block."""
+        pages = delta.changed_pages(plain, base) if base else None
+        if pages is None:
+            return codec.encode(plain, block_id, keys, self.name, compression)
+        return delta.encode(plain, block_id, base_id, pages, keys, self.name, compression)
+
+    def materialize(self, block_id: bytes) -> tuple[bytes, delta.Delta | None]:
+        """Worker thread (keys primed): a block's verified plaintext, and its delta if it is
+        stored as one (for copies to a region that lacks its base, or to other keys)."""
+        data = self._get(block_id)
+        if not delta.is_delta(data):
+            return self._decode(block_id, data), None
+        opened = self._open_delta(block_id, data)
+        base = self._get_and_decode(opened.base_id)
+        return bytes(self._applied(block_id, base, opened)), opened
+
+    def _open_delta(self, block_id: bytes, data: bytes) -> delta.Delta:
+        try:
+            return delta.open(data, block_id, self._keys_for, self.name)
+        except BlockCorrupt as exc:
+            exc.message = f"block {block_id.hex()} in region {self.name}: {exc.message}"
+            raise
+
+    def _applied(self, block_id: bytes, base: Plaintext, opened: delta.Delta) -> bytearray:
+        """Worker thread: the delta laid over its base, checked against the block id (a
+        damaged or wrong base is EIO, never wrong bytes)."""
+        try:
+            plain = delta.apply(base, opened)
+        except BlockCorrupt as exc:
+            exc.message = f"block {block_id.hex()} in region {self.name}: {exc.message}"
+            raise
+        keys = self._keys_for(opened.key_id) if opened.encrypted else None
+        if codec.content_id(plain, keys.id_key if keys is not None else None) != block_id:
+            raise BlockCorrupt(
+                f"block {block_id.hex()} in region {self.name} does not match its id over "
+                f"its base {opened.base_id.hex()} (the base is damaged or wrong)"
+            )
+        return plain
+
     async def put_block(
-        self, block_id: bytes, make_object: Callable[[], codec.EncodedBlock]
+        self,
+        block_id: bytes,
+        make_object: Callable[[], codec.EncodedBlock],
+        held_base: bytes | None = None,
     ) -> StoredBlock:
         """Ensure the region holds block `block_id`, calling `make_object` (in a worker
         thread) only if it does not; pins the id until `committed()`.
@@ -219,7 +327,25 @@ class BlockRepository:
         Dedup happens here: a block in the index, or written and awaiting its commit, is
         reused; a block another task is writing right now is waited for, so two writers or
         copy jobs needing the same new block store it once.
+
+        `held_base`: a base the caller pinned (`hold_base`) because `make_object` may make
+        a delta over it. Its pin then stays until the delta's row commits, and is released
+        here otherwise.
         """
+        try:
+            stored = await self._put_block(block_id, make_object)
+        except BaseException:
+            if held_base is not None:
+                self._unpin(held_base)
+            raise
+        if held_base is not None and (stored.new is None or stored.new.base_id != held_base
+                                      or not stored.written):
+            self._unpin(held_base)
+        return stored
+
+    async def _put_block(
+        self, block_id: bytes, make_object: Callable[[], codec.EncodedBlock]
+    ) -> StoredBlock:
         while True:
             if block_id in self._unlinking:
                 await self._gc_done.wait()
@@ -249,10 +375,15 @@ class BlockRepository:
             del self._writing[block_id]
             done.set()
         new = NewBlock(
-            block_id, encoded.plain_size, encoded.stored_size, encoded.codec, encoded.key_id
+            block_id,
+            encoded.plain_size,
+            encoded.stored_size,
+            encoded.codec,
+            encoded.key_id,
+            encoded.base_id,
         )
         self._uncommitted[block_id] = new
-        fault_point("object_written")
+        fault_point("delta_written" if new.base_id is not None else "object_written")
         return StoredBlock(block_id, new, written=True)
 
     async def rewrite_block(
@@ -314,16 +445,22 @@ class BlockRepository:
         compressing), or, if it is gone or damaged there, our own encoding of `plain`."""
         try:
             return source.fetch_object(block_id)
-        except BlockCorrupt:
+        except (BlockCorrupt, ObjectMissing):
             return codec.encode(plain, block_id, keys, self.name, compression)
 
     def fetch_object(self, block_id: bytes) -> codec.EncodedBlock:
         """A stored object as it is, verified, for copying to another region without
         recompressing. Runs in a worker thread."""
         data = self._get(block_id)
-        codec.decode(data, block_id, self._keys_for, self.name)
         header = codec.parse_header(data)
-        return codec.EncodedBlock(block_id, (data,), header.plain_size, header.codec)
+        if not delta.is_delta(data):
+            codec.decode(data, block_id, self._keys_for, self.name)
+            return codec.EncodedBlock(block_id, (data,), header.plain_size, header.codec)
+        opened = self._open_delta(block_id, data)
+        self._applied(block_id, self._get_and_decode(opened.base_id), opened)
+        return codec.EncodedBlock(
+            block_id, (data,), header.plain_size, header.codec, base_id=opened.base_id
+        )
 
     def open_for_copy(
         self, block_id: bytes, new_id_key: bytes | None
@@ -345,7 +482,7 @@ class BlockRepository:
     def committed(self, block_ids: list[bytes]) -> None:
         """Release the pins of a batch whose rows are now in the index."""
         for block_id in block_ids:
-            self._uncommitted.pop(block_id, None)
+            self._forget_uncommitted(block_id)
             self._unpin(block_id)
 
     def abandoned(self, block_ids: list[bytes], written: list[bytes]) -> None:
@@ -359,6 +496,13 @@ class BlockRepository:
             self._abandoned.update(written)
             self.request_gc()
 
+    def _forget_uncommitted(self, block_id: bytes) -> None:
+        """Its row is committed (or it is deleted): a delta's base pin is no longer needed,
+        the row's trigger counts the reference from now on."""
+        new = self._uncommitted.pop(block_id, None)
+        if new is not None and new.base_id is not None:
+            self._unpin(new.base_id)
+
     def _unpin(self, block_id: bytes) -> None:
         self._pins[block_id] -= 1
         if self._pins[block_id] <= 0:
@@ -369,9 +513,9 @@ class BlockRepository:
     async def read_block(self, block_id: bytes) -> Plaintext:
         """Plaintext of a block, verified against its id; BlockCorrupt (EIO) otherwise."""
         while True:
-            plain = self.cache.get(block_id)
-            if plain is not None:
-                return plain
+            cached = self.cache.get(block_id)
+            if cached is not None:
+                return cached
             loading = self._loading.get(block_id)
             if loading is None:
                 break
@@ -382,7 +526,7 @@ class BlockRepository:
         done = self._loading[block_id] = trio.Event()
         try:
             try:
-                plain = await self._load(block_id)
+                loaded = await self._load(block_id)
             except KeyNotFound:
                 if self.keys is None:
                     raise
@@ -390,7 +534,14 @@ class BlockRepository:
                 # priming before every block keeps SQLite (and a wait for the GIL after it)
                 # off the read path; a key not unwrapped yet is unwrapped now, once.
                 self.keys.prime()
-                plain = await self._load(block_id)
+                loaded = await self._load(block_id)
+            if isinstance(loaded, delta.Delta):  # over its base, usually in the cache
+                base = await self.read_block(loaded.base_id)
+                plain: Plaintext = await workers.run_sync(
+                    self._applied, block_id, base, loaded, limiter=self.limiter
+                )
+            else:
+                plain = loaded
         finally:
             del self._loading[block_id]
             done.set()
@@ -453,6 +604,8 @@ class BlockRepository:
     def _decode_frames(
         self, block_id: bytes, data: bytes, first: int, last: int
     ) -> list[bytes] | None:
+        if delta.is_delta(data):
+            return None  # read whole, over its base (which the cache usually has)
         try:
             got = codec.decode_frames(data, block_id, first, last, self._keys_for, self.name)
         except BlockCorrupt as exc:
@@ -462,13 +615,22 @@ class BlockRepository:
             return None  # version 1, or framed otherwise than this reader counts
         return got[1]
 
-    async def _load(self, block_id: bytes) -> bytes:
+    async def _load(self, block_id: bytes) -> bytes | delta.Delta:
         """Fetch and decode a block in worker threads: a remote fetch waits on the network
-        under the I/O limiter, so it does not hold one of the CPU workers meanwhile."""
+        under the I/O limiter, so it does not hold one of the CPU workers meanwhile. A
+        delta object comes back opened, for `read_block` to lay over its base."""
         if self.remote:
             data = await workers.run_sync(self._get, block_id, limiter=self.io_limiter)
-            return await workers.run_sync(self._decode, block_id, data, limiter=self.limiter)
-        return await workers.run_sync(self._get_and_decode, block_id, limiter=self.limiter)
+            return await workers.run_sync(self._open_any, block_id, data, limiter=self.limiter)
+        return await workers.run_sync(self._get_and_open, block_id, limiter=self.limiter)
+
+    def _open_any(self, block_id: bytes, data: bytes) -> bytes | delta.Delta:
+        if delta.is_delta(data):
+            return self._open_delta(block_id, data)
+        return self._decode(block_id, data)
+
+    def _get_and_open(self, block_id: bytes) -> bytes | delta.Delta:
+        return self._open_any(block_id, self._get(block_id))
 
     def _get(self, block_id: bytes) -> bytes:
         """The stored object's bytes; ObjectMissing if the store has none (worker thread)."""
@@ -543,6 +705,11 @@ class BlockRepository:
                 candidates = [b for b in batch if b not in self._pins]
                 dropped = self.index.drop_unreferenced(candidates) if candidates else []
                 sizer.done()
+                if dropped and self.index.bases_released:
+                    # Bases whose last delta went may now be unreferenced themselves; the
+                    # next collection (or this one, further on in id order) takes them.
+                    fault_point("gc_delta_dropped")
+                    self.request_gc()
                 if dropped:
                     self._unlinking.update(dropped)
                     self._gc_done = trio.Event()
@@ -571,7 +738,7 @@ class BlockRepository:
         if not doomed:
             return 0
         for block_id in doomed:
-            self._uncommitted.pop(block_id, None)
+            self._forget_uncommitted(block_id)
             self.cache.discard(block_id)
         self._unlinking.update(doomed)
         self._gc_done = trio.Event()
@@ -621,6 +788,20 @@ class BlockRepository:
             value = self.index.get_setting("compression", codec.DEFAULT_COMPRESSION)
             self._compression = value if value in codec.CODECS_BY_NAME else "zstd"
         return self._compression
+
+    @property
+    def deltas(self) -> bool:
+        """Whether new blocks may be stored as deltas over similar ones (`on` by default;
+        `user.snapfs.deltas=off` stores every block whole, as before issue 16)."""
+        if self._deltas is None:
+            self._deltas = self.index.get_setting("deltas", "on") != "off"
+        return self._deltas
+
+    def set_deltas(self, value: str) -> None:
+        if value not in ("on", "off"):
+            raise InvalidParameter(f"deltas is on or off, got {value!r}")
+        self.index.set_setting("deltas", value)
+        self._deltas = value == "on"
 
     def set_compression(self, name: str) -> None:
         if name not in codec.CODECS_BY_NAME:

@@ -115,6 +115,7 @@ REGION_ATTRIBUTES: dict[str, RegionAttribute] = {
         _clear_setting("snapshot_quota"),
     ),
     "compression": RegionAttribute(lambda st, r: r.compression, _setting("compression")),
+    "deltas": RegionAttribute(lambda st, r: "on" if r.deltas else "off", _setting("deltas")),
     "copies_running": RegionAttribute(lambda st, r: str(st.copies.running(r))),
     "copies_queued": RegionAttribute(lambda st, r: str(st.copies.queued(r))),
 }

@@ -6,7 +6,11 @@ For each region it checks, from the region's index and its block store alone:
   hash back to their id (BLAKE3), encrypted ones pass AES-GCM authentication (tag, id,
   region and key bound in); a damaged or missing block is reported with every snapshot and
   offset that uses it;
-- every block's reference count equals the block-map rows naming it, and every snapshot's
+- a block stored as a delta (formats/delta.py) is verified over its base: both objects
+  decode and the result hashes to the block's id; a damaged base is reported with the
+  deltas it breaks (`bad_bases`) and every snapshot and offset that uses them;
+- every block's reference count equals the block-map rows naming it and the deltas stored
+  over it, and every snapshot's
   allocated-block count its map rows (the triggers keep them; a hand-edited or damaged index
   might not);
 - objects no index row names (orphans, e.g. left by a crash between write and commit).
@@ -48,7 +52,7 @@ from snapfs.errors import (
     StoreBusy,
     StoreNotFound,
 )
-from snapfs.formats import codec
+from snapfs.formats import codec, delta
 from snapfs.meta import catalogue
 from snapfs.meta import db as dbutil
 from snapfs.meta.index import RegionIndex
@@ -87,6 +91,8 @@ class RegionReport:
     # power loss leaves on a disk that did not keep what was not fsync'ed.
     file_problems: list[str] = field(default_factory=list)
     damaged_snapshots: list[DamagedSnapshot] = field(default_factory=list)
+    # Deltas that do not read because their base is missing or damaged: block, base, problem.
+    bad_bases: list[dict[str, str]] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -144,22 +150,45 @@ def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> Obje
     )
 
 
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # 'ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey'
+    size: int = 0  # plaintext bytes verified
+    # A delta whose own object is sound but whose base is not: the base, and how it fails.
+    base: bytes | None = None
+    base_outcome: str = ""
+
+
 def _verify(
     backend: ObjectStore, region: str, block_id: bytes, keys_for: codec.KeyLookup
-) -> tuple[str, int]:
-    """('ok' | 'missing' | 'corrupt' | 'unverified' | 'nokey', plaintext bytes). Worker thread."""
+) -> Verdict:
+    """A block's object verified; a delta (formats/delta.py) through its base, whose id
+    it must hash to once laid over it. Worker thread."""
     try:
         data = backend.get(block_id.hex())
     except FileNotFoundError:
-        return "missing", 0
+        return Verdict("missing")
     try:
-        return "ok", len(codec.decode(data, block_id, keys_for, region))
+        if not delta.is_delta(data):
+            return Verdict("ok", len(codec.decode(data, block_id, keys_for, region)))
+        opened = delta.open(data, block_id, keys_for, region)
+        try:
+            base = codec.decode(backend.get(opened.base_id.hex()), opened.base_id, keys_for, region)
+        except FileNotFoundError:
+            return Verdict("corrupt", base=opened.base_id, base_outcome="missing")
+        except BlockCorrupt:
+            return Verdict("corrupt", base=opened.base_id, base_outcome="corrupt")
+        plain = delta.apply(base, opened)
+        id_key = keys_for(opened.key_id).id_key if opened.encrypted else None
+        if codec.content_id(plain, id_key) != block_id:
+            return Verdict("corrupt", base=opened.base_id, base_outcome="corrupt")
+        return Verdict("ok", len(plain))
     except KeyDisabled:
-        return "unverified", 0
+        return Verdict("unverified")
     except KeyNotFound:
-        return "nokey", 0
+        return Verdict("nokey")
     except BlockCorrupt:
-        return "corrupt", 0
+        return Verdict("corrupt")
 
 
 class _Progress:
@@ -274,14 +303,25 @@ def _verify_blocks(
     for start in range(0, len(ids), BATCH):
         batch = ids[start : start + BATCH]
         results = pool.map(lambda b: _verify(backend, report.name, b, keys_for), batch)
-        for block_id, (outcome, size) in zip(batch, results, strict=True):
-            if outcome == "ok":
+        for block_id, verdict in zip(batch, results, strict=True):
+            if verdict.outcome == "ok":
                 report.blocks_checked += 1
-                report.bytes_checked += size
-            elif outcome == "unverified":
+                report.bytes_checked += verdict.size
+            elif verdict.outcome == "unverified":
                 report.unverified.append(block_id.hex())
+            elif verdict.base is not None:
+                # Name both: the delta that cannot be read, and the base that is why.
+                report.bad_bases.append(
+                    {"block": block_id.hex(), "base": verdict.base.hex(),
+                     "problem": verdict.base_outcome}
+                )
+                bad = report.missing if verdict.base_outcome == "missing" else report.corrupt
+                if verdict.base.hex() not in bad:
+                    bad.append(verdict.base.hex())
+                lost.append(block_id)
             else:
-                (report.missing if outcome == "missing" else report.corrupt).append(block_id.hex())
+                bad = report.missing if verdict.outcome == "missing" else report.corrupt
+                bad.append(block_id.hex())
                 lost.append(block_id)
         progress.advance(len(batch))
     return lost
@@ -364,6 +404,8 @@ def _check_region(
             # Beside a running daemon a block can be collected after we listed it: only
             # what is still referenced now is damage.
             still = set(index.referenced_block_ids())
+            report.bad_bases = [d for d in report.bad_bases if bytes.fromhex(d["block"]) in still]
+            still |= {bytes.fromhex(d["base"]) for d in report.bad_bases}
             lost = [b for b in lost if b in still]
             report.missing = [h for h in report.missing if bytes.fromhex(h) in still]
             report.corrupt = [h for h in report.corrupt if bytes.fromhex(h) in still]
@@ -490,6 +532,9 @@ def render(report: CheckReport) -> None:
             print(f"  index damaged: {problem}")
         if r.unverified:
             print(f"  {len(r.unverified)} blocks not verified: their key is disabled")
+        for bad in r.bad_bases[:20]:
+            print(f"  block {bad['block']} (a delta) does not read: its base {bad['base']} is "
+                  f"{bad['problem']}")
         for d in r.damaged_snapshots:
             if d.map_unreadable:
                 print(f"  snapshot {d.name} ({d.id}) is damaged: its block map is unreadable")

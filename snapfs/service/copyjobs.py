@@ -38,7 +38,7 @@ from snapfs.errors import (
     as_snapfs_error,
 )
 from snapfs.faults import fault_point
-from snapfs.formats import codec
+from snapfs.formats import codec, delta
 from snapfs.model.states import SnapshotStatus
 from snapfs.pacing import Pacer
 
@@ -329,7 +329,19 @@ class CopyEngine:
         dst_keys = job.dst.block_keys()
         id_key = dst_keys.id_key if dst_keys is not None else None
 
+        source_is_delta = src.region.index.base_of(src_id) is not None
+        compression = dst_region.compression
+
         def make_object() -> codec.EncodedBlock:
+            if source_is_delta:
+                # Rewritten whole: a repair must not depend on another block of the
+                # destination, which may be what is damaged.
+                plain, _ = src.region.materialize(src_id)
+                if codec.content_id(plain, id_key) != dst_id:
+                    raise BlockCorrupt(
+                        f"source block {block_no} of {src.id} no longer matches the destination's"
+                    )
+                return codec.encode(plain, dst_id, dst_keys, dst_region.name, compression)
             if src_id == dst_id and (dst_keys is None or src.region is dst_region):
                 return src.region.fetch_object(src_id)
             new_id, opened = src.region.open_for_copy(src_id, id_key)
@@ -346,6 +358,8 @@ class CopyEngine:
                 f"source snapshot {src.id} in region {src.region.name} lost block {block_no}: "
                 f"{exc.message}"
             ) from None
+        if dst_region.index.base_of(dst_id) is not None:
+            dst_region.index.set_base(dst_id, None)  # the object is whole now
 
     def _batch_blocks(self, block_size: int) -> int:
         if not self.bandwidth_limit:
@@ -388,7 +402,47 @@ class CopyEngine:
         def open_and_seal(block_id: bytes, expected: bytes) -> codec.EncodedBlock:
             return seal(open_block(block_id, expected)[1], expected)
 
+        compression = dst_region.compression  # read here: the index is the trio thread's
+
+        def whole(block_id: bytes, new_id: bytes) -> codec.EncodedBlock:
+            plain, _ = src.region.materialize(block_id)
+            return codec.encode(plain, new_id, dst_keys, dst_region.name, compression)
+
+        async def put_delta(block_id: bytes, base: bytes) -> StoredBlock:
+            """A source block stored as a delta: moved as a delta when the destination holds
+            its base (the bytes that changed, not the block), else whole."""
+            if raw:
+                if dst_region.hold_base(base):
+                    fetch = functools.partial(src.region.fetch_object, block_id)
+                    return await dst_region.put_block(block_id, fetch, held_base=base)
+                return await dst_region.put_block(block_id, functools.partial(whole, block_id,
+                                                                              block_id))
+            # Another key or region: the delta is opened and sealed again for the
+            # destination, over the base's id there (the same id under the same key).
+            dst_base = base if same_keys else dst_region.index.translation(key_tag, base)
+            if same_keys and dst_region.knows(block_id):
+                return await dst_region.put_block(block_id, functools.partial(whole, block_id,
+                                                                              block_id))
+            plain, opened = await workers.run_sync(
+                src.region.materialize, block_id, limiter=dst_region.limiter
+            )
+            new_id = block_id if same_keys else codec.content_id(plain, id_key)
+            if not same_keys:
+                learnt.append((key_tag, block_id, new_id))
+            if opened is not None and dst_base is not None and dst_region.hold_base(dst_base):
+                make = functools.partial(
+                    delta.reseal, opened, new_id, dst_base, dst_keys, dst_region.name, compression
+                )
+                return await dst_region.put_block(new_id, make, held_base=dst_base)
+            make = functools.partial(
+                codec.encode, plain, new_id, dst_keys, dst_region.name, compression
+            )
+            return await dst_region.put_block(new_id, make)
+
         async def put(block_id: bytes) -> StoredBlock:
+            base = src.region.index.base_of(block_id)
+            if base is not None:
+                return await put_delta(block_id, base)
             if raw:
                 fetch = functools.partial(src.region.fetch_object, block_id)
                 return await dst_region.put_block(block_id, fetch)
@@ -429,7 +483,7 @@ class CopyEngine:
                     nursery.start_soon(transfer, block_no, block_id)
             pins = [s.block_id for s in stored]
             new_blocks = {s.block_id: s.new for s in stored if s.new is not None}
-            written = sum(s.new.plain_size for s in stored if s.written and s.new)
+            written = sum(s.new.transferred_size for s in stored if s.written and s.new)
             if new_blocks:
                 fault_point("copy_batch_written")
                 await dst_region.sync()

@@ -20,7 +20,9 @@ A manifest (format version 1) is a 36-byte header and a payload::
 The JSON holds the snapshot's metadata (name, size, mode, owner, times, lineage, description,
 retention, encryption, transferred bytes), its tags, and its block map as rows
 `[block_no, hex id, plain_size, stored_size, codec]` (enough to rebuild the `blocks` rows
-without reading an object). An encrypted snapshot's manifest is sealed under a key derived
+without reading an object); since document version 2 a delta block's row has a sixth column,
+its base's id, and `bases` lists the rows of those bases (formats/delta.py).
+An encrypted snapshot's manifest is sealed under a key derived
 from its CMK (HKDF info "snapfs manifest aead v1"), with the header, the region name and the
 snapshot id as associated data: block ids, sizes and names stay unreadable without the key,
 and a manifest moved to another id or region does not open.
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SNFM"
 VERSION = 1
+# The JSON inside: version 2 (issue 16) adds a sixth column to a delta block's row, its
+# base's id, and "bases", the rows of those bases; version 1 documents read as before.
+DOCUMENT_VERSION = 2
 FLAG_ENCRYPTED = 1
 HEADER = struct.Struct("<4sBBH16s12s")
 REGION_KEY = "region.json"
@@ -131,11 +136,15 @@ def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict
     blocks = index.block_map_with_sizes(snapshot_id)
     return {
         "format": "snapfs-manifest",
-        "version": VERSION,
+        "version": DOCUMENT_VERSION,
         "region": region,
         **{field: row[field] for field in FIELDS},
         "tags": index.tags(snapshot_id),
-        "blocks": [[no, hexid.lower(), *sizes] for no, hexid, *sizes in blocks],
+        "blocks": [
+            [no, hexid.lower(), plain, stored, codec, *([base.lower()] if base else [])]
+            for no, hexid, plain, stored, codec, base in blocks
+        ],
+        "bases": [[hexid.lower(), *sizes] for hexid, *sizes in index.bases_of(snapshot_id)],
     }
 
 
@@ -315,7 +324,8 @@ def rebuild(
         except SnapfsError as exc:
             report.skipped.append(f"{snapshot_id}: {exc}")
             continue
-        missing = sum(1 for b in doc["blocks"] if b[1] not in present)
+        needed = [b[1] for b in doc["blocks"]] + [b[0] for b in doc.get("bases", [])]
+        missing = sum(1 for key in needed if key not in present)
         if missing:
             report.skipped.append(
                 f"{doc['name']} ({doc['id']}): {missing} of its blocks are not in the bucket"
@@ -331,11 +341,16 @@ def rebuild(
 def _restored(doc: dict[str, Any]) -> RestoredSnapshot:
     row = {field: doc[field] for field in FIELDS}
     row.update(status=SnapshotStatus.AVAILABLE, deleted=0)
+    blocks = [
+        (no, bytes.fromhex(h), plain, stored, codec, bytes.fromhex(rest[0]) if rest else None)
+        for no, h, plain, stored, codec, *rest in doc["blocks"]
+    ]
     return RestoredSnapshot(
         row=row,
-        blocks=[(no, bytes.fromhex(h), *sizes) for no, h, *sizes in doc["blocks"]],
+        blocks=blocks,
         tags=doc["tags"],
         key_id=doc["kms_key_id"] if doc["encrypted"] else None,
+        bases=[(bytes.fromhex(h), *sizes) for h, *sizes in doc.get("bases", [])],
     )
 
 

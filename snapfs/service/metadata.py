@@ -26,6 +26,7 @@ REGION_SETTINGS = (
     "max_parallel_copies",
     "snapshot_quota",
     "compression",
+    "deltas",
     "default_kms_key_id",
     "encrypt_by_default",
 )
@@ -86,6 +87,8 @@ def set_region_setting(store: Store, region: Region, key: str, value: str, name:
         region.index.set_setting(key, str(_positive(value, name, 1 << 40)))
     elif key == "compression":
         region.set_compression(value)
+    elif key == "deltas":
+        region.set_deltas(value)
     elif key == "default_kms_key_id":
         region.index.set_setting(key, store.keys.usable(value.strip(), region.name).id)
     elif key == "encrypt_by_default":

@@ -50,6 +50,8 @@ COMMIT_EVERY = 256  # blocks per index transaction while writing
 ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
 DIRTY_BLOCKS_MAX = 16  # partly written blocks a writer keeps before storing the oldest
 READ_AHEAD = 8  # blocks fetched ahead of a sequential reader
+DELTA_MISSES = 8  # delta attempts in a row that did not pay before a writer mostly stops
+DELTA_PROBE = 32  # then one block in this many still tries
 # A read of at most 1/this of a block that does not follow the last one is a random read:
 # it decodes only the frames it needs (formats/codec.py, version 2).
 RANDOM_READ_SHARE = 4
@@ -383,6 +385,10 @@ class SnapshotWriter:
         # Snapshots open for reading while this one was written: its possible sources.
         self.read_meanwhile: set[Snapshot] = set()
         self.written_bytes = 0  # plaintext of the new objects this writer stored
+        # Deltas (formats/delta.py): the snapshot new blocks are compared with.
+        self._reference_chosen = False
+        self._reference_snap: Snapshot | None = None
+        self._delta_misses = 0
         # Counts every change to the block map in the index: a comparison that awaits
         # (lifecycle.maps_equal) holds only if this did not move meanwhile.
         self.map_version = 0
@@ -497,9 +503,10 @@ class SnapshotWriter:
             # The buffer itself, not a copy: it left `dirty` for good (a failed store puts
             # it back, but then it was never cached), so nothing writes to it any more.
             plain = buf if block_no * self.block_size < self.snap.size else b""
+            base_id = self._delta_base(block_no) if plain else None
             try:
                 stored = await self.region.store_block(
-                    plain, self.snap.block_keys(), self._raw_copy_source(block_no)
+                    plain, self.snap.block_keys(), self._raw_copy_source(block_no), base_id
                 )
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
@@ -525,7 +532,9 @@ class SnapshotWriter:
                 if stored.new is not None:
                     self.new_blocks[stored.block_id] = stored.new
             if stored is not None and stored.written and stored.new is not None:
-                self.written_bytes += stored.new.plain_size
+                self.written_bytes += stored.new.transferred_size
+                if base_id is not None:
+                    self._delta_tried(stored.new.base_id is not None)
             if self.snap.copy_source is not None:
                 try:
                     self._check_copy(block_no, stored, await self._source_id(plain, stored))
@@ -547,6 +556,49 @@ class SnapshotWriter:
                 log.error(
                     "snapshot %s (%s): commit failed: %s", self.snap.name, self.snap.id, self.error
                 )
+
+    # --- deltas: which block a new one is probably a variant of -----------------------------
+
+    def _reference(self) -> Snapshot | None:
+        """The snapshot this one most likely descends from, chosen at its first new block:
+        one read while this was written (rsync reads the file it replaces, `cp --reflink`
+        style tools the original), else the region's most recently sealed snapshot, under
+        the same key (a delta is bound to its base's id, which is keyed)."""
+        if self._reference_chosen:
+            return self._reference_snap
+        self._reference_chosen = True
+        snap = self.snap
+        candidates = [
+            s
+            for s in self.region.snapshots.values()
+            if s is not snap
+            and s.status == SnapshotStatus.AVAILABLE
+            and s.kms_key_id == snap.kms_key_id
+        ]
+        read = [s for s in candidates if s in self.read_meanwhile]
+        pool = read or candidates
+        self._reference_snap = max(pool, key=lambda s: s.sealed_at or 0.0, default=None)
+        if self._reference_snap is not None:
+            log.debug("snapshot %s stores deltas over %s", snap.id, self._reference_snap.id)
+        return self._reference_snap
+
+    def _delta_base(self, block_no: int) -> bytes | None:
+        """The block to try storing block `block_no` as a delta over: the reference's block
+        at the same place (its own base if it is a delta). After DELTA_MISSES attempts in a
+        row that did not pay (an unrelated image), only every DELTA_PROBE-th block tries,
+        so an ingest unlike its reference stops paying a base read per block."""
+        if not self.region.deltas or self.snap.copy_source is not None:
+            return None
+        if self._delta_misses >= DELTA_MISSES and block_no % DELTA_PROBE:
+            return None
+        reference = self._reference()
+        if reference is None or reference.region is not self.region:
+            return None
+        block_id = self.region.index.block_id(reference.id, block_no)
+        return self.region.full_base(block_id) if block_id is not None else None
+
+    def _delta_tried(self, paid: bool) -> None:
+        self._delta_misses = 0 if paid else self._delta_misses + 1
 
     def _raw_copy_source(self, block_no: int) -> tuple[Region, bytes] | None:
         """The source's object for this block of a `cp` copy, when it could move as it is:
@@ -585,7 +637,7 @@ class SnapshotWriter:
         if stored is not None:
             self.snap.copy_matched.add(block_no)
             if stored.written and stored.new is not None:
-                self.snap.transferred_bytes += stored.new.plain_size
+                self.snap.transferred_bytes += stored.new.transferred_size
             fault_point("cp_copy_block")
 
     def _raise_deferred(self) -> None:

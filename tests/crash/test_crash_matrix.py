@@ -15,7 +15,7 @@ from . import workload
 
 # (point, hit): the N-th time the daemon reaches the point it dies. Each is reached by the
 # workload's steps in order: ingest, cp copy, mv, snapfs copy into an encrypted region,
-# rm, retention.
+# a variant stored as deltas, rm of its bases' snapshot, retention, rm of the variant.
 CASES = [
     ("object_written", 1),  # ingest: the first object, nothing committed
     ("object_written", 200),  # ingest: after the mid-file commit
@@ -32,8 +32,11 @@ CASES = [
     ("gc_rows_dropped", 1),  # collection of the moved source: rows gone, objects not
     ("copy_batch_synced", 5),  # snapfs copy (re-encrypting) into vault, mid-job
     ("copy_finished", 2),  # snapfs copy done
+    ("delta_written", 1),  # variant ingest: a delta object written, its row not committed
+    ("delta_written", 12),  # variant ingest: more deltas, before its seal
     ("gc_object_deleted", 40),  # rm doomed: collection half-way through its objects
     ("retention_released", 1),  # retention: one of two expired snapshots released
+    ("gc_delta_dropped", 1),  # rm variant: delta rows gone, their bases still stored
 ]
 
 

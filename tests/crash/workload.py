@@ -17,6 +17,7 @@ again without the fault and `verify` checks, whatever step the daemon died in:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +51,10 @@ IMAGES = {
     "expiring": (1 * MiB, 15, 0.2),
     "new": (5 * MiB + 123, 16, 0.1),  # > 256 blocks: the writer commits once mid-file
 }
+# Images made from another by rewriting one 4 KiB page in every VARIANT_EVERY-th block:
+# stored as deltas over the original's blocks (formats/delta.py).
+VARIANTS = {"variant": "doomed"}
+VARIANT_EVERY = 8
 SRC, DST, VAULT = "src", "dst", "vault"
 STEP_TIMEOUT = 60.0
 
@@ -70,6 +75,12 @@ class Images:
         images = cls(directory)
         for name, (size, seed, zeros) in IMAGES.items():
             diskimage.create(images.path(name), size, seed=seed, zeros=zeros)
+            images.digests[name] = sha256(images.path(name))
+        for name, original in VARIANTS.items():
+            data = bytearray(images.path(original).read_bytes())
+            for offset in range(0, len(data) - 4 * KiB, VARIANT_EVERY * BLOCK_SIZE):
+                data[offset + 4 * KiB : offset + 8 * KiB] = os.urandom(4 * KiB)
+            images.path(name).write_bytes(data)
             images.digests[name] = sha256(images.path(name))
         return images
 
@@ -175,9 +186,33 @@ class Workload:
             raise
         self._until(lambda: self._status(self.m.path / VAULT / "keep.img") == "available", "copy")
 
+    def variant(self) -> None:
+        """A variant of doomed.img written while doomed.img is open for reading (as rsync
+        reads the file it replaces): stored as deltas over doomed's blocks."""
+        try:
+            original = os.open(self.m.path / SRC / "doomed.img", os.O_RDONLY)
+        except OSError:
+            if wait_for(self.dead, 5):
+                raise DaemonDied("variant") from None
+            raise
+        try:
+            self._tool("cp", self.images.path("variant"), self.m.path / SRC / "variant.img")
+        finally:
+            with contextlib.suppress(OSError):  # a dead daemon's mount refuses the close
+                os.close(original)
+        self._until(
+            lambda: self._status(self.m.path / SRC / "variant.img") == "available", "seal"
+        )
+
     def delete(self) -> None:
+        """rm doomed.img: the blocks variant.img's deltas are over stay as their bases."""
         self._tool("rm", self.m.path / SRC / "doomed.img")
         self._until(lambda: gc_settled(self.m.store, SRC), "collection after rm")
+
+    def drop_variant(self) -> None:
+        """rm variant.img: its deltas go, then the bases they kept."""
+        self._tool("rm", self.m.path / SRC / "variant.img")
+        self._until(lambda: gc_settled(self.m.store, SRC), "collection of the bases")
 
     def retention(self) -> None:
         for name in ("expiring.img", "expiring2.img"):
@@ -188,7 +223,10 @@ class Workload:
         self._until(lambda: not set(gone) & set(os.listdir(self.m.path / SRC)), "retention")
         self._until(lambda: gc_settled(self.m.store, SRC), "collection after retention")
 
-    STEPS = ("ingest", "cp_copy", "move", "api_copy", "delete", "retention")
+    STEPS = (
+        "ingest", "cp_copy", "move", "api_copy", "variant", "delete", "retention",
+        "drop_variant",
+    )  # fmt: skip
 
     def run_steps(self) -> str | None:
         """Run every step; the name of the step the daemon died in, or None if it lived."""
@@ -210,6 +248,7 @@ EXPECTED = {
     (SRC, "keep.img"): "keep",
     (SRC, "new.img"): "new",
     (SRC, "doomed.img"): "doomed",
+    (SRC, "variant.img"): "variant",
     (SRC, "expiring.img"): "expiring",
     (SRC, "expiring2.img"): "expiring",
     (SRC, "mover.img"): "mover",
