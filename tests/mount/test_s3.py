@@ -422,3 +422,50 @@ def test_transient_errors_are_retried_and_logged_permanent_ones_not(
     with pytest.raises(BackendDenied):
         backend.put("k1", b"data")
     assert denied.stored == {}
+
+
+def test_deltas_move_into_s3_and_rebuild_with_their_bases(
+    s3: S3Server, s3mnt: SnapfsMount, tmp_path: Path
+) -> None:
+    """Scattered page changes (issue 16) move into an S3 region as deltas; after day 1 is
+    deleted there its blocks stay as bases, and a store rebuilt from the bucket's manifests
+    keeps them (the manifests list them), so day 2 reads back on the new machine."""
+    from .test_deltas import day_images, transferred
+
+    day1, day2, changed = day_images(tmp_path)
+    local = s3mnt.path / "us-east-1"
+    local.mkdir()
+    remote = create_s3_region(s3mnt, s3, "eu-west-1", "deltas")
+    for name, path in (("day1.img", day1), ("day2.img", day2)):
+        shutil.copyfile(path, local / name)
+        assert attr(local / name, "status") == "available"
+    for name in ("day1.img", "day2.img"):
+        os.rename(local / name, remote / name)
+        assert copy_done(remote / name) == "available"
+    assert transferred(remote / "day2.img") <= 2 * changed
+    (remote / "day1.img").unlink()
+    assert sha256(remote / "day2.img") == sha256(day2)
+    s3mnt.umount()
+    shutil.rmtree(s3mnt.store)
+
+    new = SnapfsMount(tmp_path / "new-store", tmp_path / "new-mnt")
+    result = run(
+        *SNAPFS, "region", "attach", "eu-west-1", "--backend", f"s3://{BUCKET}/deltas",
+        "--endpoint", s3.endpoint, "--store", new.store,
+    )  # fmt: skip
+    assert "1 snapshot" in result.stdout, result.stdout + result.stderr
+    db = sqlite3.connect(new.store / "regions" / "eu-west-1" / "index.db")
+    bases = db.execute(
+        "SELECT count(DISTINCT d.base_id), count(DISTINCT b.id), min(b.refcount) FROM blocks d "
+        "LEFT JOIN blocks b ON b.id = d.base_id WHERE d.base_id IS NOT NULL"
+    ).fetchone()
+    db.close()
+    assert bases[0] > 0 and bases[0] == bases[1] and bases[2] >= 1, bases  # rows, counted
+    new.mount()
+    try:
+        region = new.path / "eu-west-1"
+        assert sha256(region / "day2.img") == sha256(day2)
+        report = json.loads(new.cli("check", "--store", new.store, "--json").stdout)
+        assert report["ok"], report
+    finally:
+        new.teardown()
