@@ -213,7 +213,7 @@ class BlockRepository:
         elif base_id is not None and not self.knows(block_id) and self.hold_base(base_id):
             held = base_id
             try:
-                base = await self.read_block(base_id)
+                base = await self.base_plaintext(base_id, len(plain))
             except Exception:  # noqa: BLE001 - a base that does not read: store it whole
                 log.warning("region %s: base %s does not read; storing a block whole",
                             self.name, base_id.hex(), exc_info=True)
@@ -239,6 +239,8 @@ class BlockRepository:
         stored over it: garbage collection must not take a base between this check and the
         commit of the delta's row, whose trigger then counts the reference. False (nothing
         pinned) if the region lacks it, is collecting it, or holds it as a delta itself."""
+        if base_id == delta.ZERO_BASE:
+            return True  # no object to keep: nothing to pin
         if base_id in self._unlinking:
             return False
         known = self._uncommitted.get(base_id)
@@ -252,7 +254,15 @@ class BlockRepository:
 
     def release_base(self, base_id: bytes) -> None:
         """Undo a `hold_base` whose delta was not stored."""
-        self._unpin(base_id)
+        if base_id != delta.ZERO_BASE:
+            self._unpin(base_id)
+
+    async def base_plaintext(self, base_id: bytes, size: int) -> Plaintext:
+        return zeros(size) if base_id == delta.ZERO_BASE else await self.read_block(base_id)
+
+    def _base_plaintext_sync(self, base_id: bytes, size: int) -> Plaintext:
+        """Worker thread: a base's plaintext, from the store (no cache in threads)."""
+        return bytes(size) if base_id == delta.ZERO_BASE else self._get_and_decode(base_id)
 
     def full_base(self, block_id: bytes) -> bytes:
         """The full block to store a delta over, for a block resembling `block_id`: the
@@ -289,7 +299,7 @@ class BlockRepository:
         if not delta.is_delta(data):
             return self._decode(block_id, data), None
         opened = self._open_delta(block_id, data)
-        base = self._get_and_decode(opened.base_id)
+        base = self._base_plaintext_sync(opened.base_id, opened.plain_size)
         return bytes(self._applied(block_id, base, opened)), opened
 
     def _open_delta(self, block_id: bytes, data: bytes) -> delta.Delta:
@@ -336,11 +346,11 @@ class BlockRepository:
             stored = await self._put_block(block_id, make_object)
         except BaseException:
             if held_base is not None:
-                self._unpin(held_base)
+                self.release_base(held_base)
             raise
         if held_base is not None and (stored.new is None or stored.new.base_id != held_base
                                       or not stored.written):
-            self._unpin(held_base)
+            self.release_base(held_base)
         return stored
 
     async def _put_block(
@@ -457,7 +467,9 @@ class BlockRepository:
             codec.decode(data, block_id, self._keys_for, self.name)
             return codec.EncodedBlock(block_id, (data,), header.plain_size, header.codec)
         opened = self._open_delta(block_id, data)
-        self._applied(block_id, self._get_and_decode(opened.base_id), opened)
+        self._applied(
+            block_id, self._base_plaintext_sync(opened.base_id, opened.plain_size), opened
+        )
         return codec.EncodedBlock(
             block_id, (data,), header.plain_size, header.codec, base_id=opened.base_id
         )
@@ -501,7 +513,7 @@ class BlockRepository:
         the row's trigger counts the reference from now on."""
         new = self._uncommitted.pop(block_id, None)
         if new is not None and new.base_id is not None:
-            self._unpin(new.base_id)
+            self.release_base(new.base_id)
 
     def _unpin(self, block_id: bytes) -> None:
         self._pins[block_id] -= 1
@@ -536,7 +548,7 @@ class BlockRepository:
                 self.keys.prime()
                 loaded = await self._load(block_id)
             if isinstance(loaded, delta.Delta):  # over its base, usually in the cache
-                base = await self.read_block(loaded.base_id)
+                base = await self.base_plaintext(loaded.base_id, loaded.plain_size)
                 plain: Plaintext = await workers.run_sync(
                     self._applied, block_id, base, loaded, limiter=self.limiter
                 )

@@ -21,7 +21,8 @@ Reading one: the base block's plaintext (usually in the cache) with the pages la
 then the whole plaintext checked against the block id, as for any block. A range of it (a
 random read) needs only the check (or the tag) and the base's frames for that range, which
 verify themselves. A base is always a full object (version 1 or 2), never a delta: chains
-have depth one, so a read costs at most two objects.
+have depth one, so a read costs at most two objects. The base may also be the all-zero
+block (`ZERO_BASE`), which costs no object at all.
 
 The last page of a short block may be short. A delta and its base have the same plaintext
 length; the writer stores a block whole when more than `MAX_SHARE` of it changed, since
@@ -43,6 +44,10 @@ from snapfs.errors import BlockCorrupt
 from snapfs.formats import codec
 
 VERSION = 3
+# The base id of a delta over the all-zero block: a block that was a hole in the snapshot
+# it resembles (free space a filesystem then wrote a few pages into). No object holds it and
+# no reference counts it; no BLAKE3 id is all zeros.
+ZERO_BASE = bytes(32)
 PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT
 MAX_SHARE = 0.5  # more changed than this: store the block whole

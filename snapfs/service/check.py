@@ -173,7 +173,13 @@ def _verify(
             return Verdict("ok", len(codec.decode(data, block_id, keys_for, region)))
         opened = delta.open(data, block_id, keys_for, region)
         try:
-            base = codec.decode(backend.get(opened.base_id.hex()), opened.base_id, keys_for, region)
+            base = (
+                bytes(opened.plain_size)
+                if opened.base_id == delta.ZERO_BASE
+                else codec.decode(
+                    backend.get(opened.base_id.hex()), opened.base_id, keys_for, region
+                )
+            )
         except FileNotFoundError:
             return Verdict("corrupt", base=opened.base_id, base_outcome="missing")
         except BlockCorrupt:

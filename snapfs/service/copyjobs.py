@@ -419,7 +419,11 @@ class CopyEngine:
                                                                               block_id))
             # Another key or region: the delta is opened and sealed again for the
             # destination, over the base's id there (the same id under the same key).
-            dst_base = base if same_keys else dst_region.index.translation(key_tag, base)
+            dst_base = (
+                base
+                if same_keys or base == delta.ZERO_BASE
+                else dst_region.index.translation(key_tag, base)
+            )
             if same_keys and dst_region.knows(block_id):
                 return await dst_region.put_block(block_id, functools.partial(whole, block_id,
                                                                               block_id))

@@ -30,6 +30,7 @@ from snapfs.blocks.cache import Plaintext
 from snapfs.blocks.repository import zeros
 from snapfs.errors import BlockCorrupt, SnapfsError, SnapshotFailed, as_snapfs_error
 from snapfs.faults import fault_point
+from snapfs.formats import delta
 from snapfs.formats.codec import FRAME_SHIFT, content_id
 from snapfs.meta.index import NewBlock
 from snapfs.model.names import snapshot_ino
@@ -595,7 +596,11 @@ class SnapshotWriter:
         if reference is None or reference.region is not self.region:
             return None
         block_id = self.region.index.block_id(reference.id, block_no)
-        return self.region.full_base(block_id) if block_id is not None else None
+        if block_id is None:
+            # A hole there (free space): a few pages written into it are a delta over zeros.
+            inside = block_no * self.block_size < reference.size
+            return delta.ZERO_BASE if inside else None
+        return self.region.full_base(block_id)
 
     def _delta_tried(self, paid: bool) -> None:
         self._delta_misses = 0 if paid else self._delta_misses + 1

@@ -193,3 +193,37 @@ def test_a_damaged_base_reads_as_eio_and_check_names_both(
         assert failed.value.errno == errno.EIO
         other = (block_no + 1) % (day2.stat().st_size // bs)  # over an intact base
         assert os.pread(f.fileno(), bs, other * bs) == day2.read_bytes()[other * bs :][:bs]
+
+
+def test_pages_written_into_free_space_are_deltas_over_zeros(
+    mnt: SnapfsMount, tmp_path: Path
+) -> None:
+    """A disk image is mostly free space: pages a filesystem writes into a block that was a
+    hole in day 1 are a delta over the zero block, so they transfer as what they are too."""
+    from snapfs.cli import diskimage
+
+    rng = random.Random(5)
+    day1, day2 = tmp_path / "day1.img", tmp_path / "day2.img"
+    diskimage.create(day1, 8 * MiB, seed=4, zeros=0.6)
+    data = bytearray(day1.read_bytes())
+    holes = [n for n in range(16) if not any(data[n * 512 * KiB : (n + 1) * 512 * KiB])]
+    assert holes
+    pages = [hole * 128 + rng.randrange(128) for hole in holes]
+    for page in pages:
+        data[page * PAGE : (page + 1) * PAGE] = rng.randbytes(PAGE)
+    day2.write_bytes(data)
+    changed = len(pages) * PAGE
+    a, b = mnt.path / "us-east-1", mnt.path / "eu-west-1"
+    for region in (a, b):
+        region.mkdir()
+    ingest(day1, a / "day1.img")
+    ingest(day2, a / "day2.img")
+    os.rename(a / "day1.img", b / "day1.img")
+    assert wait_for(lambda: status(b / "day1.img") == "available", 30)
+    os.rename(a / "day2.img", b / "day2.img")
+    assert wait_for(lambda: status(b / "day2.img") == "available", 30)
+    assert transferred(b / "day2.img") <= 2 * changed, (transferred(b / "day2.img"), changed)
+    assert sha256(b / "day2.img") == sha256(day2)
+    mnt.umount()
+    code, report = mnt.check()
+    assert code == 0, report
