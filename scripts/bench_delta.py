@@ -399,26 +399,17 @@ def encoding_run(m: Mount, enc: str, w: Workload, day1: Path, day2: Path, sha2: 
             r["mv_stored_added"] = m.stored(b) - before
             r["delta_objects_mv"] = m.delta_objects(b)
             s.verify("mv", b / day2.name, sha2)
-    with s.stage("cp", "mv") as go:
-        if go:
-            c = m.region(f"cp-{enc}", setting)
-            r["cp_day1_s"] = m.cp(b / day1.name, c)
-            before = m.stored(c)
-            r["cp_day2_s"] = m.cp(b / day2.name, c)
-            r["cp_transferred"] = transferred(c / day2.name)
-            r["cp_stored_added"] = m.stored(c) - before
-            r["delta_objects_cp"] = m.delta_objects(c)
-            s.verify("cp", c / day2.name, sha2)
-    with s.stage("copy", "mv") as go:
-        if go:
-            d = m.region(f"copy-{enc}", setting)
-            r["copy_day1_s"] = m.copy(b / day1.name, d)
-            before = m.stored(d)
-            r["copy_day2_s"] = m.copy(b / day2.name, d)
-            r["copy_transferred"] = transferred(d / day2.name)
-            r["copy_stored_added"] = m.stored(d) - before
-            r["delta_objects_copy"] = m.delta_objects(d)
-            s.verify("copy", d / day2.name, sha2)
+    for name, method in (("cp", m.cp), ("copy", m.copy)):
+        with s.stage(name, "mv") as go:
+            if go:
+                dst = m.region(f"{name}-{enc}", setting)
+                r[f"{name}_day1_s"] = method(b / day1.name, dst)
+                before = m.stored(dst)
+                r[f"{name}_day2_s"] = method(b / day2.name, dst)
+                r[f"{name}_transferred"] = transferred(dst / day2.name)
+                r[f"{name}_stored_added"] = m.stored(dst) - before
+                r[f"delta_objects_{name}"] = m.delta_objects(dst)
+                s.verify(name, dst / day2.name, sha2)
     if server is not None:
         with s.stage("s3", "mv") as go:
             if go:
