@@ -635,8 +635,8 @@ def report(result: Result) -> None:
     print(f"\n== {result['workload']}: {result['pages']} pages = {changed / MiB:.2f} MiB changed"
           f" of a {result['image_bytes'] / MiB:.0f} MiB image;\n   the pages lie in "
           f"{result['blocks_touched']} of its {result['blocks']} {block // 1024} KiB blocks, "
-          f"{result['blocks_touched_zero_on_day1']} of those all zero on day 1 (no base for a "
-          "delta there)")
+          f"{result['blocks_touched_zero_on_day1']} of those all zero on day 1 (deltas over "
+          "the zero block)")
     cols = ["deltas", "whole"] + [t for t in ("restic", "borg") if t in result]
     print(f"{'scenario (ratio to changed bytes)':{LABEL}}"
           + "".join(f"{LABELS[c]:>{CELL + 2}}" for c in cols) + "  target (deltas <= 2)")

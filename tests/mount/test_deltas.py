@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,41 @@ def test_pages_written_into_free_space_are_deltas_over_zeros(
     mnt.umount()
     code, report = mnt.check()
     assert code == 0, report
+
+
+def test_a_base_that_is_itself_a_delta_is_eio_not_a_hang(
+    mnt: SnapfsMount, tmp_path: Path
+) -> None:
+    """A damaged (or forged) store whose delta's base was replaced by a delta over that
+    very block: reading it is EIO at once, not two loads waiting on each other."""
+    from snapfs.formats import codec, delta
+
+    day1, day2, _ = day_images(tmp_path, pages=2)
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    ingest(day1, region / "day1.img")
+    ingest(day2, region / "day2.img")
+    mnt.umount()
+    directory = mnt.store / "regions" / region.name
+    db = sqlite3.connect(directory / "index.db")
+    delta_id, base_id = db.execute(
+        "SELECT id, base_id FROM blocks WHERE base_id IS NOT NULL LIMIT 1"
+    ).fetchone()
+    (block_no,) = db.execute(
+        "SELECT block_no FROM snapshot_blocks WHERE block_id = ?", [delta_id]
+    ).fetchone()
+    db.close()
+    bs = 512 * KiB
+    base_plain = day1.read_bytes()[block_no * bs : (block_no + 1) * bs]
+    block_plain = day2.read_bytes()[block_no * bs : (block_no + 1) * bs]
+    pages = delta.changed_pages(base_plain, block_plain)
+    forged = delta.encode(base_plain, base_id, delta_id, pages, None, region.name)
+    assert codec.content_id(base_plain) == base_id
+    StoredObject(base_id.hex(), directory / "blocks").write_bytes(forged.data)
+    mnt.mount()
+    done = subprocess.run(
+        ["dd", f"if={region / 'day2.img'}", "of=/dev/null", f"bs={bs}", f"skip={block_no}",
+         "count=1", "status=none"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Input/output error" in done.stderr, done.stderr
