@@ -258,7 +258,9 @@ class BlockRepository:
             self._unpin(base_id)
 
     async def base_plaintext(self, base_id: bytes, size: int) -> Plaintext:
-        return zeros(size) if base_id == delta.ZERO_BASE else await self.read_block(base_id)
+        if base_id == delta.ZERO_BASE:
+            return zeros(size)
+        return await self.read_block(base_id, as_base=True)
 
     def _base_plaintext_sync(self, base_id: bytes, size: int) -> Plaintext:
         """Worker thread: a base's plaintext, from the store (no cache in threads)."""
@@ -522,8 +524,12 @@ class BlockRepository:
 
     # --- reading blocks --------------------------------------------------------------------
 
-    async def read_block(self, block_id: bytes) -> Plaintext:
-        """Plaintext of a block, verified against its id; BlockCorrupt (EIO) otherwise."""
+    async def read_block(self, block_id: bytes, *, as_base: bool = False) -> Plaintext:
+        """Plaintext of a block, verified against its id; BlockCorrupt (EIO) otherwise.
+
+        `as_base`: read as a delta's base, which must be a full object. A damaged store whose
+        "base" is a delta again (perhaps over the block being read) is EIO, not a wait for
+        a load that waits on this one."""
         while True:
             cached = self.cache.get(block_id)
             if cached is not None:
@@ -548,6 +554,11 @@ class BlockRepository:
                 self.keys.prime()
                 loaded = await self._load(block_id)
             if isinstance(loaded, delta.Delta):  # over its base, usually in the cache
+                if as_base:
+                    raise BlockCorrupt(
+                        f"block {block_id.hex()} in region {self.name} is a delta, and a "
+                        "delta's base must be a whole block"
+                    )
                 base = await self.base_plaintext(loaded.base_id, loaded.plain_size)
                 plain: Plaintext = await workers.run_sync(
                     self._applied, block_id, base, loaded, limiter=self.limiter
