@@ -406,6 +406,8 @@ class CopyEngine:
 
         def whole(block_id: bytes, new_id: bytes) -> codec.EncodedBlock:
             plain, _ = src.region.materialize(block_id)
+            if new_id != block_id and codec.content_id(plain, id_key) != new_id:
+                raise BlockCorrupt(f"block {block_id.hex()} does not match its translation")
             return codec.encode(plain, new_id, dst_keys, dst_region.name, compression)
 
         async def put_delta(block_id: bytes, base: bytes) -> StoredBlock:
@@ -424,9 +426,10 @@ class CopyEngine:
                 if same_keys or base == delta.ZERO_BASE
                 else dst_region.index.translation(key_tag, base)
             )
-            if same_keys and dst_region.knows(block_id):
-                return await dst_region.put_block(block_id, functools.partial(whole, block_id,
-                                                                              block_id))
+            # Held already (under a translation learnt before, between keys): only mapped.
+            known = block_id if same_keys else dst_region.index.translation(key_tag, block_id)
+            if known is not None and dst_region.knows(known):
+                return await dst_region.put_block(known, functools.partial(whole, block_id, known))
             plain, opened = await workers.run_sync(
                 src.region.materialize, block_id, limiter=dst_region.limiter
             )
