@@ -114,6 +114,8 @@ def tune_read_ahead(mountpoint: Path) -> None:
         path.write_text(f"{READ_AHEAD_KB}\n")
     except OSError as exc:
         log.info("could not set %s (%s); reads use the kernel's read-ahead", path, exc.strerror)
+        return
+    log.info("read-ahead of the mount set to %d KiB (%s)", READ_AHEAD_KB, path)
 
 
 async def _stop_on_signal() -> None:

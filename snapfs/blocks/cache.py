@@ -3,6 +3,14 @@
 Reads arrive in pieces smaller than a block (256 KiB from `cp`, 128 KiB from many tools), so
 each block would be decoded several times without it; read-ahead fills it before the reader
 asks. Keyed by block id, so identical blocks of different snapshots share one entry.
+
+Since sealed snapshots are read through the kernel's page cache (issue 15), repeated reads
+of the same bytes no longer reach it; what remains its job, and why 64 MiB (`CACHE_BYTES`)
+stays enough: a block decoded once for the several requests the kernel splits it into, the
+daemon's read-ahead (8 blocks per sequential reader), single 64 KiB frames of random reads
+(until read-around hands them to the page cache), the bases of delta reads (day 1's block
+while day 2 is read), content a writer reads back for a partial block write, and reads of
+`creating` and `copying` snapshots, which stay direct_io.
 """
 
 from __future__ import annotations

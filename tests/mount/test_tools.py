@@ -643,6 +643,7 @@ def test_the_mount_reads_ahead_four_mib(mnt: SnapfsMount) -> None:
     major, minor = mounts.mount_device(mnt.path)
     path = Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb")
     assert wait_for(lambda: path.read_text().strip() == "4096", 5), path.read_text()
+    assert wait_for(lambda: "read-ahead of the mount set to 4096 KiB" in mnt.log(), 5)
 
 
 def test_fio_randwrite_verify_then_verify_the_sealed_file(tmp_path: Path, region: Path) -> None:
