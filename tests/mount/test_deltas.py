@@ -153,26 +153,37 @@ def test_encrypted_deltas_are_stored_and_move_re_encrypted(
     assert sha256(b / "day2.img") == sha256(day2)
 
 
-def test_a_damaged_base_reads_as_eio_and_check_names_both(
-    mnt: SnapfsMount, tmp_path: Path
-) -> None:
-    day1, day2, _ = day_images(tmp_path, pages=4)
+def a_delta_unmounted(
+    mnt: SnapfsMount, tmp_path: Path, pages: int
+) -> tuple[Path, Path, Path, bytes, bytes, int]:
+    """Day 1 and day 2 (`pages` changed) ingested, then the store unmounted: the images,
+    the region, one of day 2's delta blocks, its base, and its block number."""
+    day1, day2, _ = day_images(tmp_path, pages=pages)
     region = mnt.path / "us-east-1"
     region.mkdir()
     ingest(day1, region / "day1.img")
     ingest(day2, region / "day2.img")
     mnt.umount()
+    db = sqlite3.connect(mnt.store / "regions" / region.name / "index.db")
+    try:
+        delta_id, base_id = db.execute(
+            "SELECT id, base_id FROM blocks WHERE base_id IS NOT NULL LIMIT 1"
+        ).fetchone()
+        (block_no,) = db.execute(
+            "SELECT m.block_no FROM snapshot_blocks m JOIN snapshots s ON s.id = m.snapshot_id "
+            "WHERE s.name = 'day2.img' AND m.block_id = ?",
+            [delta_id],
+        ).fetchone()
+    finally:
+        db.close()
+    return day1, day2, region, delta_id, base_id, block_no
+
+
+def test_a_damaged_base_reads_as_eio_and_check_names_both(
+    mnt: SnapfsMount, tmp_path: Path
+) -> None:
+    day1, day2, region, delta_id, base_id, block_no = a_delta_unmounted(mnt, tmp_path, 4)
     directory = mnt.store / "regions" / region.name
-    db = sqlite3.connect(directory / "index.db")
-    delta_id, base_id = db.execute(
-        "SELECT id, base_id FROM blocks WHERE base_id IS NOT NULL LIMIT 1"
-    ).fetchone()
-    block_no = db.execute(
-        "SELECT m.block_no FROM snapshot_blocks m JOIN snapshots s ON s.id = m.snapshot_id "
-        "WHERE s.name = 'day2.img' AND m.block_id = ?",
-        [delta_id],
-    ).fetchone()[0]
-    db.close()
     base = StoredObject(base_id.hex(), directory / "blocks")
     data = bytearray(base.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -237,21 +248,8 @@ def test_a_base_that_is_itself_a_delta_is_eio_not_a_hang(
     very block: reading it is EIO at once, not two loads waiting on each other."""
     from snapfs.formats import codec, delta
 
-    day1, day2, _ = day_images(tmp_path, pages=2)
-    region = mnt.path / "us-east-1"
-    region.mkdir()
-    ingest(day1, region / "day1.img")
-    ingest(day2, region / "day2.img")
-    mnt.umount()
+    day1, day2, region, delta_id, base_id, block_no = a_delta_unmounted(mnt, tmp_path, 2)
     directory = mnt.store / "regions" / region.name
-    db = sqlite3.connect(directory / "index.db")
-    delta_id, base_id = db.execute(
-        "SELECT id, base_id FROM blocks WHERE base_id IS NOT NULL LIMIT 1"
-    ).fetchone()
-    (block_no,) = db.execute(
-        "SELECT block_no FROM snapshot_blocks WHERE block_id = ?", [delta_id]
-    ).fetchone()
-    db.close()
     bs = 512 * KiB
     base_plain = day1.read_bytes()[block_no * bs : (block_no + 1) * bs]
     block_plain = day2.read_bytes()[block_no * bs : (block_no + 1) * bs]

@@ -590,6 +590,7 @@ def test_the_page_cache_never_serves_an_older_version(region: Path) -> None:
 
 
 def cached_bytes(path: Path) -> int:
+    """Bytes of the file in the page cache (fincore: util-linux, essential on Debian)."""
     out = run("fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path)
     return int(out.stdout.split()[0])
 
@@ -598,8 +599,6 @@ def test_a_random_read_caches_its_whole_frame(region: Path) -> None:
     """A 4 KiB read of a sealed snapshot decodes its 64 KiB frame, and the daemon stores the
     rest of that frame in the page cache (read-around): the neighbouring pages are cached
     and right, also in the file's last, short frame, whose size does not change."""
-    if not shutil.which("fincore"):
-        pytest.skip("fincore (util-linux) is not installed")
     size = 4 * MiB + 12345
     data = os.urandom(size)
     snap = region / "around.img"
