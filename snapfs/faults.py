@@ -33,6 +33,7 @@ EXIT_STATUS = 137  # what a shell reports for kill -9, so a fault looks like one
 POINTS: dict[str, str] = {
     "object_written": "a block object is written (not synced, no index row names it)",
     "delta_written": "a delta object is written over a pinned base (not synced, no row)",
+    "clone_mapped": "a clone took its parent's map; nothing written into it, not closed",
     "writer_synced": "a writer's batch of objects is synced, its index commit not yet made",
     "writer_committed": "a writer's batch is committed (more of the file is still to come)",
     "seal": "the last writer closed and everything is flushed; the seal is not committed",

@@ -224,6 +224,56 @@ def cmd_seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clone_error(exc: OSError) -> tuple[str, str]:
+    return _CLONE_ERRORS.get(exc.errno or 0, ("InvalidParameter", exc.strerror or str(exc)))
+
+
+# What the daemon's errno means for `snapfs clone` (the reason is in its log).
+_CLONE_ERRORS = {
+    errno.ENOENT: ("InvalidSnapshotId.NotFound", "no such snapshot to clone in that region"),
+    errno.EBUSY: ("InvalidSnapshotId.NotReady", "the snapshot is not available (still "
+                  "being created or copied, or failed)"),
+    errno.EINVAL: ("InvalidParameter", "the new file is not a new, empty snapshot"),
+    errno.EEXIST: ("InvalidSnapshotName.Duplicate", "the new name exists already"),
+    errno.EDQUOT: ("QuotaExceed.SnapshotQuota", "the region is at its snapshot quota"),
+    errno.ENOSPC: ("StoreFull", "the store is full"),
+    errno.EKEYREVOKED: ("InvalidParameter.KMSKeyId.CMKNotEnabled", "the snapshot's key is "
+                        "disabled"),
+}
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    """A new snapshot that starts as a copy of a sealed one in the same region, `creating`
+    until it settles: write the changed ranges into it (dd conv=notrunc, qemu-img dd,
+    rsync --inplace) within the settle period, or with it held open."""
+    _, src = _resolve(args.source, "source")
+    _, dst = _resolve(args.path, "new snapshot")
+    if len(src) != 2 or len(dst) != 2:
+        return _fail("InvalidSnapshotId.Malformed", "both paths must be MOUNTPOINT/REGION/NAME")
+    if src[0] != dst[0]:
+        return _fail(
+            "InvalidParameter",
+            f"a clone stays in its parent's region ({src[0]}, not {dst[0]}): copy the "
+            "snapshot there first (mv, cp or snapfs copy)",
+        )
+    try:
+        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        code, text = _clone_error(exc)
+        return _fail(code, f"{args.path}: {text}")
+    try:
+        os.setxattr(args.path, "user.snapfs.parent", src[1].encode())
+    except OSError as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(args.path)  # nothing was written: the empty snapshot goes
+        code, text = _clone_error(exc)
+        return _fail(code, f"{args.source}: {text}")
+    os.close(fd)
+    print(args.path)
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from snapfs.cli.diff import diff
 
@@ -633,6 +683,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmounted store only: delete orphans, fix counts (referenced data is kept)",
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "clone",
+        help="a new snapshot with a sealed one's content, to write only what changed into",
+    )
+    p.add_argument("source", help="the snapshot to clone: MOUNTPOINT/REGION/NAME")
+    p.add_argument("path", help="the new snapshot, in the same region: MOUNTPOINT/REGION/NEW")
+    p.set_defaults(func=cmd_clone)
 
     p = sub.add_parser("seal", help="seal a creating snapshot now (no writer may have it open)")
     p.add_argument("path", help="the snapshot file: MOUNTPOINT/REGION/NAME")

@@ -37,6 +37,7 @@ from snapfs.service.store import Store
 PREFIX = "user.snapfs."
 TAG_PREFIX = "user.tag."
 SEAL_ATTR = PREFIX + "seal"
+PARENT_ATTR = PREFIX + "parent"  # `snapfs clone`: a new, empty snapshot takes a parent's content
 COPY_ATTR = PREFIX + "copy"
 
 
@@ -123,6 +124,7 @@ REGION_ATTRIBUTES: dict[str, RegionAttribute] = {
 # Writes that are commands rather than stored values.
 SNAPSHOT_COMMANDS: dict[str, Callable[[Store, Snapshot, str], Awaitable[None]]] = {
     SEAL_ATTR: lambda store, snap, value: store.seal(snap),
+    PARENT_ATTR: lambda store, snap, value: store.clone_from(snap, value),
 }
 REGION_COMMANDS: dict[str, Callable[[Store, Region, str], Awaitable[None]]] = {
     COPY_ATTR: metadata.copy_request,

@@ -512,6 +512,17 @@ class RegionIndex:
                     [*job_fields.values(), snapshot_id],
                 )
 
+    def clone_map(self, snapshot_id: str, parent_id: str, fields: dict[str, Any]) -> None:
+        """One transaction: an empty snapshot takes its parent's whole block map (the
+        triggers count the new references) and `fields` (size, key)."""
+        with dbutil.transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
+                "SELECT ?, block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ?",
+                [snapshot_id, parent_id],
+            )
+            self._update_snapshot(conn, snapshot_id, fields)
+
     def finish_copy(self, snapshot_id: str, fields: dict[str, Any]) -> None:
         """The job's last step: the snapshot's final state and the job row gone, atomically."""
         with dbutil.transaction(self.db) as conn:

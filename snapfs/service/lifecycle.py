@@ -18,6 +18,7 @@ import trio
 
 from snapfs.errors import (
     InvalidParameter,
+    NotFound,
     NotReady,
     Sealed,
     SnapfsError,
@@ -224,6 +225,59 @@ class SnapshotLifecycle(StoreParts):
         except SnapfsError:
             if not quiet:
                 raise
+
+    async def clone_from(self, snap: Snapshot, parent_name: str) -> None:
+        """`snapfs clone` (`user.snapfs.parent` on a new, empty snapshot): `snap` takes the
+        content of `parent_name`, a sealed snapshot of the same region, and stays `creating`:
+        writes change only what they touch, and it seals by the usual rule.
+
+        Within its region only: a clone shares its parent's blocks, and another region has
+        other blocks (and keys); a copy (mv, cp, snapfs copy) brings a snapshot there first.
+        The parent's whole map is copied in one transaction, so a clone costs index rows
+        in proportion to the parent's size (maps relative to a parent are issue 17's next
+        step), but its ingest costs only what is written."""
+        parent = snap.region.snapshots.get(parent_name.strip())
+        if parent is None or parent is snap:
+            where = "/" in parent_name and " (a clone stays in its parent's region)" or ""
+            raise NotFound(
+                f"no snapshot {parent_name!r} in region {snap.region.name} to clone{where}"
+            )
+        if parent.status != SnapshotStatus.AVAILABLE:
+            raise NotReady(
+                f"snapshot {parent.name} ({parent.id}) is {parent.status}: only an available "
+                "snapshot can be cloned"
+            )
+        writer = snap.writer
+        if (
+            snap.status != SnapshotStatus.CREATING
+            or writer is None
+            or snap.size != 0
+            or snap.allocated_blocks
+            or not writer.is_flushed()
+            or writer.map_version
+        ):
+            raise InvalidParameter(
+                f"snapshot {snap.name} ({snap.id}) is not a new, empty snapshot: only one "
+                "can become a clone"
+            )
+        if parent.encrypted:
+            self.keys.usable(parent.kms_key_id or "", snap.region.name)  # disabled: refused
+        fields = {
+            "size": parent.size,
+            "encrypted": parent.encrypted,
+            "kms_key_id": parent.kms_key_id,
+            "mtime_ns": parent.mtime_ns,
+        }
+        snap.region.index.clone_map(snap.id, parent.id, fields)
+        fault_point("clone_mapped")
+        snap.size, snap.mtime_ns = parent.size, parent.mtime_ns
+        snap.encrypted, snap.kms_key_id = parent.encrypted, parent.kms_key_id
+        snap.allocated_blocks = snap.region.index.allocated_blocks(snap.id)
+        writer.cloned_from(parent)
+        log.info(
+            "region %s: snapshot %s (%s) is a clone of %s (%s), %d bytes",
+            snap.region.name, snap.name, snap.id, parent.name, parent.id, parent.size,
+        )  # fmt: skip
 
     async def seal(self, snap: Snapshot) -> None:
         """`snapfs seal PATH`: seal a `creating` snapshot now."""

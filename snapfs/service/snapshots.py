@@ -602,6 +602,12 @@ class SnapshotWriter:
             return delta.ZERO_BASE if inside else None
         return self.region.full_base(block_id)
 
+    def cloned_from(self, parent: Snapshot) -> None:
+        """The snapshot took `parent`'s map (a clone): its map moved, and new blocks are
+        variants of the parent's."""
+        self.map_version += 1
+        self._reference_chosen, self._reference_snap = True, parent
+
     def _delta_tried(self, paid: bool) -> None:
         self._delta_misses = 0 if paid else self._delta_misses + 1
 

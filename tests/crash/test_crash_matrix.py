@@ -15,7 +15,8 @@ from . import workload
 
 # (point, hit): the N-th time the daemon reaches the point it dies. Each is reached by the
 # workload's steps in order: ingest, cp copy, mv, snapfs copy into an encrypted region,
-# a variant stored as deltas, rm of its bases' snapshot, retention, rm of the variant.
+# a variant stored as deltas, a clone rewritten in place, rm of the variant's bases'
+# snapshot, retention, rm of the variant.
 CASES = [
     ("object_written", 1),  # ingest: the first object, nothing committed
     ("object_written", 200),  # ingest: after the mid-file commit
@@ -34,6 +35,7 @@ CASES = [
     ("copy_finished", 2),  # snapfs copy done
     ("delta_written", 1),  # variant ingest: a delta object written, its row not committed
     ("delta_written", 12),  # variant ingest: more deltas, before its seal
+    ("clone_mapped", 1),  # snapfs clone: the parent's map taken, the new file not closed
     ("gc_object_deleted", 40),  # rm doomed: collection half-way through its objects
     ("retention_released", 1),  # retention: one of two expired snapshots released
     ("gc_delta_dropped", 1),  # rm variant: delta rows gone, their bases still stored

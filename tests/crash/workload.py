@@ -30,6 +30,7 @@ from snapfs.cli import diskimage
 from snapfs.fuse import mounts
 
 from ..conftest import (
+    SNAPFS,
     SnapfsMount,
     gc_settled,
     make_key,
@@ -55,6 +56,8 @@ IMAGES = {
 # stored as deltas over the original's blocks (formats/delta.py).
 VARIANTS = {"variant": "doomed"}
 VARIANT_EVERY = 8
+# A clone of keep.img (`snapfs clone`) with this 4 KiB page rewritten in place (dd).
+CLONE_PATCH_AT = 40 * 4 * KiB
 SRC, DST, VAULT = "src", "dst", "vault"
 STEP_TIMEOUT = 60.0
 
@@ -76,6 +79,11 @@ class Images:
         for name, (size, seed, zeros) in IMAGES.items():
             diskimage.create(images.path(name), size, seed=seed, zeros=zeros)
             images.digests[name] = sha256(images.path(name))
+        data = bytearray(images.path("keep").read_bytes())
+        data[CLONE_PATCH_AT : CLONE_PATCH_AT + 4 * KiB] = b"\x5a" * 4 * KiB
+        images.path("cloned").write_bytes(data)
+        images.digests["cloned"] = sha256(images.path("cloned"))
+        (directory / "patch").write_bytes(b"\x5a" * 4 * KiB)
         for name, original in VARIANTS.items():
             data = bytearray(images.path(original).read_bytes())
             for offset in range(0, len(data) - 4 * KiB, VARIANT_EVERY * BLOCK_SIZE):
@@ -204,6 +212,14 @@ class Workload:
             lambda: self._status(self.m.path / SRC / "variant.img") == "available", "seal"
         )
 
+    def clone(self) -> None:
+        """`snapfs clone` keep.img, one page rewritten in place, sealed."""
+        target = self.m.path / SRC / "clone.img"
+        self._tool(*SNAPFS, "clone", self.m.path / SRC / "keep.img", target)
+        self._tool("dd", f"if={self.images.directory / 'patch'}", f"of={target}", "bs=4096",
+                   f"seek={CLONE_PATCH_AT // 4096}", "conv=notrunc", "status=none")  # fmt: skip
+        self._until(lambda: self._status(target) == "available", "seal")
+
     def delete(self) -> None:
         """rm doomed.img: the blocks variant.img's deltas are over stay as their bases."""
         self._tool("rm", self.m.path / SRC / "doomed.img")
@@ -224,7 +240,7 @@ class Workload:
         self._until(lambda: gc_settled(self.m.store, SRC), "collection after retention")
 
     STEPS = (
-        "ingest", "cp_copy", "move", "api_copy", "variant", "delete", "retention",
+        "ingest", "cp_copy", "move", "api_copy", "variant", "clone", "delete", "retention",
         "drop_variant",
     )  # fmt: skip
 
@@ -249,6 +265,7 @@ EXPECTED = {
     (SRC, "new.img"): "new",
     (SRC, "doomed.img"): "doomed",
     (SRC, "variant.img"): "variant",
+    (SRC, "clone.img"): "cloned",
     (SRC, "expiring.img"): "expiring",
     (SRC, "expiring2.img"): "expiring",
     (SRC, "mover.img"): "mover",
