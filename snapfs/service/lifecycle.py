@@ -242,6 +242,9 @@ class SnapshotLifecycle(StoreParts):
             raise NotFound(
                 f"no snapshot {parent_name!r} in region {snap.region.name} to clone{where}"
             )
+        # A parent still in its settle period is sealed now, as a copy out of it would be:
+        # `cp img a && snapfs clone a b` must not wait for the period to pass.
+        await self.seal_settling(parent, quiet=True)
         if parent.status != SnapshotStatus.AVAILABLE:
             raise NotReady(
                 f"snapshot {parent.name} ({parent.id}) is {parent.status}: only an available "

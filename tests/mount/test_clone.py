@@ -35,9 +35,9 @@ def test_a_clone_rewritten_in_place_costs_what_changed(mnt: SnapfsMount, tmp_pat
     image.write_bytes(random.Random(1).randbytes(16 * MiB))
     run("cp", image, region / "day1.img")
     assert status(region / "day1.img") == "available"
-    before = stored_bytes(mnt, region.name)
-
+    before = stored_bytes(mnt, region.name)  # (snapfs status seals what is settling)
     clone(region / "day1.img", region / "day2.img")
+
     assert (region / "day2.img").stat().st_size == 16 * MiB
     expected = bytearray(image.read_bytes())
     patch = tmp_path / "patch"
@@ -86,6 +86,10 @@ def test_bad_clones_are_refused_with_cloud_codes(mnt: SnapfsMount, tmp_path: Pat
     image.write_bytes(os.urandom(MiB))
     run("cp", image, a / "x.img")
     assert status(a / "x.img") == "available"
+
+    run("cp", image, a / "fresh.img")  # still settling: the clone seals it first
+    assert clone(a / "fresh.img", a / "fresh-2.img", check=False).returncode == 0
+    assert status(a / "fresh.img") == "available"
 
     missing = clone(a / "nope.img", a / "y.img", check=False)
     assert missing.returncode == 1 and "InvalidSnapshotId.NotFound" in missing.stderr
