@@ -185,7 +185,7 @@ class BlockRepository:
         plain: bytes | bytearray,
         keys: BlockKeys | None = None,
         copy_of: tuple[BlockRepository, bytes] | None = None,
-        base_id: bytes | None = None,
+        base_for: Callable[[], bytes | None] | None = None,
     ) -> StoredBlock | None:
         """Make `plain` durable-to-be in this region, encrypted under `keys` if given; None if
         it is all zeros (a hole). The id is pinned until the caller passes it to `committed()`.
@@ -194,10 +194,11 @@ class BlockRepository:
         under the same keys (a `cp` copy): if the ids match, that object is copied as it is
         instead of compressing the plaintext again, as a copy job does.
 
-        `base_id` names a full block of this region, under the same keys, that this one
+        `base_for()` names a full block of this region, under the same keys, that this one
         probably resembles (the block at the same place in an earlier snapshot): if the
         block is new and differs from it in few pages, it is stored as a delta over it
-        (formats/delta.py). Its plaintext is read only when the block is new.
+        (formats/delta.py). It is asked, and the base's plaintext read, only when the block
+        is new: a block already stored (most of an unchanged disk) costs no lookup for it.
         """
         id_key = keys.id_key if keys is not None else None
         block_id = await workers.run_sync(_hash_unless_zero, plain, id_key, limiter=self.limiter)
@@ -210,7 +211,12 @@ class BlockRepository:
                 self._copy_or_encode, copy_of[0], plain, block_id, keys, compression
             )
             held = copy_of[0].index.base_of(block_id)  # held by _can_copy, if a delta
-        elif base_id is not None and not self.knows(block_id) and self.hold_base(base_id):
+        elif (
+            base_for is not None
+            and not self.knows(block_id)
+            and (base_id := base_for()) is not None
+            and self.hold_base(base_id)
+        ):
             held = base_id
             try:
                 base = await self.base_plaintext(base_id, len(plain))
@@ -247,7 +253,7 @@ class BlockRepository:
         if known is not None:
             if known.base_id is not None:
                 return False
-        elif not self.index.has_block(base_id) or self.index.base_of(base_id) is not None:
+        elif self.index.block_kind(base_id) != "full":
             return False
         self._pins[base_id] += 1
         return True

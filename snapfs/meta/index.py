@@ -565,6 +565,14 @@ class RegionIndex:
         row = self.db.execute("SELECT base_id FROM blocks WHERE id = ?", [block_id]).fetchone()
         return row[0] if row else None
 
+    def block_kind(self, block_id: bytes) -> str | None:
+        """'full' or 'delta' for a block the index holds, None if it holds none (one
+        lookup where has_block and base_of would be two)."""
+        row = self.db.execute("SELECT base_id FROM blocks WHERE id = ?", [block_id]).fetchone()
+        if row is None:
+            return None
+        return "full" if row[0] is None else "delta"
+
     def deltas_over(self, base_id: bytes) -> list[bytes]:
         """The delta objects stored over `base_id`."""
         rows = self.db.execute("SELECT id FROM blocks WHERE base_id = ?", [base_id])

@@ -504,10 +504,17 @@ class SnapshotWriter:
             # The buffer itself, not a copy: it left `dirty` for good (a failed store puts
             # it back, but then it was never cached), so nothing writes to it any more.
             plain = buf if block_no * self.block_size < self.snap.size else b""
-            base_id = self._delta_base(block_no) if plain else None
+            asked: list[bytes] = []  # the base store_block asked for, if the block was new
+
+            def base_for() -> bytes | None:
+                base = self._delta_base(block_no)
+                if base is not None:
+                    asked.append(base)
+                return base
+
             try:
                 stored = await self.region.store_block(
-                    plain, self.snap.block_keys(), self._raw_copy_source(block_no), base_id
+                    plain, self.snap.block_keys(), self._raw_copy_source(block_no), base_for
                 )
             except Exception as exc:  # a background task must not end the mount
                 self.error = as_snapfs_error(exc)
@@ -534,7 +541,7 @@ class SnapshotWriter:
                     self.new_blocks[stored.block_id] = stored.new
             if stored is not None and stored.written and stored.new is not None:
                 self.written_bytes += stored.new.transferred_size
-                if base_id is not None:
+                if asked:
                     self._delta_tried(stored.new.base_id is not None)
             if self.snap.copy_source is not None:
                 try:
