@@ -23,15 +23,22 @@ import time
 from pathlib import Path
 
 from snapfs import durable
-from snapfs.cli import status
 from snapfs.errors import InvalidParameter, SnapfsError, from_sqlite
 from snapfs.fuse import mounts
 from snapfs.model import params
 from snapfs.model.states import SnapshotStatus
-from snapfs.service.store import default_store_path
 
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 300.0
+
+
+def default_store_path() -> Path:
+    # Imported when a command needs it: the service layer (trio, sqlite-utils and what
+    # they pull in) is a quarter of a second that `snapfs clone` and `snapfs diff` in a
+    # backup script's loop should not pay.
+    from snapfs.service.store import default_store_path as default
+
+    return default()
 
 
 def _fail(code: str, message: str, exit_code: int = 1) -> int:
@@ -181,6 +188,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         mountpoint = Path(record.mountpoint)
     elif (mounted := mounts.find_by_store(store)) is not None:
         mountpoint = Path(mounted.mountpoint)
+    from snapfs.cli import status
+
     data = status.collect(store, region, snapshot)
     if mountpoint is not None and _seal_settling(mountpoint, data):
         data = status.collect(store, region, snapshot)
@@ -231,14 +240,18 @@ def _clone_error(exc: OSError) -> tuple[str, str]:
 # What the daemon's errno means for `snapfs clone` (the reason is in its log).
 _CLONE_ERRORS = {
     errno.ENOENT: ("InvalidSnapshotId.NotFound", "no such snapshot to clone in that region"),
-    errno.EBUSY: ("InvalidSnapshotId.NotReady", "the snapshot is not available (still "
-                  "being created or copied, or failed)"),
+    errno.EBUSY: (
+        "InvalidSnapshotId.NotReady",
+        "the snapshot is not available (still being created or copied, or failed)",
+    ),
     errno.EINVAL: ("InvalidParameter", "the new file is not a new, empty snapshot"),
     errno.EEXIST: ("InvalidSnapshotName.Duplicate", "the new name exists already"),
     errno.EDQUOT: ("QuotaExceed.SnapshotQuota", "the region is at its snapshot quota"),
     errno.ENOSPC: ("StoreFull", "the store is full"),
-    errno.EKEYREVOKED: ("InvalidParameter.KMSKeyId.CMKNotEnabled", "the snapshot's key is "
-                        "disabled"),
+    errno.EKEYREVOKED: (
+        "InvalidParameter.KMSKeyId.CMKNotEnabled",
+        "the snapshot's key is disabled",
+    ),
 }
 
 

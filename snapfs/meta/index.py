@@ -175,7 +175,72 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Maps relative to a parent (issue 17): a snapshot may hold only the rows where it
+    differs from another, sealed snapshot of its region.
+
+    - `snapshots.parent_id`: the snapshot its map is relative to (NULL: a full map), and
+      `depth`, its distance from a full map (bounded by MAX_CHAIN_DEPTH).
+    - `snapshots.map_id`: the key of its own rows in `snapshot_blocks` (NULL: its id). When
+      a parent with one child is deleted, the child's few rows are merged into the parent's
+      map and the child takes that map over, so deleting the oldest of a chain costs what
+      the next one changed, not the disk's size.
+    - A row whose block id is empty (TOMBSTONE) is a hole over the parent's block.
+
+    `snapshot_blocks` is rebuilt without its foreign keys for that: a map's key may outlive
+    the snapshot that first held it, and a tombstone names no block; a trigger refuses a
+    row naming a block that has no row, as the key did (so an index row still never
+    points at missing data). The triggers keep the
+    refcounts by construction as before; `allocated_blocks` (the resolved map's blocks) is
+    no longer one trigger's count of one table's rows, so commit_blocks keeps it in the
+    same transaction. Existing maps are full maps: rows and counts carry over unchanged.
+    """
+    dbutil.run_script(
+        db,
+        """
+        ALTER TABLE snapshots ADD COLUMN parent_id TEXT;
+        ALTER TABLE snapshots ADD COLUMN map_id TEXT;
+        ALTER TABLE snapshots ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX snapshots_parent ON snapshots(parent_id) WHERE parent_id IS NOT NULL;
+        ALTER TABLE copy_jobs ADD COLUMN base_snapshot_id TEXT;
+        DROP TRIGGER snapshot_blocks_insert;
+        DROP TRIGGER snapshot_blocks_delete;
+        DROP TRIGGER snapshot_blocks_update;
+        CREATE TABLE snapshot_blocks_v5 (
+            snapshot_id TEXT NOT NULL,
+            block_no INTEGER NOT NULL,
+            block_id BLOB NOT NULL,
+            PRIMARY KEY (snapshot_id, block_no)
+        ) WITHOUT ROWID;
+        INSERT INTO snapshot_blocks_v5 SELECT snapshot_id, block_no, block_id FROM snapshot_blocks;
+        DROP TABLE snapshot_blocks;
+        ALTER TABLE snapshot_blocks_v5 RENAME TO snapshot_blocks;
+        CREATE TRIGGER snapshot_blocks_named BEFORE INSERT ON snapshot_blocks
+        WHEN length(NEW.block_id) > 0
+            AND NOT EXISTS (SELECT 1 FROM blocks WHERE id = NEW.block_id) BEGIN
+            SELECT RAISE(ABORT, 'FOREIGN KEY constraint failed: a map row names no block');
+        END;
+        CREATE TRIGGER snapshot_blocks_renamed BEFORE UPDATE OF block_id ON snapshot_blocks
+        WHEN length(NEW.block_id) > 0
+            AND NOT EXISTS (SELECT 1 FROM blocks WHERE id = NEW.block_id) BEGIN
+            SELECT RAISE(ABORT, 'FOREIGN KEY constraint failed: a map row names no block');
+        END;
+        CREATE TRIGGER snapshot_blocks_insert AFTER INSERT ON snapshot_blocks BEGIN
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.block_id;
+        END;
+        CREATE TRIGGER snapshot_blocks_delete AFTER DELETE ON snapshot_blocks BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.block_id;
+        END;
+        CREATE TRIGGER snapshot_blocks_update AFTER UPDATE OF block_id ON snapshot_blocks
+        WHEN OLD.block_id != NEW.block_id BEGIN
+            UPDATE blocks SET refcount = refcount - 1 WHERE id = OLD.block_id;
+            UPDATE blocks SET refcount = refcount + 1 WHERE id = NEW.block_id;
+        END;
+        """,
+    )
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4, _v5]
 
 SNAPSHOT_COLUMNS = (
     "id", "name", "status", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns",
@@ -186,6 +251,19 @@ SNAPSHOT_COLUMNS = (
 
 
 # What a block's refcount must be: the map rows naming it, and the deltas stored over it.
+TOMBSTONE = b""  # a map row with this block id is a hole over the parent's block
+# How far a snapshot's map may be from a full one. A lookup of a block the chain did not
+# change asks each level once (~15 us each), and a sealed map loads level by level, so the
+# bound keeps both small; a snapshot that would be deeper keeps a full map, so a chain of
+# daily snapshots costs a full map every MAX_CHAIN_DEPTH + 1 days and the changes between.
+MAX_CHAIN_DEPTH = 32
+_IN_CHUNK = 500  # block numbers per `IN (...)` lookup
+
+
+class ChainBroken(sqlite3.DatabaseError):
+    """A snapshot's map names a parent that is not in the index: damage (snapfs check)."""
+
+
 _USERS = (
     "((SELECT count(*) FROM snapshot_blocks m WHERE m.block_id = b.id)"
     " + (SELECT count(*) FROM blocks d WHERE d.base_id = b.id))"
@@ -242,6 +320,10 @@ class RegionIndex:
         # Told after each commit that changes a snapshot's row, tags or name (its id) or the
         # region's settings (None): a region on an object store republishes its manifests.
         self.on_change: Callable[[str | None], None] | None = None
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(snapshots)")}
+        self._chained = "parent_id" in columns  # schema 5 (a read-only look may be older)
+        self._chains: dict[str, tuple[str, ...]] = {}
+        self._fold_cursors: dict[tuple[str, str], int] = {}
 
     def _changed(self, *snapshot_ids: str | None) -> None:
         if self.on_change is not None:
@@ -292,15 +374,25 @@ class RegionIndex:
         tags: dict[str, str] | None = None,
         job: dict[str, Any] | None = None,
         displaced_id: str | None = None,
+        parent_id: str | None = None,
     ) -> None:
         """A new snapshot row with its tags and copy job, and the snapshot it replaces
-        marked deleted, in one transaction."""
+        marked deleted, in one transaction. With `parent_id` it starts with that sealed
+        snapshot's content, its map relative to it (a copy whose destination holds the
+        source's ancestor: the job then brings only what changed since)."""
         cols = [c for c in SNAPSHOT_COLUMNS if c in row]
         sql = f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
         with dbutil.transaction(self.db) as conn:
             if displaced_id is not None:
                 conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
             conn.execute(sql, [row[c] for c in cols])
+            if parent_id is not None:
+                conn.execute(
+                    "UPDATE snapshots SET parent_id = ?, depth = ?, allocated_blocks = "
+                    "(SELECT allocated_blocks FROM snapshots WHERE id = ?) WHERE id = ?",
+                    [parent_id, self.depth(parent_id) + 1, parent_id, row["id"]],
+                )
+                self._chains.clear()
             conn.executemany(
                 "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
                 [(row["id"], k, v) for k, v in (tags or {}).items()],
@@ -308,7 +400,7 @@ class RegionIndex:
             if job is not None:
                 conn.execute(
                     "INSERT INTO copy_jobs (dst_snapshot_id, src_region, src_snapshot_id, kind, "
-                    "total_blocks, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "total_blocks, created_at, base_snapshot_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         row["id"],
                         job["src_region"],
@@ -316,6 +408,7 @@ class RegionIndex:
                         job["kind"],
                         job["total_blocks"],
                         job["created_at"],
+                        job.get("base_snapshot_id"),
                     ],
                 )
         self._changed(displaced_id, row["id"])
@@ -351,13 +444,430 @@ class RegionIndex:
         return list(self.db["copy_jobs"].rows_where(order_by="created_at"))
 
     def block_map_from(self, snapshot_id: str, first: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to `limit` (block number, id) pairs from block `first` on, in order."""
-        rows = self.db.execute(
+        """Up to `limit` (block number, id) pairs of the snapshot's resolved map (its own rows
+        over its parent's, holes and tombstones left out) from block `first` on, in order."""
+        chain = self._chain(snapshot_id)
+        out: list[tuple[int, bytes]] = []
+        while len(out) < limit:
+            levels = [self._own_rows(map_id, first, limit) for map_id in chain]
+            # Past the last row of a level that filled its limit, that level is unknown:
+            # only numbers up to the smallest such row are resolved in this round.
+            bound = min((rows[-1][0] for rows in levels if len(rows) == limit), default=None)
+            merged: dict[int, bytes] = {}
+            for rows in levels:
+                for block_no, block_id in rows:
+                    if bound is not None and block_no > bound:
+                        break
+                    merged.setdefault(block_no, block_id)
+            for block_no in sorted(merged):
+                if merged[block_no]:
+                    out.append((block_no, merged[block_no]))
+                    if len(out) == limit:
+                        return out
+            if bound is None:
+                return out
+            first = bound + 1
+        return out
+
+    def own_rows_from(
+        self, snapshot_id: str, first: int, limit: int
+    ) -> list[tuple[int, bytes | None]]:
+        """Up to `limit` rows of the snapshot's own map from block `first` on (None: a
+        tombstone, a hole over its parent's block)."""
+        rows = self._own_rows(self._chain(snapshot_id)[0], first, limit)
+        return [(no, block_id or None) for no, block_id in rows]
+
+    def _own_rows(self, map_id: str, first: int, limit: int) -> list[tuple[int, bytes]]:
+        return self.db.execute(
             "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
             "AND block_no >= ? ORDER BY block_no LIMIT ?",
-            [snapshot_id, first, limit],
+            [map_id, first, limit],
+        ).fetchall()
+
+    # --- chains: maps relative to a parent (schema 5) -------------------------------------
+
+    def _chain(self, snapshot_id: str) -> tuple[str, ...]:
+        """The map ids a snapshot's content resolves through, its own first, a full map
+        last. Cached: only this class changes parents and map ids, and every method that
+        does clears the cache."""
+        chain = self._chains.get(snapshot_id)
+        if chain is not None:
+            return chain
+        maps: list[str] = []
+        current: str | None = snapshot_id
+        while current is not None:
+            row = (
+                self.db.execute(
+                    "SELECT coalesce(map_id, id), parent_id FROM snapshots WHERE id = ?",
+                    [current],
+                ).fetchone()
+                if self._chained
+                else None
+            )
+            if row is None:
+                if maps:
+                    raise ChainBroken(
+                        f"snapshot {snapshot_id}: its map's parent {current} is not in the index"
+                    )
+                maps.append(current)  # no row (yet, or any more): its own rows only
+                break
+            maps.append(row[0])
+            current = row[1]
+            if len(maps) > 4 * MAX_CHAIN_DEPTH:
+                raise ChainBroken(f"snapshot {snapshot_id}: its chain of parents has a loop")
+        self._chains[snapshot_id] = chain = tuple(maps)
+        return chain
+
+    def _resolve(self, chain: Sequence[str], numbers: Iterable[int]) -> dict[int, bytes | None]:
+        """What each block number resolves to through `chain` (None: a hole)."""
+        pending = set(numbers)
+        out: dict[int, bytes | None] = {}
+        for map_id in chain:
+            if not pending:
+                break
+            ordered = sorted(pending)
+            for i in range(0, len(ordered), _IN_CHUNK):
+                part = ordered[i : i + _IN_CHUNK]
+                rows = self.db.execute(
+                    "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                    f"AND block_no IN ({','.join('?' * len(part))})",
+                    [map_id, *part],
+                )
+                for block_no, block_id in rows:
+                    out[block_no] = block_id or None
+                    pending.discard(block_no)
+        for block_no in pending:
+            out[block_no] = None
+        return out
+
+    def snapshots_size(self, snapshot_id: str) -> list[int]:
+        """[its size] ([] if no such snapshot)."""
+        return [r[0] for r in self.db.execute("SELECT size FROM snapshots WHERE id = ?",
+                                              [snapshot_id])]  # fmt: skip
+
+    def parent_of(self, snapshot_id: str) -> str | None:
+        """The snapshot whose map this one's is relative to (None: a full map)."""
+        if not self._chained:
+            return None
+        row = self.db.execute(
+            "SELECT parent_id FROM snapshots WHERE id = ?", [snapshot_id]
+        ).fetchone()
+        return row[0] if row else None
+
+    def depth(self, snapshot_id: str) -> int:
+        return len(self._chain(snapshot_id)) - 1
+
+    def children(self, snapshot_id: str) -> list[str]:
+        """The snapshots whose maps are relative to this one, oldest first."""
+        if not self._chained:
+            return []
+        rows = self.db.execute(
+            "SELECT id FROM snapshots WHERE parent_id = ? ORDER BY created_at, id", [snapshot_id]
         )
-        return rows.fetchall()
+        return [r[0] for r in rows]
+
+    def ancestors(self, snapshot_id: str) -> list[str]:
+        """The snapshot's parent, its parent's parent, ..., up to a full map."""
+        out: list[str] = []
+        current = self.parent_of(snapshot_id)
+        while current is not None and len(out) <= 4 * MAX_CHAIN_DEPTH:
+            out.append(current)
+            current = self.parent_of(current)
+        return out
+
+    def own_row_count(self, snapshot_id: str) -> int:
+        """Rows the snapshot's own map holds (tombstones included): what it costs."""
+        (count,) = self.db.execute(
+            "SELECT count(*) FROM snapshot_blocks WHERE snapshot_id = ?",
+            [self._chain(snapshot_id)[0]],
+        ).fetchone()
+        return count
+
+    def changed_since(
+        self, snapshot_id: str, ancestor_id: str, first: int, limit: int
+    ) -> list[tuple[int, bytes | None]] | None:
+        """The rows where `snapshot_id` may differ from its ancestor `ancestor_id`: every
+        block number some map between them (the snapshot's own included, the ancestor's
+        not) names, from `first` on, up to `limit`, each with what the snapshot resolves it
+        to (None: a hole). Costs what changed between the two, not the disk's size. None
+        when `ancestor_id` is not on the snapshot's chain (any more)."""
+        cut = self._cut(snapshot_id, ancestor_id)
+        if cut is None:
+            return None
+        chain = self._chain(snapshot_id)
+        return self._rows_of_levels(chain, chain[:cut], first, limit) if cut else []
+
+    def _cut(self, snapshot_id: str, ancestor_id: str) -> int | None:
+        """Where the ancestor's map is on the snapshot's chain; None if it is not there or
+        the ancestor is gone (a folded-away ancestor's id may name its heir's map now)."""
+        if self.snapshot_row(ancestor_id) is None:
+            return None
+        try:
+            return self._chain(snapshot_id).index(self._chain(ancestor_id)[0])
+        except ValueError:
+            return None
+
+    def _rows_of_levels(
+        self, chain: Sequence[str], levels: Sequence[str], first: int, limit: int
+    ) -> list[tuple[int, bytes | None]]:
+        numbers: set[int] = set()
+        bound = None
+        for map_id in levels:
+            rows = self.db.execute(
+                "SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ? "
+                "ORDER BY block_no LIMIT ?",
+                [map_id, first, limit],
+            ).fetchall()
+            numbers.update(r[0] for r in rows)
+            if len(rows) == limit:
+                bound = rows[-1][0] if bound is None else min(bound, rows[-1][0])
+        wanted = sorted(n for n in numbers if bound is None or n <= bound)[:limit]
+        resolved = self._resolve(chain, wanted)
+        return [(n, resolved[n]) for n in wanted]
+
+    def changed_count(self, snapshot_id: str, ancestor_id: str) -> int | None:
+        """How many rows `changed_since` walks from block 0 (None: not an ancestor)."""
+        cut = self._cut(snapshot_id, ancestor_id)
+        if cut is None:
+            return None
+        if cut == 0:
+            return 0
+        levels = self._chain(snapshot_id)[:cut]
+        (count,) = self.db.execute(
+            "SELECT count(DISTINCT block_no) FROM snapshot_blocks "
+            f"WHERE snapshot_id IN ({','.join('?' * len(levels))})",
+            list(levels),
+        ).fetchone()
+        return count
+
+    def common_levels(self, id_a: str, id_b: str) -> tuple[list[str], list[str]] | None:
+        """For two snapshots sharing a chain: the map ids each resolves through that the
+        other does not (a diff of the two reads only those rows); None if they share none."""
+        chain_a, chain_b = self._chain(id_a), self._chain(id_b)
+        shared = set(chain_a) & set(chain_b)
+        if not shared:
+            return None
+        return [m for m in chain_a if m not in shared], [m for m in chain_b if m not in shared]
+
+    def rows_of(
+        self, snapshot_id: str, levels: Sequence[str], first: int, limit: int
+    ) -> list[tuple[int, bytes | None]]:
+        """Block numbers the maps `levels` name from `first` on (up to `limit`), each with
+        what `snapshot_id` resolves it to: the rows of a diff between relatives."""
+        return self._rows_of_levels(self._chain(snapshot_id), levels, first, limit)
+
+    def resolve(self, snapshot_id: str, numbers: Iterable[int]) -> dict[int, bytes | None]:
+        return self._resolve(self._chain(snapshot_id), numbers)
+
+    def set_parent(self, snapshot_id: str, parent_id: str) -> bool:
+        """Make a full map relative to `parent_id` (a rebase, service/chains.py): only if
+        the parent is live and sealed, not too deep, and the snapshot has no parent and no
+        children yet. The caller has put tombstones where the parent has blocks and the
+        snapshot holes, so its content is the same before and after. True if done."""
+        with dbutil.transaction(self.db) as conn:
+            row = conn.execute(
+                "SELECT depth FROM snapshots WHERE id = ? AND deleted = 0 AND sealed_at IS NOT "
+                "NULL AND status = 'available'",
+                [parent_id],
+            ).fetchone()
+            mine = conn.execute(
+                "SELECT parent_id, (SELECT count(*) FROM snapshots c WHERE c.parent_id = ?) "
+                "FROM snapshots WHERE id = ?",
+                [snapshot_id, snapshot_id],
+            ).fetchone()
+            if row is None or mine is None or mine[0] is not None or mine[1]:
+                return False
+            if row[0] + 1 > MAX_CHAIN_DEPTH or parent_id == snapshot_id:
+                return False
+            conn.execute(
+                "UPDATE snapshots SET parent_id = ?, depth = ? WHERE id = ?",
+                [parent_id, row[0] + 1, snapshot_id],
+            )
+        self._chains.clear()
+        return True
+
+    def put_tombstones(self, snapshot_id: str, parent_id: str, first: int, last: int) -> int:
+        """Before a rebase onto `parent_id`: a tombstone at each block first..last where
+        the parent resolves to a block and the snapshot (a full map) has none. A full map
+        reads a tombstone as the hole it is, so this changes no content."""
+        own = self._chain(snapshot_id)[0]
+        theirs = self.block_map(parent_id, first, last)
+        with dbutil.transaction(self.db) as conn:
+            mine = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? "
+                    "AND block_no BETWEEN ? AND ?",
+                    [own, first, last],
+                )
+            }
+            rows = [(own, no, TOMBSTONE) for no in theirs if no not in mine]
+            conn.executemany(
+                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?)",
+                rows,
+            )
+        return len(rows)
+
+    def drop_redundant(self, snapshot_id: str, first: int, last: int) -> int:
+        """Delete the snapshot's own rows first..last that say what its parent already
+        does (the same block, or a tombstone over a hole): no content changes."""
+        chain = self._chain(snapshot_id)
+        if len(chain) < 2:
+            return 0
+        own = chain[0]
+        with dbutil.transaction(self.db) as conn:
+            rows = conn.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                "AND block_no BETWEEN ? AND ?",
+                [own, first, last],
+            ).fetchall()
+            under = self._resolve(chain[1:], [no for no, _ in rows])
+            gone = [(own, no) for no, block_id in rows if under[no] == (block_id or None)]
+            conn.executemany(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", gone
+            )
+        return len(gone)
+
+    def fold_step(self, snapshot_id: str, limit: int) -> bool:
+        """One transaction of folding a deleted snapshot's map into its children, so it can
+        go without changing theirs. False when nothing is left to fold (no children, or the
+        snapshot's row is gone: its map was handed to its last child).
+
+        Each child but the newest gets the snapshot's rows it lacks, `limit` at a time, and
+        is then made a child of the snapshot's parent. The newest child, once it is the
+        only one, has its own rows merged into the snapshot's map (`limit` at a time, each
+        moved row leaving the child's map) and then takes that map over, in the same
+        transaction as the snapshot's row goes: so deleting the oldest of a chain costs the
+        rows the next one changed. Every step leaves every child's content as it was, so
+        a stop between steps only leaves work for the next mount's deletion."""
+        row = self.db.execute(
+            "SELECT coalesce(map_id, id), parent_id FROM snapshots WHERE id = ?", [snapshot_id]
+        ).fetchone()
+        if row is None or not self._chained:
+            return False
+        own, grandparent = row
+        kids = self.db.execute(
+            "SELECT id, coalesce(map_id, id) FROM snapshots WHERE parent_id = ? "
+            "ORDER BY created_at, id",
+            [snapshot_id],
+        ).fetchall()
+        if not kids:
+            return False
+        child, child_map = kids[0]
+        if len(kids) > 1:
+            self._fold_copy(own, grandparent, child, child_map, snapshot_id, limit)
+        else:
+            self._fold_merge(own, grandparent, child, child_map, snapshot_id, limit)
+        return True
+
+    def _fold_copy(
+        self, own: str, grandparent: str | None, child: str, child_map: str, gone: str, limit: int
+    ) -> None:
+        cursor = self._fold_cursors.get((gone, child), 0)
+        with dbutil.transaction(self.db) as conn:
+            rows = conn.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                "AND block_no >= ? ORDER BY block_no LIMIT ?",
+                [own, cursor, limit],
+            ).fetchall()
+            conn.executemany(
+                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(snapshot_id, block_no) DO NOTHING",
+                # Over no parent a tombstone says nothing a missing row does not.
+                [(child_map, no, bid) for no, bid in rows if bid or grandparent is not None],
+            )
+            if len(rows) < limit:
+                self._reparent(conn, child, grandparent)
+        if len(rows) < limit:
+            self._fold_cursors.pop((gone, child), None)
+            self._chains.clear()
+        else:
+            self._fold_cursors[(gone, child)] = rows[-1][0] + 1
+
+    def _fold_merge(
+        self, own: str, grandparent: str | None, child: str, child_map: str, gone: str, limit: int
+    ) -> None:
+        with dbutil.transaction(self.db) as conn:
+            rows = conn.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                "ORDER BY block_no LIMIT ?",
+                [child_map, limit],
+            ).fetchall()
+            holes = [(own, no) for no, bid in rows if not bid and grandparent is None]
+            conn.executemany(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", holes
+            )
+            conn.executemany(
+                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(snapshot_id, block_no) DO UPDATE SET block_id = excluded.block_id",
+                [(own, no, bid) for no, bid in rows if bid or grandparent is not None],
+            )
+            conn.executemany(
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?",
+                [(child_map, no) for no, _ in rows],
+            )
+            if len(rows) < limit:
+                conn.execute("UPDATE snapshots SET map_id = ? WHERE id = ?", [own, child])
+                self._reparent(conn, child, grandparent)
+                self._delete_row(conn, gone)
+        if len(rows) < limit:
+            self._chains.clear()
+            self._changed(gone, child)
+
+    @staticmethod
+    def _reparent(conn: sqlite3.Connection, child: str, parent: str | None) -> None:
+        """`child` (and its descendants) one level nearer to a full map."""
+        conn.execute("UPDATE snapshots SET parent_id = ? WHERE id = ?", [parent, child])
+        conn.execute(
+            "WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL "
+            "SELECT s.id FROM snapshots s JOIN sub ON s.parent_id = sub.id) "
+            "UPDATE snapshots SET depth = max(depth - 1, 0) WHERE id IN (SELECT id FROM sub)",
+            [child],
+        )
+
+    @staticmethod
+    def _delete_row(conn: sqlite3.Connection, snapshot_id: str) -> None:
+        conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
+        conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
+        conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
+
+    def broken_chains(self) -> list[tuple[str, str | None, str]]:
+        """(snapshot id, name, why) of every snapshot whose chain of parents is damaged: a
+        parent missing, not sealed, a loop, a depth that does not match, or a map id that
+        two snapshots claim."""
+        if not self._chained:
+            return []
+        rows = self.db.execute(
+            "SELECT id, name, parent_id, depth, coalesce(map_id, id) FROM snapshots"
+        ).fetchall()
+        by_id = {r[0]: r for r in rows}
+        owners: dict[str, str] = {}
+        broken = []
+        for snapshot_id, name, parent_id, depth, map_id in rows:
+            if map_id in owners:
+                broken.append((snapshot_id, name, f"its map {map_id} is also {owners[map_id]}'s"))
+            owners[map_id] = snapshot_id
+            if parent_id is None:
+                if depth:
+                    broken.append((snapshot_id, name, f"a full map recorded at depth {depth}"))
+                continue
+            seen = [snapshot_id]
+            current: str | None = parent_id
+            while current is not None and current not in seen:
+                parent = by_id.get(current)
+                if parent is None:
+                    broken.append((snapshot_id, name, f"its parent {current} is missing"))
+                    break
+                seen.append(current)
+                current = parent[2]
+            else:
+                if current is not None:
+                    broken.append((snapshot_id, name, "its chain of parents has a loop"))
+                elif len(seen) - 1 != depth:
+                    broken.append(
+                        (snapshot_id, name, f"depth {depth} recorded, {len(seen) - 1} found")
+                    )
+        return broken
 
     def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
         with dbutil.transaction(self.db) as conn:
@@ -374,24 +884,31 @@ class RegionIndex:
         )
 
     def delete_map_chunk(self, snapshot_id: str, limit: int) -> int:
-        """Delete up to `limit` rows of a snapshot's block map (its first blocks); returns how
-        many went. Deleting a large snapshot a chunk at a time keeps each transaction short."""
+        """Delete up to `limit` rows of a snapshot's own map (its first blocks); returns how
+        many went. Deleting a large snapshot a chunk at a time keeps each transaction short.
+        Only for a snapshot no other's map is relative to (fold_step first)."""
+        own = self._chain(snapshot_id)[0]
         with dbutil.transaction(self.db) as conn:
             cur = conn.execute(
                 "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no IN "
                 "(SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? "
                 "ORDER BY block_no LIMIT ?)",
-                [snapshot_id, snapshot_id, limit],
+                [own, own, limit],
             )
         return cur.rowcount
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        """Drop a snapshot and its block map; its blocks' refcounts fall by the triggers."""
+        """Drop a snapshot and its own map, its children's maps folded first (at once: the
+        service folds a chunk at a time, this is for a mount's recovery and the last step);
+        its blocks' refcounts fall by the triggers."""
+        while self.fold_step(snapshot_id, 4096):
+            pass
+        own = self._chain(snapshot_id)[0]
         with dbutil.transaction(self.db) as conn:
-            conn.execute("DELETE FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id])
-            conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
-            conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
-            conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
+            if conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [snapshot_id]).fetchone():
+                conn.execute("DELETE FROM snapshot_blocks WHERE snapshot_id = ?", [own])
+                self._delete_row(conn, snapshot_id)
+        self._chains.clear()
         self._changed(snapshot_id)
 
     def rename_snapshot(self, snapshot_id: str, name: str, *, displaced_id: str | None) -> None:
@@ -418,53 +935,92 @@ class RegionIndex:
     # --- block map -------------------------------------------------------------------------
 
     def block_id(self, snapshot_id: str, block_no: int) -> bytes | None:
-        row = self.db.execute(
-            "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?",
-            [snapshot_id, block_no],
-        ).fetchone()
-        return row[0] if row else None
+        for map_id in self._chain(snapshot_id):
+            row = self.db.execute(
+                "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?",
+                [map_id, block_no],
+            ).fetchone()
+            if row is not None:
+                return row[0] or None
+        return None
 
     def referenced_by(self, snapshot_id: str) -> list[bytes]:
-        """The block ids in one snapshot's map (with repeats): a read of that snapshot's rows
-        alone, so in a damaged index it fails (sqlite3.DatabaseError) only for the snapshots
-        whose rows are on damaged pages."""
-        rows = self.db.execute(
-            "SELECT block_id FROM snapshot_blocks WHERE snapshot_id = ?", [snapshot_id]
-        ).fetchall()
-        return [r[0] for r in rows]
+        """The block ids in one snapshot's resolved map (with repeats): a read of the rows of
+        that snapshot's chain alone, so in a damaged index it fails (sqlite3.DatabaseError)
+        only for the snapshots whose rows are on damaged pages."""
+        return [block_id for _, block_id in self._resolved(snapshot_id)]
+
+    def _resolved(self, snapshot_id: str) -> list[tuple[int, bytes]]:
+        """The whole resolved map, in block order (a sealed map's load, a manifest)."""
+        chain = self._chain(snapshot_id)
+        if len(chain) == 1:
+            rows = self.db.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                "ORDER BY block_no",
+                chain,
+            )
+            return [(no, bid) for no, bid in rows if bid]
+        merged: dict[int, bytes] = {}
+        for map_id in chain:
+            for no, bid in self.db.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ?", [map_id]
+            ):
+                merged.setdefault(no, bid)
+        return [(no, merged[no]) for no in sorted(merged) if merged[no]]
+
+    def _sizes(self, block_ids: Iterable[bytes]) -> dict[bytes, tuple[int, int, int, bytes | None]]:
+        """(plain, stored, codec, base id) of each block row."""
+        ids = list(set(block_ids))
+        out = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            part = ids[i : i + _IN_CHUNK]
+            for bid, *sizes in self.db.execute(
+                "SELECT id, plain_size, stored_size, codec, base_id FROM blocks "
+                f"WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                out[bid] = (sizes[0], sizes[1], sizes[2], sizes[3])
+        return out
 
     def block_map_with_sizes(
         self, snapshot_id: str
     ) -> list[tuple[int, str, int, int, int, str | None]]:
-        """A snapshot's map in block order as (block number, id in upper-case hex, plain
-        size, stored size, codec, base id in hex or None): what its manifest lists."""
-        return self.db.execute(
-            "SELECT m.block_no, hex(m.block_id), b.plain_size, b.stored_size, b.codec, "
-            "CASE WHEN b.base_id IS NULL THEN NULL ELSE hex(b.base_id) END "
-            "FROM snapshot_blocks m JOIN blocks b ON b.id = m.block_id "
-            "WHERE m.snapshot_id = ? ORDER BY m.block_no",
-            [snapshot_id],
-        ).fetchall()
+        """A snapshot's resolved map in block order as (block number, id in upper-case hex,
+        plain size, stored size, codec, base id in hex or None): what its manifest lists
+        (a manifest is a full map: the bucket describes each snapshot on its own)."""
+        resolved = self._resolved(snapshot_id)
+        sizes = self._sizes(bid for _, bid in resolved)
+        out = []
+        for no, bid in resolved:
+            if bid not in sizes:
+                raise sqlite3.DatabaseError(f"block {bid.hex()} of {snapshot_id} has no row")
+            plain, stored, codec, base = sizes[bid]
+            base_hex = base.hex().upper() if base is not None else None
+            out.append((no, bid.hex().upper(), plain, stored, codec, base_hex))
+        return out
 
     def bases_of(self, snapshot_id: str) -> list[tuple[str, int, int, int]]:
         """The bases a snapshot's delta blocks are stored over, as (id in upper-case hex,
         plain size, stored size, codec): a manifest lists them too, since no map may name
         them any more."""
-        return self.db.execute(
-            "SELECT DISTINCT hex(b.id), b.plain_size, b.stored_size, b.codec "
-            "FROM snapshot_blocks m JOIN blocks d ON d.id = m.block_id "
-            "JOIN blocks b ON b.id = d.base_id WHERE m.snapshot_id = ?",
-            [snapshot_id],
-        ).fetchall()
+        sizes = self._sizes(bid for _, bid in self._resolved(snapshot_id))
+        bases = {s[3] for s in sizes.values() if s[3] is not None}
+        return [
+            (bid.hex().upper(), plain, stored, codec)
+            for bid, (plain, stored, codec, _) in self._sizes(bases).items()
+        ]
 
     def block_map(self, snapshot_id: str, first: int, last: int) -> dict[int, bytes]:
         """Block ids of block numbers first..last inclusive; holes are absent."""
-        rows = self.db.execute(
-            "SELECT block_no, block_id FROM snapshot_blocks "
-            "WHERE snapshot_id = ? AND block_no BETWEEN ? AND ?",
-            [snapshot_id, first, last],
-        )
-        return dict(rows.fetchall())
+        seen: dict[int, bytes] = {}
+        for map_id in self._chain(snapshot_id):
+            for no, bid in self.db.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks "
+                "WHERE snapshot_id = ? AND block_no BETWEEN ? AND ?",
+                [map_id, first, last],
+            ):
+                seen.setdefault(no, bid)
+        return {no: bid for no, bid in seen.items() if bid}
 
     def commit_blocks(
         self,
@@ -478,11 +1034,30 @@ class RegionIndex:
         """One transaction: block rows for new objects, the map changes, snapshot fields,
         (for a copy) the job's resume point and the id translations it learnt.
 
+        A snapshot relative to a parent keeps only the rows that differ from it: a block the
+        parent already has there is no row, a hole over the parent's block a tombstone.
+        `allocated_blocks` moves by what the resolved map gained and lost.
+
         The objects named in `new_blocks` must already be durable.
         """
-        upserts = [(snapshot_id, no, bid) for no, bid in mapping if bid is not None]
-        holes = [(snapshot_id, no) for no, bid in mapping if bid is None]
+        changes = dict(mapping)
+        chain = self._chain(snapshot_id)
+        own = chain[0]
         with dbutil.transaction(self.db) as conn:
+            before = self._resolve(chain, changes)
+            under = self._resolve(chain[1:], changes) if len(chain) > 1 else {}
+            upserts, deletes = [], []
+            allocated = 0
+            for no, bid in changes.items():
+                allocated += (bid is not None) - (before[no] is not None)
+                if len(chain) > 1 and under[no] == bid:
+                    deletes.append((own, no))  # what the parent says already
+                elif bid is not None:
+                    upserts.append((own, no, bid))
+                elif len(chain) > 1:
+                    upserts.append((own, no, TOMBSTONE))
+                else:
+                    deletes.append((own, no))
             conn.executemany(
                 "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
@@ -492,7 +1067,7 @@ class RegionIndex:
                 ],
             )
             conn.executemany(
-                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", holes
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?", deletes
             )
             conn.executemany(
                 "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
@@ -504,6 +1079,11 @@ class RegionIndex:
                 " VALUES (?, ?, ?)",
                 translations,
             )
+            if allocated:
+                conn.execute(
+                    "UPDATE snapshots SET allocated_blocks = allocated_blocks + ? WHERE id = ?",
+                    [allocated, snapshot_id],
+                )
             self._update_snapshot(conn, snapshot_id, snapshot_fields)
             if job_fields:
                 assignments = ", ".join(f"{name} = ?" for name in job_fields)
@@ -513,15 +1093,30 @@ class RegionIndex:
                 )
 
     def clone_map(self, snapshot_id: str, parent_id: str, fields: dict[str, Any]) -> None:
-        """One transaction: an empty snapshot takes its parent's whole block map (the
-        triggers count the new references) and `fields` (size, key)."""
+        """One transaction: an empty snapshot takes its parent's content and `fields` (size,
+        key). It becomes relative to the parent (no rows: O(1)) unless that would make its
+        chain deeper than MAX_CHAIN_DEPTH; it then takes a full copy of the resolved map."""
+        depth = self.depth(parent_id) + 1
         with dbutil.transaction(self.db) as conn:
-            conn.execute(
-                "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
-                "SELECT ?, block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ?",
-                [snapshot_id, parent_id],
-            )
-            self._update_snapshot(conn, snapshot_id, fields)
+            (allocated,) = conn.execute(
+                "SELECT allocated_blocks FROM snapshots WHERE id = ?", [parent_id]
+            ).fetchone()
+            if depth <= MAX_CHAIN_DEPTH and self._chained:
+                conn.execute(
+                    "UPDATE snapshots SET parent_id = ?, depth = ? WHERE id = ?",
+                    [parent_id, depth, snapshot_id],
+                )
+            else:
+                own = self._chain(snapshot_id)[0]
+                rows = self._resolved(parent_id)
+                conn.executemany(
+                    "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
+                    "VALUES (?, ?, ?)",
+                    [(own, no, bid) for no, bid in rows],
+                )
+                allocated = len(rows)
+            self._update_snapshot(conn, snapshot_id, {**fields, "allocated_blocks": allocated})
+        self._chains.clear()
 
     def finish_copy(self, snapshot_id: str, fields: dict[str, Any]) -> None:
         """The job's last step: the snapshot's final state and the job row gone, atomically."""
@@ -535,21 +1130,45 @@ class RegionIndex:
     ) -> bool:
         """One step of a shrink to `size`: drop up to `limit` of the highest mapped blocks
         from `first_dropped` on, and record the size where they began (`size` itself once
-        none is left past it), in one transaction. True when the shrink is complete."""
+        none is left past it), in one transaction. True when the shrink is complete. Over
+        a parent, a dropped block the parent has becomes a tombstone."""
+        chain = self._chain(snapshot_id)
+        own = chain[0]
         with dbutil.transaction(self.db) as conn:
-            row = conn.execute(
-                "SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ? "
-                "ORDER BY block_no DESC LIMIT 1 OFFSET ?",
-                [snapshot_id, first_dropped, limit - 1],
-            ).fetchone()
-            cut = first_dropped if row is None else max(first_dropped, row[0])
-            conn.execute(
-                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ?",
-                [snapshot_id, cut],
+            mapped = [no for no, _ in self._resolved_from(chain, first_dropped)]
+            cut = first_dropped if len(mapped) <= limit else mapped[-limit]
+            dropped = [no for no in mapped if no >= cut]
+            conn.execute(  # the tombstones of earlier steps stay: holes over the parent
+                "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no >= ? "
+                "AND length(block_id) > 0",
+                [own, cut],
             )
+            if len(chain) > 1:
+                under = self._resolve(chain[1:], dropped)
+                conn.executemany(
+                    "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
+                    "VALUES (?, ?, ?)",
+                    [(own, no, TOMBSTONE) for no in dropped if under[no] is not None],
+                )
+            if dropped:
+                conn.execute(
+                    "UPDATE snapshots SET allocated_blocks = allocated_blocks - ? WHERE id = ?",
+                    [len(dropped), snapshot_id],
+                )
             done = cut == first_dropped
             self._update_snapshot(conn, snapshot_id, {"size": size if done else cut * block_size})
         return done
+
+    def _resolved_from(self, chain: Sequence[str], first: int) -> list[tuple[int, bytes]]:
+        merged: dict[int, bytes] = {}
+        for map_id in chain:
+            for no, bid in self.db.execute(
+                "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
+                "AND block_no >= ?",
+                [map_id, first],
+            ):
+                merged.setdefault(no, bid)
+        return [(no, merged[no]) for no in sorted(merged) if merged[no]]
 
     # --- blocks ----------------------------------------------------------------------------
 
@@ -619,15 +1238,49 @@ class RegionIndex:
 
     def referenced_block_ids(self) -> list[bytes]:
         """Every block id some snapshot's map names, once each."""
-        return [r[0] for r in self.db.execute("SELECT DISTINCT block_id FROM snapshot_blocks")]
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT DISTINCT block_id FROM snapshot_blocks WHERE length(block_id) > 0"
+            )
+        ]
 
     def block_users(self, block_id: bytes) -> Iterator[tuple[str | None, str, int]]:
-        """(snapshot name, snapshot id, block number) of every map row naming the block."""
-        yield from self.db.execute(
-            "SELECT s.name, s.id, m.block_no FROM snapshot_blocks m "
-            "JOIN snapshots s ON s.id = m.snapshot_id WHERE m.block_id = ?",
-            [block_id],
-        )
+        """(snapshot name, snapshot id, block number) of every snapshot whose resolved map
+        names the block: the owner of each row naming it, and its descendants that do not
+        override that block."""
+        rows = self.db.execute(
+            "SELECT snapshot_id, block_no FROM snapshot_blocks WHERE block_id = ?", [block_id]
+        ).fetchall()
+        for map_id, block_no in rows:
+            owner = (
+                self.db.execute(
+                    "SELECT id, name FROM snapshots WHERE coalesce(map_id, id) = ?", [map_id]
+                ).fetchone()
+                if self._chained
+                else self.db.execute(
+                    "SELECT id, name FROM snapshots WHERE id = ?", [map_id]
+                ).fetchone()
+            )
+            if owner is None:
+                yield None, map_id, block_no
+                continue
+            todo = [tuple(owner)]
+            while todo:
+                sid, name = todo.pop()
+                yield name, sid, block_no
+                if not self._chained:
+                    continue
+                for child, child_name, child_map in self.db.execute(
+                    "SELECT id, name, coalesce(map_id, id) FROM snapshots WHERE parent_id = ?",
+                    [sid],
+                ).fetchall():
+                    overridden = self.db.execute(
+                        "SELECT 1 FROM snapshot_blocks WHERE snapshot_id = ? AND block_no = ?",
+                        [child_map, block_no],
+                    ).fetchone()
+                    if overridden is None:
+                        todo.append((child, child_name))
 
     def stats(self) -> RegionStats:
         blocks, plain, stored = self.db.execute(
@@ -637,42 +1290,62 @@ class RegionIndex:
         (referenced,) = self.db.execute(
             "SELECT coalesce(sum(b.plain_size), 0) FROM snapshot_blocks m "
             "JOIN blocks b ON b.id = m.block_id"
+            + (
+                " JOIN snapshots s ON s.id = m.snapshot_id WHERE s.parent_id IS NULL "
+                "AND s.map_id IS NULL"
+                if self._chained
+                else ""
+            )
         ).fetchone()
+        if self._chained:  # relative maps and handed-over ones: through their chains
+            for (snapshot_id,) in self.db.execute(
+                "SELECT id FROM snapshots WHERE parent_id IS NOT NULL OR map_id IS NOT NULL"
+            ).fetchall():
+                resolved = [bid for _, bid in self._resolved(snapshot_id)]
+                sizes = self._sizes(resolved)
+                referenced += sum(sizes[b][0] for b in resolved if b in sizes)
         (garbage,) = self.db.execute("SELECT count(*) FROM blocks WHERE refcount <= 0").fetchone()
         return RegionStats(blocks, plain, stored, referenced, garbage)
 
     def snapshot_stored_bytes(self) -> dict[str, int]:
         """Per snapshot: stored bytes of the distinct blocks it references (shared counted)."""
-        rows = self.db.execute(
-            "SELECT m.snapshot_id, sum(b.stored_size) FROM "
-            "(SELECT DISTINCT snapshot_id, block_id FROM snapshot_blocks) m "
-            "JOIN blocks b ON b.id = m.block_id GROUP BY m.snapshot_id"
-        )
-        return dict(rows.fetchall())
+        out = {}
+        for (snapshot_id,) in self.db.execute("SELECT id FROM snapshots").fetchall():
+            sizes = self._sizes(bid for _, bid in self._resolved(snapshot_id))
+            if sizes:
+                out[snapshot_id] = sum(s[1] for s in sizes.values())
+        return out
 
     # --- checking, repair and rebuild (service/check.py, service/manifests.py) -------------
 
     def block_refcounts(self) -> Iterator[tuple[bytes, int, int]]:
         """(block id, recorded refcount, map rows naming it) for every block row."""
-        yield from self.db.execute(
-            f"SELECT b.id, b.refcount, {_USERS} FROM blocks b"
-        )
+        yield from self.db.execute(f"SELECT b.id, b.refcount, {_USERS} FROM blocks b")
 
-    def snapshot_allocations(self) -> Iterator[tuple[str, int, int]]:
-        """(snapshot id, recorded allocated_blocks, its map rows) for every snapshot row."""
-        yield from self.db.execute(
-            "SELECT s.id, s.allocated_blocks, "
-            "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = s.id) FROM snapshots s"
-        )
+    def snapshot_allocations(self, skip: Iterable[str] = ()) -> Iterator[tuple[str, int, int]]:
+        """(snapshot id, recorded allocated_blocks, blocks its resolved map has), but for
+        the snapshots in `skip` (those whose chain is broken)."""
+        skipped = set(skip)
+        for snapshot_id, recorded in self.db.execute(
+            "SELECT id, allocated_blocks FROM snapshots"
+        ).fetchall():
+            if snapshot_id not in skipped:
+                yield snapshot_id, recorded, len(self._resolved(snapshot_id))
 
     def recount(self) -> list[bytes]:
         """One transaction: every refcount and allocated-block count recomputed from the
         block maps, and the rows of blocks no map names deleted; returns their ids."""
+        broken = {sid for sid, _, _ in self.broken_chains()}  # left as recorded
+        counts = {
+            sid: len(self._resolved(sid))
+            for (sid,) in self.db.execute("SELECT id FROM snapshots").fetchall()
+            if sid not in broken
+        }
         with dbutil.transaction(self.db) as conn:
             conn.execute(f"UPDATE blocks SET refcount = {_USERS.replace('b.id', 'blocks.id')}")
-            conn.execute(
-                "UPDATE snapshots SET allocated_blocks = "
-                "(SELECT count(*) FROM snapshot_blocks m WHERE m.snapshot_id = snapshots.id)"
+            conn.executemany(
+                "UPDATE snapshots SET allocated_blocks = ? WHERE id = ?",
+                [(n, sid) for sid, n in counts.items()],
             )
             dropped = [r[0] for r in conn.execute("SELECT id FROM blocks WHERE refcount = 0")]
             # By id, not by refcount: deleting a delta's row lowers its base's count, and
@@ -726,7 +1399,12 @@ class RegionIndex:
                     "VALUES (?, ?, ?)",
                     [(snap.row["id"], no, block_id) for no, block_id, *_ in snap.blocks],
                 )
+                conn.execute(  # a full map: its rows are its blocks
+                    "UPDATE snapshots SET allocated_blocks = ? WHERE id = ?",
+                    [len(snap.blocks), snap.row["id"]],
+                )
                 conn.executemany(
                     "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
                     [(snap.row["id"], k, v) for k, v in snap.tags.items()],
                 )
+        self._chains.clear()

@@ -93,6 +93,9 @@ class RegionReport:
     damaged_snapshots: list[DamagedSnapshot] = field(default_factory=list)
     # Deltas that do not read because their base is missing or damaged: block, base, problem.
     bad_bases: list[dict[str, str]] = field(default_factory=list)
+    # Maps relative to a parent whose chain is damaged (a parent missing, a loop, a depth
+    # that does not match): snapshot, name, problem. Their content cannot be resolved.
+    broken_chains: list[dict[str, str | None]] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -103,6 +106,7 @@ class RegionReport:
             or self.corrupt
             or self.error
             or self.index_problems
+            or self.broken_chains
             or any(
                 not ("layout" in self.repaired and problem.startswith(LocalBackend.LAYOUT_FILE))
                 for problem in self.file_problems
@@ -241,7 +245,16 @@ def _count_checks(index: RegionIndex, report: RegionReport) -> None:
             )
         if actual == 0:
             report.unreferenced += 1
-    for snapshot_id, recorded, actual in index.snapshot_allocations():
+    report.broken_chains = [
+        {"snapshot": sid, "name": name, "problem": why} for sid, name, why in index.broken_chains()
+    ]
+    broken = {str(b["snapshot"]) for b in report.broken_chains}
+    try:
+        allocations = list(index.snapshot_allocations(skip=broken))
+    except sqlite3.DatabaseError as exc:  # a chain broken in a way broken_chains missed
+        report.broken_chains.append({"snapshot": None, "name": None, "problem": str(exc)})
+        allocations = []
+    for snapshot_id, recorded, actual in allocations:
         if recorded != actual:
             report.wrong_allocated.append(
                 {"snapshot": snapshot_id, "recorded": recorded, "actual": actual}
@@ -318,8 +331,11 @@ def _verify_blocks(
             elif verdict.base is not None:
                 # Name both: the delta that cannot be read, and the base that is why.
                 report.bad_bases.append(
-                    {"block": block_id.hex(), "base": verdict.base.hex(),
-                     "problem": verdict.base_outcome}
+                    {
+                        "block": block_id.hex(),
+                        "base": verdict.base.hex(),
+                        "problem": verdict.base_outcome,
+                    }
                 )
                 bad = report.missing if verdict.base_outcome == "missing" else report.corrupt
                 if verdict.base.hex() not in bad:
@@ -539,8 +555,15 @@ def render(report: CheckReport) -> None:
         if r.unverified:
             print(f"  {len(r.unverified)} blocks not verified: their key is disabled")
         for bad in r.bad_bases[:20]:
-            print(f"  block {bad['block']} (a delta) does not read: its base {bad['base']} is "
-                  f"{bad['problem']}")
+            print(
+                f"  block {bad['block']} (a delta) does not read: its base {bad['base']} is "
+                f"{bad['problem']}"
+            )
+        for chain in r.broken_chains:
+            print(
+                f"  snapshot {chain['name']} ({chain['snapshot']}) is damaged: its map is "
+                f"relative to a parent, and {chain['problem']}"
+            )
         for d in r.damaged_snapshots:
             if d.map_unreadable:
                 print(f"  snapshot {d.name} ({d.id}) is damaged: its block map is unreadable")

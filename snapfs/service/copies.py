@@ -12,6 +12,7 @@ from snapfs.errors import (
     NotReady,
 )
 from snapfs.faults import fault_point
+from snapfs.meta.index import MAX_CHAIN_DEPTH
 from snapfs.meta.keys import KeyNotFound
 from snapfs.model.names import check_snapshot_filename, new_snapshot_id
 from snapfs.model.states import SnapshotStatus
@@ -21,6 +22,38 @@ from snapfs.service.snapshots import Snapshot
 from snapfs.service.storebase import StoreParts
 
 log = logging.getLogger(__name__)
+
+
+SAMPLE_BLOCKS = 256  # block numbers compared to tell whether two maps are of one disk
+
+
+def _mostly_alike(source: Snapshot, candidate: Snapshot) -> bool:
+    """Whether most of `candidate`'s map is `source`'s, judged on SAMPLE_BLOCKS block
+    numbers spread over the disk (a few index lookups): only then does a copy relative to
+    it pay; relative to another disk its map would hold every row and tombstones too."""
+    blocks = -(-max(source.size, candidate.size) // source.region.block_size)
+    step = max(1, blocks // SAMPLE_BLOCKS)
+    sample = range(0, blocks, step)
+    mine = source.region.index.resolve(source.id, sample)
+    theirs = candidate.region.index.resolve(candidate.id, sample)
+    used = [n for n in sample if mine[n] is not None or theirs[n] is not None]
+    alike = sum(1 for n in used if mine[n] == theirs[n])
+    return alike * 2 > len(used)
+
+
+def _same_content(copy: Snapshot, original: Snapshot) -> bool:
+    """By lineage: `copy` is `original` (same region), one is the other's copy, or both
+    are copies of one snapshot. Copies are exact (a copy keeps its lineage only then)."""
+    if copy is original:
+        return True
+    return (
+        copy.source_snapshot_id == original.id
+        or original.source_snapshot_id == copy.id
+        or (
+            copy.source_snapshot_id is not None
+            and copy.source_snapshot_id == original.source_snapshot_id
+        )
+    )
 
 
 class SnapshotCopies(StoreParts):
@@ -156,6 +189,18 @@ class SnapshotCopies(StoreParts):
         dst.description, dst.retention_days = description, retention_days
         dst.kms_key_id = self._copy_key(source, dst_region, encrypted, kms_key_id)
         dst.encrypted = dst.kms_key_id is not None
+        # The destination starts relative to a snapshot it already holds when one fits:
+        # the copy of one of the source's ancestors (the job then walks only the rows
+        # between the two), else a snapshot of the same disk found by lineage (the job
+        # compares the two maps and brings what differs). See _copy_base.
+        ancestor, parent = self._copy_base(source, dst_region, dst.kms_key_id)
+        total = source.allocated_blocks
+        if ancestor is not None:
+            changed = source.region.index.changed_count(source.id, ancestor.id)
+            assert changed is not None  # on the chain: _copy_base found it there
+            total = changed
+        elif parent is not None:
+            total = -(-max(source.size, parent.size) // dst_region.block_size)
         job = CopyJob(
             dst=dst,
             src_region=source.region.name,
@@ -163,10 +208,14 @@ class SnapshotCopies(StoreParts):
             kind=kind,
             next_block=0,
             done_blocks=0,
-            total_blocks=source.allocated_blocks,
+            total_blocks=total,
             created_at=time.time(),
             source=source,
+            base_id=ancestor.id if ancestor is not None else None,
+            compare=ancestor is None and parent is not None,
         )
+        if parent is not None:
+            dst.allocated_blocks = parent.allocated_blocks
         dst_region.index.insert_snapshot(
             dst.to_row(),
             tags=tags,
@@ -177,15 +226,19 @@ class SnapshotCopies(StoreParts):
                 "kind": kind,
                 "total_blocks": job.total_blocks,
                 "created_at": job.created_at,
+                "base_snapshot_id": job.base_id,
             },
+            parent_id=parent.id if parent is not None else None,
         )
+        if parent is not None:
+            fault_point("copy_chained")
         if replace is not None:
             del dst_region.snapshots[name]
         self._add(dst)
         source.copy_readers += 1
         self.copies.add(job)
         log.info(
-            "region %s: %s of %s/%s (%s) started as %s (%s)%s",
+            "region %s: %s of %s/%s (%s) started as %s (%s)%s%s",
             dst_region.name,
             kind,
             source.region.name,
@@ -194,11 +247,66 @@ class SnapshotCopies(StoreParts):
             name,
             dst.id,
             ""
+            if parent is None
+            else f", relative to {parent.name} ({parent.id}), a copy of its ancestor "
+            f"{ancestor.id}: {total} blocks to walk"
+            if ancestor is not None
+            else f", relative to {parent.name} ({parent.id}): {total} blocks to compare",
+            ""
             if job.dst.copy_job is None
             or self.copies.running(dst_region) <= dst_region.max_parallel_copies
             else ", queued",
         )
         return dst
+
+    def _copy_base(
+        self, source: Snapshot, dst_region: Region, key: str | None
+    ) -> tuple[Snapshot | None, Snapshot | None]:
+        """(ancestor, parent): what an incremental copy's destination starts relative to.
+
+        First the source itself or the nearest snapshot on its chain of parents of which
+        the destination holds an available copy under the destination's key (by lineage,
+        with sizes and block counts agreeing): (that ancestor, its copy); the job walks
+        only the rows between source and ancestor, so it costs what changed.
+
+        Else, when the destination's ids are the source's (the same key, or both plain), a
+        snapshot of the same disk there: an available one under that key whose lineage
+        leads to the source's region, the largest in size and then the newest, preferred,
+        any other of that key after: (None, it). The job then compares the two maps (in
+        memory, a few microseconds a block) and brings only the rows that differ: what
+        `mv day1; mv day2` needs, where day 1's departure left day 2 a full map."""
+        fits = [
+            s
+            for s in dst_region.snapshots.values()
+            if s.status == SnapshotStatus.AVAILABLE
+            and s.sealed
+            and not s.deleted
+            and s.kms_key_id == key
+            and dst_region.index.depth(s.id) < MAX_CHAIN_DEPTH
+        ]
+        index = source.region.index
+        for ancestor_id in (source.id, *index.ancestors(source.id)):
+            ancestor = self.by_id.get(ancestor_id)
+            if ancestor is None or ancestor.status != SnapshotStatus.AVAILABLE:
+                continue
+            for candidate in fits:
+                if (
+                    candidate.size == ancestor.size
+                    and candidate.allocated_blocks == ancestor.allocated_blocks
+                    and _same_content(candidate, ancestor)
+                ):
+                    return ancestor, candidate
+        if source.kms_key_id != key or not fits:
+            return None, None
+        same_disk = max(
+            fits,
+            key=lambda s: (
+                s.source_region == source.region.name,
+                s.size == source.size,
+                s.sealed_at or 0.0,
+            ),
+        )
+        return (None, same_disk) if _mostly_alike(source, same_disk) else (None, None)
 
     def copy_finished(self, job: CopyJob, *, succeeded: bool) -> None:
         """Called by the engine when a job has succeeded or failed: release its source.

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH_BLOCKS = 64
+COMPARE_SPAN = 4096  # blocks of two maps compared at a time
+COMPARE_SPANS_PER_STEP = 4  # then the loop lets other requests in (~10 ms)
 TRANSFERS_PER_JOB = 8
 # Into an object store each transfer mostly waits on a PUT's round trip: more run at once
 # (bounded again by the store's I/O limiter).
@@ -69,6 +71,14 @@ class CopyJob:
     # Resumed after an unclean stop (crash, power loss): blocks below this were committed
     # before it and are read back and checked before the job goes on.
     verify_below: int = 0
+    # The source's ancestor whose copy the destination's map is relative to (None: a full
+    # copy): the job walks only the rows between the source and it.
+    base_id: str | None = None
+    # The destination starts relative to a snapshot of the same disk found by lineage: the
+    # job compares the maps and brings what differs; done/total count blocks compared.
+    compare: bool = False
+    scanned_to: int = 0  # comparing: the blocks before this were compared
+    compare_end: int = 0  # comparing: the block numbers to compare end here
     state: str = "queued"
     scope: trio.CancelScope | None = None
     finished: trio.Event = field(default_factory=trio.Event)
@@ -190,6 +200,8 @@ class CopyEngine:
                 # Cancelled (unmount, or the destination is being deleted): the job row
                 # stays, so an unmount resumes it at the next mount.
                 job.state = "stopped"
+                log.info("copy into %s stopped at block %d of its walk; the job stays",
+                         job.dst.id, job.next_block)  # fmt: skip
             self._forget(job)
             self._schedule(region)
         if job.state in ("done", "failed"):
@@ -232,12 +244,65 @@ class CopyEngine:
         batch_blocks = self._batch_blocks(dst.region.block_size)
         pacer = Pacer(self.bandwidth_limit)
         while True:
-            batch = src.region.index.block_map_from(src.id, job.next_block, batch_blocks)
-            if not batch:
+            batch = self._next_batch(job, src, batch_blocks)
+            if batch:
+                await self._copy_batch(job, src, batch)
+                await pacer.pace(len(batch) * dst.region.block_size)
+            elif job.compare and job.scanned_to < job.compare_end:
+                # Spans that differ in nothing: on, letting requests in between.
+                job.next_block = job.done_blocks = job.scanned_to
+                await trio.sleep(0)
+            else:
                 break
-            await self._copy_batch(job, src, batch)
-            await pacer.pace(len(batch) * dst.region.block_size)
         self._finish(job)
+
+    @staticmethod
+    def _next_batch(job: CopyJob, src: Snapshot, limit: int) -> list[tuple[int, bytes | None]]:
+        """The next source rows to bring: with a base, only those where the source may
+        differ from it (None: a hole there); comparing, those that differ from the
+        destination's parent; else the whole map. A base that left the source's chain
+        (deleted, its rows folded into its children) makes the job compare instead: what
+        the destination already has is then only mapped."""
+        index = src.region.index
+        if job.base_id is not None:
+            rows = index.changed_since(src.id, job.base_id, job.next_block, limit)
+            if rows is not None:
+                return rows
+            log.info("copy into %s: its base %s is gone; comparing maps instead",
+                     job.dst.id, job.base_id)  # fmt: skip
+            job.base_id = None
+        parent = job.dst.region.index.parent_of(job.dst.id)
+        if parent is None:
+            return list(index.block_map_from(src.id, job.next_block, limit))
+        job.compare = True
+        return CopyEngine._differing(job, src, parent, limit)
+
+    @staticmethod
+    def _differing(
+        job: CopyJob, src: Snapshot, parent: str, limit: int
+    ) -> list[tuple[int, bytes | None]]:
+        """Source rows from job.next_block on that differ from the destination parent's,
+        up to `limit`, comparing COMPARE_SPAN blocks at a time; sets job.scanned_to."""
+        bs = job.dst.region.block_size
+        dst_index = job.dst.region.index
+        end = -(-max(src.size, job.dst.size) // bs)
+        for row in dst_index.snapshots_size(parent):
+            end = max(end, -(-row // bs))
+        job.compare_end = end
+        rows: list[tuple[int, bytes | None]] = []
+        first = job.next_block
+        spans = 0
+        while first < end and len(rows) < limit and spans < COMPARE_SPANS_PER_STEP:
+            spans += 1
+            last = min(first + COMPARE_SPAN, end) - 1
+            mine = src.region.index.block_map(src.id, first, last)
+            theirs = dst_index.block_map(parent, first, last)
+            for no in sorted(mine.keys() | theirs.keys()):
+                if mine.get(no) != theirs.get(no):
+                    rows.append((no, mine.get(no)))
+            first = last + 1
+        job.scanned_to = first if len(rows) < limit else rows[limit - 1][0] + 1
+        return rows[:limit]
 
     async def _verify_committed(self, job: CopyJob, src: Snapshot) -> None:
         """Read back every destination block committed before an unclean stop and check
@@ -368,11 +433,11 @@ class CopyEngine:
         return max(1, min(BATCH_BLOCKS, self.bandwidth_limit // 4 // block_size))
 
     async def _copy_batch(
-        self, job: CopyJob, src: Snapshot, batch: list[tuple[int, bytes]]
+        self, job: CopyJob, src: Snapshot, batch: list[tuple[int, bytes | None]]
     ) -> None:
         dst_region = job.dst.region
         stored: list[StoredBlock] = []
-        mapping: dict[int, bytes] = {}
+        mapping: dict[int, bytes | None] = {}
         remote = dst_region.remote or src.region.remote
         limiter = trio.Semaphore(TRANSFERS_PER_REMOTE_JOB if remote else TRANSFERS_PER_JOB)
         # Objects can move unchanged when both sides use the same keys (or none) and, for
@@ -417,8 +482,9 @@ class CopyEngine:
                 if dst_region.hold_base(base):
                     fetch = functools.partial(src.region.fetch_object, block_id)
                     return await dst_region.put_block(block_id, fetch, held_base=base)
-                return await dst_region.put_block(block_id, functools.partial(whole, block_id,
-                                                                              block_id))
+                return await dst_region.put_block(
+                    block_id, functools.partial(whole, block_id, block_id)
+                )
             # Another key or region: the delta is opened and sealed again for the
             # destination, over the base's id there (the same id under the same key).
             dst_base = (
@@ -487,7 +553,10 @@ class CopyEngine:
         try:
             async with trio.open_nursery() as nursery:
                 for block_no, block_id in batch:
-                    nursery.start_soon(transfer, block_no, block_id)
+                    if block_id is None:
+                        mapping[block_no] = None  # a hole over the base's block
+                    else:
+                        nursery.start_soon(transfer, block_no, block_id)
             pins = [s.block_id for s in stored]
             new_blocks = {s.block_id: s.new for s in stored if s.new is not None}
             written = sum(s.new.transferred_size for s in stored if s.written and s.new)
@@ -497,6 +566,8 @@ class CopyEngine:
                 fault_point("copy_batch_synced")
             dst = job.dst
             next_block, done = batch[-1][0] + 1, job.done_blocks + len(batch)
+            if job.compare:
+                next_block = done = max(next_block, job.scanned_to)
             transferred = dst.transferred_bytes + written
             dst_region.index.commit_blocks(
                 dst.id,

@@ -28,6 +28,7 @@ from snapfs.errors import (
 from snapfs.faults import fault_point
 from snapfs.model.names import new_snapshot_id
 from snapfs.model.states import SnapshotStatus
+from snapfs.service import chains
 from snapfs.service.region import Region
 from snapfs.service.snapshots import Snapshot, SnapshotWriter
 from snapfs.service.storebase import StoreParts
@@ -233,9 +234,9 @@ class SnapshotLifecycle(StoreParts):
 
         Within its region only: a clone shares its parent's blocks, and another region has
         other blocks (and keys); a copy (mv, cp, snapfs copy) brings a snapshot there first.
-        The parent's whole map is copied in one transaction, so a clone costs index rows
-        in proportion to the parent's size (maps relative to a parent are issue 17's next
-        step), but its ingest costs only what is written."""
+        Its map is relative to the parent's (meta/index.py, schema 5): it costs no rows until
+        written, then the rows it changes (a full copy of the map only where the chain
+        would grow past MAX_CHAIN_DEPTH)."""
         parent = snap.region.snapshots.get(parent_name.strip())
         if parent is None or parent is snap:
             where = "/" in parent_name and " (a clone stays in its parent's region)" or ""
@@ -369,6 +370,12 @@ class SnapshotLifecycle(StoreParts):
         snap.sealed_at = sealed_at
         snap.become(SnapshotStatus.AVAILABLE)
         snap.writer = None
+        reference = writer.reference()
+        if self.nursery is not None and chains.worth_trying(snap, reference):
+            assert reference is not None
+            self.nursery.start_soon(
+                chains.rebase_quietly, snap.region, snap, reference, name=f"rebase {snap.id}"
+            )
         log.info(
             "region %s: sealed snapshot %s (%s), %d bytes%s%s",
             snap.region.name,

@@ -127,6 +127,9 @@ class StoreRecovery(StoreParts):
             created_at=row["created_at"],
             source=source,
             verify_below=0 if self.was_clean else row["next_block"],
+            base_id=row.get("base_snapshot_id"),
+            compare=row.get("base_snapshot_id") is None
+            and region.index.parent_of(row["dst_snapshot_id"]) is not None,
         )
         if source is not None:
             source.copy_readers += 1

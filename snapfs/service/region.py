@@ -50,6 +50,10 @@ class Region(BlockRepository):
         self.publisher: ManifestPublisher | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.created_ns = time.time_ns()
+        # Held by each structural change of the region's chains of maps (a fold on delete,
+        # a rebase after a seal: service/chains.py), which are several transactions with
+        # awaits between them: one at a time, so none sees another half done.
+        self.chain_lock = trio.Lock()
 
     # --- settings (region xattrs) ----------------------------------------------------------
 

@@ -90,16 +90,27 @@ class SnapshotRemoval(StoreParts):
         index = snap.region.index
         sizer = BatchSizer(PURGE_CHUNK)  # rows per transaction, sized by LOOP_BUDGET
         try:
-            while True:
-                size = sizer.start()
-                deleted = index.delete_map_chunk(snap.id, size)
-                sizer.done()
-                if deleted < size:
-                    break
-                fault_point("purge_chunk")
-                snap.region.request_gc()
-                await trio.sleep(0)  # let requests in between chunks
-            index.delete_snapshot(snap.id)
+            async with snap.region.chain_lock:
+                # Snapshots whose maps are relative to this one get its rows first
+                # (meta/index.py, fold_step); the last one may take its map over whole.
+                while True:
+                    size = sizer.start()
+                    more = index.fold_step(snap.id, size)
+                    sizer.done()
+                    if not more:
+                        break
+                    fault_point("fold_step")
+                    await trio.sleep(0)
+                while index.snapshot_row(snap.id) is not None:
+                    size = sizer.start()
+                    deleted = index.delete_map_chunk(snap.id, size)
+                    sizer.done()
+                    if deleted < size:
+                        index.delete_snapshot(snap.id)
+                        break
+                    fault_point("purge_chunk")
+                    snap.region.request_gc()
+                    await trio.sleep(0)  # let requests in between chunks
         except Exception:  # noqa: BLE001 - left marked deleted; the next mount finishes it
             log.exception("region %s: deleting snapshot %s failed", snap.region.name, snap.id)
             return

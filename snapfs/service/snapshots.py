@@ -567,6 +567,11 @@ class SnapshotWriter:
 
     # --- deltas: which block a new one is probably a variant of -----------------------------
 
+    def reference(self) -> Snapshot | None:
+        """The snapshot this one was most likely written after (chosen now if no block
+        chose it yet): deltas are over its blocks, and a chain makes the map relative to it."""
+        return self._reference()
+
     def _reference(self) -> Snapshot | None:
         """The snapshot this one most likely descends from, chosen at its first new block:
         one read while this was written (rsync reads the file it replaces, `cp --reflink`

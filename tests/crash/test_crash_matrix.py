@@ -15,8 +15,9 @@ from . import workload
 
 # (point, hit): the N-th time the daemon reaches the point it dies. Each is reached by the
 # workload's steps in order: ingest, cp copy, mv, snapfs copy into an encrypted region,
-# a variant stored as deltas, a clone rewritten in place, rm of the variant's bases'
-# snapshot, retention, rm of the variant.
+# a variant stored as deltas (then made relative to its original), a clone rewritten in
+# place, copies of keep and its clone (the clone's relative to keep's copy), rm of the
+# variant's original (folded into the variant), retention, rm of the variant.
 CASES = [
     ("object_written", 1),  # ingest: the first object, nothing committed
     ("object_written", 200),  # ingest: after the mid-file commit
@@ -25,6 +26,7 @@ CASES = [
     ("seal", 1),  # ingest: flushed at close, the seal not committed
     ("cp_copy_block", 20),  # cp copy: blocks matched so far, lineage in memory
     ("seal", 2),  # cp copy: its seal (the map comparison) not committed
+    ("rebase_step", 1),  # the cp copy sealed: tombstones put, not yet relative to old.img
     ("move_inserted", 1),  # mv: destination and job committed, source still visible
     ("copy_batch_written", 1),  # mv job: objects written, not synced
     ("copy_batch_synced", 1),  # mv job: objects synced, batch not committed
@@ -35,7 +37,10 @@ CASES = [
     ("copy_finished", 2),  # snapfs copy done
     ("delta_written", 1),  # variant ingest: a delta object written, its row not committed
     ("delta_written", 12),  # variant ingest: more deltas, before its seal
+    ("rebase_step", 4),  # variant relative to doomed, its redundant rows dropped
     ("clone_mapped", 1),  # snapfs clone: the parent's map taken, the new file not closed
+    ("copy_chained", 1),  # snapfs copy of the clone: relative to keep's copy, job committed
+    ("fold_step", 1),  # rm doomed: variant's rows merged into doomed's map, which it took
     ("gc_object_deleted", 40),  # rm doomed: collection half-way through its objects
     ("retention_released", 1),  # retention: one of two expired snapshots released
     ("gc_delta_dropped", 1),  # rm variant: delta rows gone, their bases still stored

@@ -208,9 +208,7 @@ class Workload:
         finally:
             with contextlib.suppress(OSError):  # a dead daemon's mount refuses the close
                 os.close(original)
-        self._until(
-            lambda: self._status(self.m.path / SRC / "variant.img") == "available", "seal"
-        )
+        self._until(lambda: self._status(self.m.path / SRC / "variant.img") == "available", "seal")
 
     def clone(self) -> None:
         """`snapfs clone` keep.img, one page rewritten in place, sealed."""
@@ -219,6 +217,16 @@ class Workload:
         self._tool("dd", f"if={self.images.directory / 'patch'}", f"of={target}", "bs=4096",
                    f"seek={CLONE_PATCH_AT // 4096}", "conv=notrunc", "status=none")  # fmt: skip
         self._until(lambda: self._status(target) == "available", "seal")
+
+    def relay(self) -> None:
+        """`snapfs copy` keep.img into dst, then its clone: the clone's copy starts relative
+        to keep's copy there and brings only the rows the clone changed."""
+        for name in ("keep", "clone"):
+            self._tool(*SNAPFS, "copy", self.m.path / SRC / f"{name}.img",
+                       self.m.path / DST / name)  # fmt: skip
+            self._until(
+                lambda n=name: self._status(self.m.path / DST / n) == "available", "copy"
+            )
 
     def delete(self) -> None:
         """rm doomed.img: the blocks variant.img's deltas are over stay as their bases."""
@@ -240,8 +248,8 @@ class Workload:
         self._until(lambda: gc_settled(self.m.store, SRC), "collection after retention")
 
     STEPS = (
-        "ingest", "cp_copy", "move", "api_copy", "variant", "clone", "delete", "retention",
-        "drop_variant",
+        "ingest", "cp_copy", "move", "api_copy", "variant", "clone", "relay", "delete",
+        "retention", "drop_variant",
     )  # fmt: skip
 
     def run_steps(self) -> str | None:
@@ -272,6 +280,8 @@ EXPECTED = {
     (DST, "old.img"): "old",
     (DST, "base.img"): "base",
     (DST, "mover.img"): "mover",
+    (DST, "keep"): "keep",
+    (DST, "clone"): "cloned",
     (VAULT, "keep.img"): "keep",
 }
 ALWAYS = {(SRC, "base.img"), (SRC, "keep.img"), (DST, "old.img")}

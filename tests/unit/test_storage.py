@@ -16,7 +16,7 @@ import trio.testing
 
 from snapfs.errors import StoreBusy, StoreFormat
 from snapfs.meta import db
-from snapfs.meta.index import NewBlock, RegionIndex
+from snapfs.meta.index import MIGRATIONS, NewBlock, RegionIndex
 from snapfs.objects.local import LocalBackend
 from snapfs.service.snapshots import SnapshotWriter
 from snapfs.service.store import Store
@@ -105,8 +105,49 @@ def test_a_schema_3_index_migrates_to_4_and_keeps_its_blocks(tmp_path: Path) -> 
     database.conn.commit()
     database.close()
     index = RegionIndex(path)
-    assert db.get_meta(index.db, "schema_version") == "4"
+    assert db.get_meta(index.db, "schema_version") == str(len(MIGRATIONS))
     assert index.base_of(b"x" * 32) is None and index.has_block(b"x" * 32)
+
+
+def test_a_schema_4_index_migrates_to_5_and_its_maps_read_and_chain(tmp_path: Path) -> None:
+    """Schema 5 rebuilds the map table (maps relative to a parent): every row, refcount and
+    allocated count carries over, the old snapshots are full maps, and a clone of one is
+    relative to it."""
+    from snapfs.meta import index as index_module
+
+    path = tmp_path / "index.db"
+    database = db.connect(path)
+    db.migrate(database, index_module.MIGRATIONS[:4], "old index")
+    a, b = b"a" * 32, b"b" * 32
+    database.execute(
+        "INSERT INTO blocks (id, refcount, plain_size, stored_size, codec) VALUES "
+        "(?, 0, 10, 5, 1), (?, 0, 10, 5, 1)",
+        [a, b],
+    )
+    row = _snapshot_row("s-1", "one")
+    database.execute(
+        f"INSERT INTO snapshots ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        list(row.values()),
+    )
+    database.conn.executemany(
+        "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES ('s-1', ?, ?)",
+        [(0, a), (1, b), (2, a)],
+    )
+    database.conn.commit()
+    assert database.execute("SELECT allocated_blocks FROM snapshots").fetchone() == (3,)
+    database.close()
+    index = RegionIndex(path)
+    assert db.get_meta(index.db, "schema_version") == str(len(MIGRATIONS))
+    assert index.block_map("s-1", 0, 9) == {0: a, 1: b, 2: a}
+    assert _refcounts(index) == {a: 2, b: 1}
+    assert index.allocated_blocks("s-1") == 3 and index.parent_of("s-1") is None
+    index.insert_snapshot(_snapshot_row("s-2", "two"))
+    index.clone_map("s-2", "s-1", {})
+    index.commit_blocks("s-2", [], [(1, None)], {})
+    assert index.block_map("s-2", 0, 9) == {0: a, 2: a} and index.own_row_count("s-2") == 1
+    assert index.allocated_blocks("s-2") == 2
+    with pytest.raises(sqlite3.IntegrityError):  # still no row naming a missing block
+        index.commit_blocks("s-2", [], [(5, b"z" * 32)], {})
 
 
 def test_a_shrink_drops_the_map_from_the_top_in_steps(tmp_path: Path) -> None:
