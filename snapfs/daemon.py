@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from snapfs import durable, faults
+from snapfs import __version__, durable, faults
 from snapfs.errors import MountPointInUse, MountPointNotFound, SnapfsError, from_sqlite, restated
 from snapfs.fuse import mounts
 from snapfs.fuse.operations import Operations
@@ -118,10 +119,28 @@ def tune_read_ahead(mountpoint: Path) -> None:
     log.info("read-ahead of the mount set to %d KiB (%s)", READ_AHEAD_KB, path)
 
 
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) without libsystemd: a datagram to $NOTIFY_SOCKET, which systemd sets for
+    a `Type=notify` unit (scripts/snapfs@.service). READY=1 once the mount answers, so
+    units ordered after this one start on a working mount; STOPPING=1 on SIGTERM. Nothing
+    when the variable is unset."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", address, exc)
+
+
 async def _stop_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
+            notify_systemd("STOPPING=1")
             pyfuse3.terminate()
             return
 
@@ -139,6 +158,7 @@ async def serve(
         try:
             mounts.register(mountpoint, store.path)
             ready()
+            notify_systemd(f"READY=1\nSTATUS=serving {store.path} on {mountpoint}")
             nursery.start_soon(_stop_on_signal, name="signals")
             await pyfuse3.main()
         finally:
@@ -194,6 +214,8 @@ def run(
                 pass
 
     setup_logging(store_path, to_stderr=to_stderr, debug=debug)
+    log.info("snapfs %s starting (pid %d, python %s, pyfuse3 %s)", __version__, os.getpid(),
+             sys.version.split()[0], pyfuse3.__version__)  # fmt: skip
     tame_malloc()
     mountpoint = Path(os.path.abspath(mountpoint))
     try:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from snapfs import durable
-from snapfs.errors import InvalidParameter, SnapfsError, from_sqlite
+from snapfs.errors import InvalidParameter, SnapfsError, StoreNotFound, from_sqlite
 from snapfs.fuse import mounts
 from snapfs.model import params
 from snapfs.model.states import SnapshotStatus
@@ -39,6 +39,49 @@ def default_store_path() -> Path:
     from snapfs.service.store import default_store_path as default
 
     return default()
+
+
+def store_for(args: argparse.Namespace, path: str | None = None) -> Path:
+    """The store a command means (issue 18): `--store`; else the mount a path given to the
+    command is in; else the one store that is mounted; else the default store, which must
+    exist already. Never a new store: only `snapfs mount` creates one, so a command that
+    would silently act on an empty default store while another is mounted refuses."""
+    if getattr(args, "store", None):
+        return Path(args.store).expanduser()
+    if path is not None:
+        found = mounts.find_mount_root(Path(path))
+        if found is not None:
+            return Path(found[0].store)
+    live = mounts.live_mounts()
+    stores = sorted({m.store for m in live})
+    if len(stores) == 1:
+        return Path(stores[0])
+    default = default_store_path()
+    if len(stores) > 1:
+        where = ", ".join(f"{m.store} on {m.mountpoint}" for m in live)
+        raise InvalidParameter(
+            f"several snapfs stores are mounted ({where}): give a path into one "
+            "(MOUNTPOINT/REGION) or --store"
+        )
+    if not (default / "store.db").exists():
+        raise StoreNotFound(
+            f"no snapfs store at {default} and none is mounted: `snapfs mount MOUNTPOINT "
+            "[--store DIR]` creates one, or give --store"
+        )
+    return default
+
+
+def _region_arg(value: str) -> tuple[str, str | None]:
+    """A region given as NAME or as a path into a mount (MOUNTPOINT/NAME): (the name, the
+    path to find the store by, or None)."""
+    if "/" not in value:
+        return value, None
+    found = mounts.find_mount_root(Path(value))
+    if found is None or len(found[1]) != 1:
+        raise InvalidParameter(
+            f"{value} is not a region of a snapfs mount (MOUNTPOINT/REGION)"
+        )
+    return found[1][0], value
 
 
 def _fail(code: str, message: str, exit_code: int = 1) -> int:
@@ -172,7 +215,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = Path(args.store).expanduser() if args.store else default_store_path()
+    store = store_for(args, args.path)
     region = snapshot = None
     mountpoint: Path | None = None
     if args.path:
@@ -190,9 +233,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         mountpoint = Path(mounted.mountpoint)
     from snapfs.cli import status
 
+    if args.watch is not None:
+        return _watch_copies(store, region, args.watch)
     data = status.collect(store, region, snapshot)
     if mountpoint is not None and _seal_settling(mountpoint, data):
         data = status.collect(store, region, snapshot)
+    if args.metrics:
+        sys.stdout.write(status.metrics(data, mountpoint))
+        return 0
     if snapshot is not None and not args.json:
         status.render_attributes(Path(args.path), data)
         return 0
@@ -201,6 +249,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
     else:
         status.render(data)
+    return 0
+
+
+def _watch_copies(store: Path, region: str | None, every: float) -> int:
+    """`snapfs status --watch`: the copies table, redrawn in place on a terminal (printed
+    again otherwise), until no copy is left."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from snapfs.cli import status
+
+    data = status.collect(store, region)
+    console = Console()
+    with Live(status.copies_table(data), console=console, auto_refresh=False) as live:
+        while status.copies_left(data):
+            time.sleep(max(every, 0.1))
+            data = status.collect(store, region)
+            live.update(status.copies_table(data), refresh=True)
+    console.print("no copy running or queued")
     return 0
 
 
@@ -309,7 +376,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from snapfs.service import check
 
-    store = Path(args.store).expanduser() if args.store else default_store_path()
+    store = store_for(args)
     report = check.check(store, repair=args.repair)
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
@@ -434,41 +501,66 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def _wait_for_copy(target: Path) -> bool:
-    """A progress bar (percent, bytes, rate, ETA) until the copy ends; True if it succeeded."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    """A progress bar until the copy ends: percent, bytes, the rate since the start and the
+    time left at that rate; True if it succeeded. The rate is ours, not rich's (whose speed
+    column says "?" once a task is done or between sparse updates): the bytes so far over
+    the time so far, so the last line shows the copy's real average."""
+    from rich.progress import BarColumn, Progress, TextColumn
 
-    size = target.stat().st_size
+    size = max(target.stat().st_size, 1)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>5.1f}%"),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[done]}/{task.fields[size]}"),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[eta]}"),
     )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(target.name, total=max(size, 1))
+    start = time.monotonic()
+    with Progress(*columns, transient=False, refresh_per_second=5) as bar:
+        task = bar.add_task(target.name, total=size, done="0 B", size=_human(size), rate="",
+                            eta="")  # fmt: skip
         while True:
             status = os.getxattr(target, "user.snapfs.status").decode()
             percent = float(os.getxattr(target, "user.snapfs.progress"))
-            bar.update(task, completed=max(size, 1) * percent / 100)
-            if status in (SnapshotStatus.AVAILABLE, SnapshotStatus.FAILED):
+            ended = status in (SnapshotStatus.AVAILABLE, SnapshotStatus.FAILED)
+            done = size if status == SnapshotStatus.AVAILABLE else size * percent / 100
+            elapsed = max(time.monotonic() - start, 1e-3)
+            rate = done / elapsed
+            left = (size - done) / rate if rate > 0 else None
+            bar.update(
+                task,
+                completed=done,
+                done=_human(done),
+                rate=f"{_human(rate)}/s",
+                eta="done" if ended else (f"ETA {_clock(left)}" if left is not None else ""),
+            )
+            if ended:
                 return status == SnapshotStatus.AVAILABLE
             time.sleep(0.2)
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _keyring(args: argparse.Namespace):
     from snapfs.meta.catalogue import open_catalogue
     from snapfs.meta.keys import KeyRing
 
-    store = Path(args.store).expanduser() if args.store else default_store_path()
+    path = None
+    if getattr(args, "region", None):
+        args.region, path = _region_arg(args.region)
+    store = store_for(args, path)
     return KeyRing(store, open_catalogue(store), None)
 
 
@@ -526,8 +618,10 @@ def cmd_region(args: argparse.Namespace) -> int:
     from snapfs.objects.s3 import S3Location
     from snapfs.service import regionadmin
 
+    name, path = _region_arg(args.name)
+    args.name = name
     check_region_name(args.name)
-    store = Path(args.store).expanduser() if args.store else default_store_path()
+    store = store_for(args, path)
     location = None
     if args.backend is not None and args.backend != "local":
         location = S3Location.parse(args.backend, args.endpoint)
@@ -587,11 +681,14 @@ def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from snapfs import __version__
+
     parser = argparse.ArgumentParser(
         prog="snapfs",
         description="Cloud-style disk snapshots as plain files: regions are directories, "
         "snapshots are files.",
     )
+    parser.add_argument("--version", action="version", version=f"snapfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("mount", help="mount a store (created on first use)")
@@ -654,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", help="customer master keys (CMKs) for encrypted snapshots")
     keys = p.add_subparsers(dest="key_command", required=True)
     k = keys.add_parser("create", help="a new key for a region; prints its id last")
-    k.add_argument("--region", required=True)
+    k.add_argument("--region", required=True, help="region name, or MOUNTPOINT/REGION")
     k.add_argument("--alias")
     k = keys.add_parser("list", help="keys with region, state and alias")
     k.add_argument("--json", action="store_true")
@@ -676,7 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = verbs.add_parser("attach", help="rebuild a region from its bucket (disaster recovery)")
     r.add_argument("--backend", required=True, help="s3://BUCKET[/PREFIX]")
     for r in verbs.choices.values():
-        r.add_argument("name", help="region name, e.g. eu-west-1")
+        r.add_argument(
+            "name", help="region name, e.g. eu-west-1, or a path into a mount: MNT/eu-west-1"
+        )
         r.add_argument("--endpoint", help="URL of an S3-compatible server (default: AWS)")
         r.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
     p.set_defaults(func=cmd_region)
@@ -713,6 +812,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="a mountpoint, region directory or snapshot file")
     p.add_argument("--store", help="store directory, when PATH is not given")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="the Prometheus text format (for node_exporter's textfile collector)",
+    )
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="refresh the table of running copies every SECONDS (1) until none is left",
+    )
     p.set_defaults(func=cmd_status)
     return parser
 
@@ -727,10 +839,33 @@ def _options_without_value(args: argparse.Namespace) -> str | None:
     return None
 
 
+COMMANDS = {
+    "mount", "umount", "copy", "key", "region", "diff", "check", "seal", "status", "clone",
+}  # fmt: skip
+
+
+def _is_mount_helper_call(argv: list[str]) -> bool:
+    """`snapfs STORE MOUNTPOINT [-o ...]`, as mount.fuse3 (a `snapfs#STORE` fstab source)
+    and /sbin/mount.fuse.snapfs (scripts/install-service) call it: cli/mounthelper.py."""
+    words = [a for a in argv if not a.startswith("-")]
+    return (
+        len(argv) >= 2
+        and not argv[0].startswith("-")
+        and argv[0] not in COMMANDS
+        and len(words) >= 2
+        and os.path.isdir(words[1])
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     # Whatever snapfs creates (store, indexes, objects, logs, key files, the daemon's too)
     # is for its owner only; snapshots' own modes come from the callers, not from this.
     os.umask(0o077)
+    given = sys.argv[1:] if argv is None else argv
+    if _is_mount_helper_call(given):
+        from snapfs.cli import mounthelper
+
+        return mounthelper.main(given)
     args = build_parser().parse_args(argv)
     missing = _options_without_value(args)
     if missing:

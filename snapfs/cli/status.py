@@ -71,7 +71,14 @@ def collect(
         regions[-1]["backend"] = backends[name]
     if snapshot is not None and not regions[0]["snapshots"]:
         raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
-    return {"store": str(store_path), "block_size": block_size, "regions": regions}
+    from snapfs import __version__
+
+    return {
+        "version": __version__,
+        "store": str(store_path),
+        "block_size": block_size,
+        "regions": regions,
+    }
 
 
 def _progress(row: dict[str, Any], job: dict[str, Any] | None) -> float:
@@ -221,3 +228,98 @@ def render(data: dict[str, Any]) -> None:
             f"{human(t['stored_bytes'])} stored; dedup {t['dedup_ratio']:g}x, "
             f"compression {t['compression_ratio']:g}x\n"
         )
+
+
+# --- monitoring: `snapfs status --metrics` and `--watch` (issue 18) ----------------------
+
+
+def _region_xattr(mountpoint: Path | None, region: str, name: str) -> int | None:
+    """A region's live counter from the mount (copies_running, copies_queued), or None."""
+    if mountpoint is None:
+        return None
+    try:
+        return int(os.getxattr(mountpoint / region, f"user.snapfs.{name}"))
+    except (OSError, ValueError):
+        return None
+
+
+def metrics(data: dict[str, Any], mountpoint: Path | None) -> str:
+    """The store in the Prometheus text format (version 0.0.4), for node_exporter's
+    textfile collector or any scraper that runs a command: no port to open in the
+    daemon, and the numbers are the ones `snapfs status --json` shows."""
+    lines = [
+        "# HELP snapfs_info The snapfs version serving this store.",
+        "# TYPE snapfs_info gauge",
+        f'snapfs_info{{version="{data["version"]}",store="{data["store"]}"}} 1',
+        "# HELP snapfs_up 1 if the store is mounted.",
+        "# TYPE snapfs_up gauge",
+        f"snapfs_up {int(mountpoint is not None)}",
+    ]
+    try:
+        disk = os.statvfs(data["store"])
+        lines += [
+            "# HELP snapfs_store_free_bytes Free bytes on the store's file system.",
+            "# TYPE snapfs_store_free_bytes gauge",
+            f"snapfs_store_free_bytes {disk.f_bavail * disk.f_frsize}",
+        ]
+    except OSError:
+        pass
+    series: dict[str, list[str]] = {}
+
+    def add(name: str, kind: str, help_text: str, labels: str, value: float) -> None:
+        if name not in series:
+            series[name] = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        shown = str(int(value)) if float(value).is_integer() else repr(float(value))
+        series[name].append(f"{name}{{{labels}}} {shown}")
+
+    for region in data["regions"]:
+        r = f'region="{region["name"]}"'
+        by_status: dict[str, int] = {}
+        copying = 0
+        for snap in region["snapshots"]:
+            by_status[snap["status"]] = by_status.get(snap["status"], 0) + 1
+            copying += snap["status"] == SnapshotStatus.COPYING
+        for status in ("creating", "copying", "available", "failed"):
+            add("snapfs_snapshots", "gauge", "Snapshots by status.",
+                f'{r},status="{status}"', by_status.get(status, 0))  # fmt: skip
+        running = _region_xattr(mountpoint, region["name"], "copies_running")
+        queued = _region_xattr(mountpoint, region["name"], "copies_queued")
+        add("snapfs_copies_running", "gauge", "Copy jobs running into the region.", r,
+            copying if running is None else running)  # fmt: skip
+        add("snapfs_copies_queued", "gauge", "Copy jobs waiting for a slot.", r, queued or 0)
+        add("snapfs_transferred_bytes", "gauge",
+            "Bytes the region's snapshots' copies transferred into it.", r,
+            sum(s["transferred_bytes"] for s in region["snapshots"]))  # fmt: skip
+        totals = region["totals"]
+        for key in ("logical_bytes", "allocated_bytes", "unique_bytes", "stored_bytes"):
+            add(f"snapfs_{key}", "gauge", f"The region's {key.replace('_', ' ')}.", r,
+                totals[key])  # fmt: skip
+    for block in series.values():
+        lines += block
+    return "\n".join(lines) + "\n"
+
+
+def copies_table(data: dict[str, Any]):  # -> rich Table
+    """The copies running, queued or just ended, one row each."""
+    from rich.table import Table
+
+    table = Table(title="copies", title_justify="left")
+    for column in ("region", "snapshot", "source", "status", "progress", "transferred"):
+        table.add_column(column, justify="right" if column in ("progress", "transferred")
+                         else "left")  # fmt: skip
+    for region in data["regions"]:
+        for snap in region["snapshots"]:
+            if snap["status"] != SnapshotStatus.COPYING:
+                continue
+            table.add_row(
+                region["name"], snap["name"],
+                f"{snap['source_region']}/{snap['source_snapshot_id']}",
+                snap["status"], f"{snap['progress']:.1f}%", human(snap["transferred_bytes"]),
+            )  # fmt: skip
+    return table
+
+
+def copies_left(data: dict[str, Any]) -> int:
+    return sum(
+        s["status"] == SnapshotStatus.COPYING for r in data["regions"] for s in r["snapshots"]
+    )

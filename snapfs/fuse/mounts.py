@@ -156,6 +156,20 @@ def find_by_store(store: Path) -> MountRecord | None:
     return None
 
 
+def live_mounts() -> list[MountRecord]:
+    """Every snapfs mount whose daemon runs, by mountpoint."""
+    records = []
+    for path in sorted(runtime_dir().glob("mount-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        record = MountRecord(data["mountpoint"], data["store"], int(data["pid"]))
+        if record.alive:
+            records.append(record)
+    return sorted(records, key=lambda r: r.mountpoint)
+
+
 def find_mount_root(path: Path) -> tuple[MountRecord, list[str]] | None:
     """The registered snapfs mount containing `path`, and the parts of `path` below it."""
     current = Path(os.path.abspath(path))
