@@ -78,9 +78,7 @@ def _region_arg(value: str) -> tuple[str, str | None]:
         return value, None
     found = mounts.find_mount_root(Path(value))
     if found is None or len(found[1]) != 1:
-        raise InvalidParameter(
-            f"{value} is not a region of a snapfs mount (MOUNTPOINT/REGION)"
-        )
+        return value, None  # not in a mount: the name's own check refuses it
     return found[1][0], value
 
 
@@ -235,9 +233,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if args.watch is not None:
         return _watch_copies(store, region, args.watch)
-    data = status.collect(store, region, snapshot)
-    if mountpoint is not None and _seal_settling(mountpoint, data):
+    with _working(f"reading the indexes of {store}"):
         data = status.collect(store, region, snapshot)
+        if mountpoint is not None and _seal_settling(mountpoint, data):
+            data = status.collect(store, region, snapshot)
     if args.metrics:
         sys.stdout.write(status.metrics(data, mountpoint))
         return 0
@@ -250,6 +249,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         status.render(data)
     return 0
+
+
+@contextlib.contextmanager
+def _working(what: str):
+    """A spinner on stderr while a long read runs, when stderr is a terminal (a region of
+    millions of map rows takes seconds to sum up); nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(what):
+        yield
 
 
 def _watch_copies(store: Path, region: str | None, every: float) -> int:

@@ -145,15 +145,7 @@ def lookup(mountpoint: Path) -> MountRecord | None:
 def find_by_store(store: Path) -> MountRecord | None:
     """The live mount serving `store`, if any (for commands that must go through it)."""
     wanted = str(Path(store).resolve())
-    for path in sorted(runtime_dir().glob("mount-*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        record = MountRecord(data["mountpoint"], data["store"], int(data["pid"]))
-        if record.store == wanted and record.alive:
-            return record
-    return None
+    return next((record for record in live_mounts() if record.store == wanted), None)
 
 
 def live_mounts() -> list[MountRecord]:

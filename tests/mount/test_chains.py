@@ -66,6 +66,20 @@ def days(tmp_path: Path, count: int, size: int = 8 * MiB) -> list[Path]:
     return out
 
 
+def chain_in_two_regions(
+    mnt: SnapfsMount, tmp_path: Path, count: int
+) -> tuple[Path, Path, list[Path]]:
+    """Regions us-east-1 (with `count` days of one disk `cp`'d in, sealed) and eu-west-1."""
+    src, dst = mnt.path / "us-east-1", mnt.path / "eu-west-1"
+    src.mkdir()
+    dst.mkdir()
+    images = days(tmp_path, count)
+    for image in images:
+        run("cp", image, src / image.name)
+        assert status(src / image.name) == "available"
+    return src, dst, images
+
+
 def test_daily_cp_snapshots_keep_only_what_changed_and_the_oldest_folds(
     mnt: SnapfsMount, tmp_path: Path
 ) -> None:
@@ -104,13 +118,7 @@ def test_daily_cp_snapshots_keep_only_what_changed_and_the_oldest_folds(
 def test_an_incremental_copy_walks_what_changed_and_keeps_the_chain(
     mnt: SnapfsMount, tmp_path: Path
 ) -> None:
-    src, dst = mnt.path / "us-east-1", mnt.path / "eu-west-1"
-    src.mkdir()
-    dst.mkdir()
-    images = days(tmp_path, 2)
-    for image in images:
-        run("cp", image, src / image.name)
-        assert status(src / image.name) == "available"
+    src, dst, images = chain_in_two_regions(mnt, tmp_path, 2)
     day1, day2 = (snap_id(src / i.name) for i in images)
     assert wait_for(lambda: parent_of(mnt, "us-east-1", day2) == day1, 20), mnt.log()
 
@@ -146,13 +154,7 @@ def test_an_incremental_copy_walks_what_changed_and_keeps_the_chain(
 def test_a_copy_of_a_chained_snapshot_walks_only_the_rows_since_its_copied_ancestor(
     mnt: SnapfsMount, tmp_path: Path
 ) -> None:
-    src, dst = mnt.path / "us-east-1", mnt.path / "eu-west-1"
-    src.mkdir()
-    dst.mkdir()
-    images = days(tmp_path, 3)
-    for image in images:
-        run("cp", image, src / image.name)
-        assert status(src / image.name) == "available"
+    src, dst, images = chain_in_two_regions(mnt, tmp_path, 3)
     ids = [snap_id(src / i.name) for i in images]
     assert wait_for(lambda: parent_of(mnt, "us-east-1", ids[2]) == ids[1], 20), mnt.log()
     run(*SNAPFS, "copy", src / "day1.img", dst / "day1", "--wait")
