@@ -32,18 +32,20 @@ Sections (--skip index,growth,clone leaves some out):
           day, median of days 2..D, and (size after day D - empty index) / D), changed
           512 KiB blocks per day (from the pages changed), index bytes per changed block,
           and seconds per day of the clone + write + seal and of the whole-image `cp`.
-  growth  images of --sizes (default 512M,4G,16G) with a fixed --growth-change (default
-          16 MiB) of clustered 4 KiB pages: day 1 `cp` into region src and sealed, `mv` to
-          region dst (until available); day 2 (day 1 with the change) `cp` into src, sealed;
-          then timed: (a) `mv src/day2 dst/` until available (incremental: dst holds day 1),
-          (b) `python -m snapfs diff dst/day1 dst/day2 --json` (the CLI's wall time; its
-          changed bytes are checked against the blocks the change touched), (c) `rm dst/day1`
-          until its row is gone from dst's index (SELECT count(*) FROM snapshots WHERE id=?,
-          read-only, every 10 ms; the id is user.snapfs.id). Printed: each time and each
-          time's growth from the smallest to the largest size; target for the current tree
-          <= 1.3x. Day 1 has left src when day 2 arrives, so day 2's touched blocks have no
-          base there and are stored (and then transferred) whole: the "transferred" row is
-          the touched blocks x 512 KiB, which still follows the change, not the size.
+  growth  images of --sizes (default 512M,4G,16G) with a fixed --growth-change (default 16 MiB) of
+          clustered 4 KiB pages, the same pages at every size (placed within the smallest image;
+          --growth-placement spread: over each whole image, where the runs fall into more distinct
+          blocks on a bigger disk): day 1 `cp` into region src and sealed, `mv` to region dst (until
+          available); day 2 (day 1 with the change) `cp` into src, sealed; then timed: (a) `mv
+          src/day2 dst/` until available (incremental: dst holds day 1), (b) `python -m snapfs diff
+          dst/day1 dst/day2 --json` (the CLI's wall time; its changed bytes are checked against the
+          blocks the change touched), (c) `rm dst/day1` until its row is gone from dst's index
+          (SELECT count(*) FROM snapshots WHERE id=?, read-only, every 10 ms; the id is
+          user.snapfs.id). Printed: each time and each time's growth from the smallest to the
+          largest size; target for the current tree <= 1.3x. Day 1 has left src when day 2 arrives,
+          so day 2's touched blocks have no base there and are stored (and then transferred) whole:
+          the "transferred" row is the touched blocks x 512 KiB, which still follows the change, not
+          the size.
   clone   the --size image (default 4 GiB) as day 1 in a region, then --clone-change
           (default 1%) of its pages changed: (a) `snapfs clone day1 day2` + the changed
           pages written into day2 + sealed, end to end; (b) `cp` of the whole changed image
@@ -582,7 +584,12 @@ def growth_section(trees: list[Tree], s: Setup) -> dict[str, dict[str, Result]]:
             check_space(s.work, size, f"growth image of {size // MiB} MiB")
             print(f"  growth: generating a {size // MiB} MiB image ...", flush=True)
             sha1 = create_image(image, size, SEED_GROWTH)
-            change = Change.make(size // PAGE, min(1.0, a.growth_change / size),
+            # "same": the very same pages at every size (within the smallest image), so
+            # the change is fixed in blocks too and only the disk's size grows; "spread":
+            # the same share of each image, whose clustered runs then fall into more
+            # distinct blocks on a bigger disk.
+            span = min(a.sizes) if a.growth_placement == "same" else size
+            change = Change.make(span // PAGE, min(1.0, a.growth_change / span),
                                  SEED_GROWTH_CHANGE)
             shas = None
             if not a.no_verify:
@@ -943,6 +950,9 @@ def parse_args() -> argparse.Namespace:
                         help="images of the growth section (default 512M,4G,16G)")
     parser.add_argument("--growth-change", type=size, default=size("16M"),
                         help="bytes changed on day 2 of the growth section (default 16M)")
+    parser.add_argument("--growth-placement", choices=("same", "spread"), default="same",
+                        help="growth: the same pages at every size (default), or the same "
+                        "share spread over each image")
     parser.add_argument("--clone-change", type=share, default=0.01,
                         help="share of pages the clone section rewrites (default 1%%)")
     parser.add_argument("--skip", type=names(SECTIONS), default=[],
