@@ -264,11 +264,13 @@ _IN_CHUNK = 500  # block numbers per `IN (...)` lookup
 
 # A lookup through a chain at least this deep uses the parent's resolved map held in memory
 # (ParentMap: 40 bytes a block), for at most PARENT_MAPS parents of at most PARENT_MAP_BLOCKS
-# blocks each (160 MiB for 4 Mi blocks, a 2 TiB disk): a clone rewritten in place looks up
-# every block it touches, and a query per level made that grow with the chain's depth.
+# blocks each: a clone rewritten in place looks up every block it touches, and a query per
+# level made that grow with the chain's depth. The map is built on the trio thread in one
+# go (about 1 us a row per level), so only for disks of up to 64 Ki blocks (32 GiB at
+# 512 KiB: tens of milliseconds); a larger one's lookups ask each level, as before.
 PARENT_MAP_DEPTH = 3
 PARENT_MAPS = 2
-PARENT_MAP_BLOCKS = 4 << 20
+PARENT_MAP_BLOCKS = 1 << 16
 
 
 class ParentMap:
