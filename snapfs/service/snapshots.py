@@ -346,6 +346,44 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
+class PartialBlock(bytearray):
+    """A block written in parts, whose old content has not been read: the bytes written and
+    where (`ranges`). Merged over the old content only when something needs the whole block
+    (its store, a read of it), so a write into part of a block returns without waiting for
+    that block to be read back and decoded, and writes that end up covering the whole block
+    (`cp`'s 128 KiB pieces) never read it at all."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.ranges: list[tuple[int, int]] = []
+
+    def mark(self, start: int, end: int) -> None:
+        ranges = self.ranges
+        if ranges and ranges[-1][1] == start:  # sequential writes: one growing range
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+
+    def covered(self) -> bool:
+        """Every byte of the block was written."""
+        reach = 0
+        for start, end in sorted(self.ranges):
+            if start > reach:
+                return False
+            reach = max(reach, end)
+        return reach >= len(self)
+
+    def merged(self, old: bytes | bytearray | memoryview) -> bytearray:
+        """The whole block: `old`, zero-padded, with the written ranges laid over it."""
+        full = bytearray(len(self))
+        full[: len(old)] = old
+        for start, end in self.ranges:
+            full[start:end] = self[start:end]
+        return full
+
+
 class SnapshotWriter:
     """Buffers, stores and commits the writes to one `creating` snapshot.
 
@@ -443,8 +481,16 @@ class SnapshotWriter:
                 # The whole block is replaced: its old content need not be looked up.
                 self.dirty[block_no] = bytearray(view[pos : pos + count])
             else:
-                buf = await self._buffer(block_no)
+                buf = self.dirty.get(block_no)
+                if buf is None and block_no in self.inflight:
+                    # Being stored: wait for that store (never two of one block at once,
+                    # so a failed one's buffer, put back, is still the newest content).
+                    buf = await self._buffer(block_no)
+                elif buf is None:  # its old content is merged in when needed
+                    buf = self.dirty[block_no] = PartialBlock(bs)
                 buf[start : start + count] = view[pos : pos + count]
+                if isinstance(buf, PartialBlock):
+                    buf.mark(start, start + count)
             pos += count
             self.snap.size = max(self.snap.size, offset + pos)
             if start + count == bs:
@@ -460,11 +506,11 @@ class SnapshotWriter:
     async def _buffer(self, block_no: int) -> bytearray:
         """The writable buffer of a block, filled with its current content."""
         buf = self.dirty.get(block_no)
-        if buf is not None:
+        if buf is not None and not isinstance(buf, PartialBlock):
             return buf
         content = await self.current_content(block_no)
         buf = self.dirty.get(block_no)  # another request may have made it meanwhile
-        if buf is None:
+        if buf is None or isinstance(buf, PartialBlock):
             buf = bytearray(self.block_size)
             buf[: len(content)] = content
             self.dirty[block_no] = buf
@@ -472,11 +518,26 @@ class SnapshotWriter:
 
     async def current_content(self, block_no: int) -> Plaintext:
         """The newest content of a block: buffered, being stored, pending or committed."""
-        while (event := self.inflight.get(block_no)) is not None:
-            await event.wait()
-        buf = self.dirty.get(block_no)
-        if buf is not None:
-            return bytes(buf)
+        while True:
+            while (event := self.inflight.get(block_no)) is not None:
+                await event.wait()
+            buf = self.dirty.get(block_no)
+            if buf is None:
+                return await self._stored_content(block_no)
+            if not isinstance(buf, PartialBlock):
+                return bytes(buf)
+            if buf.covered():
+                self.dirty[block_no] = full = bytearray(buf)
+                return bytes(full)
+            old = await self._stored_content(block_no)
+            # Writes into it meanwhile changed `buf` itself; a store that took it means
+            # looking again (its result is then the content).
+            if self.dirty.get(block_no) is buf and block_no not in self.inflight:
+                self.dirty[block_no] = full = buf.merged(old)
+                return bytes(full)
+
+    async def _stored_content(self, block_no: int) -> Plaintext:
+        """The block as its last store left it: pending a commit, or committed."""
         if block_no in self.pending:
             block_id = self.pending[block_no]
         else:
@@ -490,14 +551,35 @@ class SnapshotWriter:
         buf = self.dirty.pop(block_no, None)
         if buf is None:
             return
+        before = self.inflight.get(block_no)  # an earlier store of it, still running
         done = self.inflight[block_no] = trio.Event()
         await self._slots.acquire()
         self.nursery.start_soon(
-            self._store_task, block_no, buf, done, name=f"store {self.snap.id}:{block_no}"
-        )
+            self._store_task, block_no, buf, done, before,
+            name=f"store {self.snap.id}:{block_no}",
+        )  # fmt: skip
 
-    async def _store_task(self, block_no: int, buf: bytearray, done: trio.Event) -> None:
+    async def _store_task(
+        self, block_no: int, buf: bytearray, done: trio.Event, before: trio.Event | None
+    ) -> None:
         try:
+            if before is not None:  # never, by the write path; kept as the rule it keeps
+                await before.wait()
+            if isinstance(buf, PartialBlock):
+                if buf.covered():
+                    buf = bytearray(buf)
+                else:
+                    # The old content now, in this background task (several run at once),
+                    # not in the write that made the block.
+                    try:
+                        buf = buf.merged(await self._stored_content(block_no))
+                    except Exception as exc:  # noqa: BLE001 - reported by the next write
+                        self.error = as_snapfs_error(exc)
+                        log.error("snapshot %s (%s) block %d: its old content does not "
+                                  "read: %s", self.snap.name, self.snap.id, block_no,
+                                  self.error)  # fmt: skip
+                        self.dirty.setdefault(block_no, buf)
+                        return
             # The whole block, zeros past the end of the file (truncate clears them): a
             # block's id must depend on its content alone, not on the file's size when it was
             # stored; `cp` of a sparse image writes data blocks before it sets the size.
@@ -553,7 +635,8 @@ class SnapshotWriter:
                         block_no,
                     )
         finally:
-            del self.inflight[block_no]
+            if self.inflight.get(block_no) is done:  # not a later store's of the block
+                del self.inflight[block_no]
             done.set()
             self._slots.release()
         if len(self.pending) >= COMMIT_EVERY and not self._commit_lock.locked():

@@ -111,3 +111,48 @@ def test_bad_clones_are_refused_with_cloud_codes(mnt: SnapfsMount, tmp_path: Pat
             os.setxattr(a / "written.img", "user.snapfs.parent", b"x.img")
         assert refused.value.errno == errno.EINVAL
     assert sha256(a / "x.img") == sha256(image)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_writes_and_reads_into_a_clone_match_a_model(
+    mnt: SnapfsMount, tmp_path: Path, seed: int
+) -> None:
+    """Writes into parts of blocks are buffered without reading the blocks back
+    (snapshots.PartialBlock): reads in between, writes over blocks being stored, a
+    truncate, fsyncs and the final content must all be what a plain file gives."""
+    region = mnt.path / "us-east-1"
+    region.mkdir()
+    rng = random.Random(seed)
+    base = bytearray(rng.randbytes(4 * MiB))
+    (tmp_path / "base").write_bytes(base)
+    run("cp", tmp_path / "base", region / "base.img")
+    assert status(region / "base.img") == "available"
+    clone(region / "base.img", region / "work.img")
+    model = bytearray(base)
+    fd = os.open(region / "work.img", os.O_RDWR)
+    try:
+        for _ in range(300):
+            action = rng.random()
+            offset = rng.randrange(len(model) + 64 * KiB)
+            if action < 0.6:
+                data = rng.randbytes(rng.choice([1, 100, 4096, 5000, 130 * KiB, 600 * KiB]))
+                os.pwrite(fd, data, offset)
+                if offset > len(model):
+                    model.extend(bytes(offset - len(model)))
+                model[offset : offset + len(data)] = data
+            elif action < 0.9:
+                length = rng.choice([1, 4096, 70 * KiB, 1 * MiB])
+                assert os.pread(fd, length, offset) == bytes(model[offset : offset + length])
+            elif action < 0.97:
+                os.fsync(fd)
+            else:
+                size = rng.randrange(len(model) + 1)
+                os.ftruncate(fd, size)
+                del model[size:]
+        assert os.fstat(fd).st_size == len(model)
+    finally:
+        os.close(fd)
+    assert status(region / "work.img") == "available"
+    (tmp_path / "want").write_bytes(model)
+    assert sha256(region / "work.img") == sha256(tmp_path / "want")
+    assert sha256(region / "base.img") == sha256(tmp_path / "base")
