@@ -352,6 +352,7 @@ class RegionIndex:
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(snapshots)")}
         self._chained = "parent_id" in columns  # schema 5 (a read-only look may be older)
         self._chains: dict[str, tuple[str, ...]] = {}
+        self._parents: dict[str, str | None] = {}
         # Resolved maps of parents (sealed, so they only change by a fold), for lookups
         # through deep chains: one bisection instead of a query per level.
         self._parent_maps: dict[str, ParentMap] = {}
@@ -521,6 +522,7 @@ class RegionIndex:
     def _invalidate(self) -> None:
         """A parent or a map id changed, or a fold moved rows into a parent's map."""
         self._chains.clear()
+        self._parents.clear()
         self._parent_maps.clear()
 
     def _parent_map(self, chain: Sequence[str], parent_id: str) -> ParentMap | None:
@@ -594,19 +596,17 @@ class RegionIndex:
             out[block_no] = None
         return out
 
-    def snapshots_size(self, snapshot_id: str) -> list[int]:
-        """[its size] ([] if no such snapshot)."""
-        return [r[0] for r in self.db.execute("SELECT size FROM snapshots WHERE id = ?",
-                                              [snapshot_id])]  # fmt: skip
-
     def parent_of(self, snapshot_id: str) -> str | None:
-        """The snapshot whose map this one's is relative to (None: a full map)."""
+        """The snapshot whose map this one's is relative to (None: a full map). Cached
+        with the chains (a lookup through a chain asks it for every block)."""
         if not self._chained:
             return None
-        row = self.db.execute(
-            "SELECT parent_id FROM snapshots WHERE id = ?", [snapshot_id]
-        ).fetchone()
-        return row[0] if row else None
+        if snapshot_id not in self._parents:
+            row = self.db.execute(
+                "SELECT parent_id FROM snapshots WHERE id = ?", [snapshot_id]
+            ).fetchone()
+            self._parents[snapshot_id] = row[0] if row else None
+        return self._parents[snapshot_id]
 
     def depth(self, snapshot_id: str) -> int:
         return len(self._chain(snapshot_id)) - 1

@@ -286,8 +286,9 @@ class CopyEngine:
         bs = job.dst.region.block_size
         dst_index = job.dst.region.index
         end = -(-max(src.size, job.dst.size) // bs)
-        for row in dst_index.snapshots_size(parent):
-            end = max(end, -(-row // bs))
+        parent_row = dst_index.snapshot_row(parent)
+        if parent_row is not None:
+            end = max(end, -(-parent_row["size"] // bs))
         job.compare_end = end
         rows: list[tuple[int, bytes | None]] = []
         first = job.next_block
