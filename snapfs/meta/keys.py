@@ -331,6 +331,8 @@ class BlockKeys:
         self.aead = AESGCM(_hkdf(material, b"snapfs block aead v1"))
         # Snapshot manifests in a region's backend (manifests.py): a key of their own.
         self.manifest_aead = AESGCM(_hkdf(material, b"snapfs manifest aead v1"))
+        # Pack trailers on a bucket (objects/s3packs.py) list this key's blocks under it.
+        self.pack_aead = AESGCM(_hkdf(material, b"snapfs pack trailer aead v1"))
 
 
 def _hkdf(material: bytes, info: bytes) -> bytes:
