@@ -2,7 +2,8 @@
 #   - Debian packages: fuse3 and libfuse3-dev (pyfuse3 builds against them), pkg-config,
 #     attr (getfattr/setfattr), rsync, gcc and Python headers for the build; and the tools
 #     the tests drive on a mount: qemu-utils, fio, e2fsprogs (mkfs.ext4), restic, and
-#     util-linux's fallocate/losetup;
+#     util-linux's fallocate/losetup; and postgresql, whose initdb and pg_ctl the tests' pg_server
+#     fixture runs (a region index on PostgreSQL, issue 19);
 #   - a virtualenv in .venv with snapfs and its test tools, refreshed when pyproject changes.
 set -euo pipefail
 
@@ -17,6 +18,13 @@ for pkg in fuse3 libfuse3-dev pkg-config attr rsync gcc qemu-utils fio e2fsprogs
   util-linux mount; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
 done
+# Debian keeps the server's programs in /usr/lib/postgresql/NN/bin, off PATH; look there.
+# (tests/conftest.py finds them the same way.)
+pg_found=""
+for pg_bin in /usr/lib/postgresql/*/bin; do
+  if [ -x "$pg_bin/initdb" ] && [ -x "$pg_bin/pg_ctl" ]; then pg_found="$pg_bin"; fi
+done
+[ -n "$pg_found" ] || need_apt+=(postgresql)
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
   need_apt+=(python3-dev)
 fi
