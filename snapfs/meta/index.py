@@ -36,6 +36,7 @@ from typing import Any
 import sqlite_utils
 
 from snapfs.meta import db as dbutil
+from snapfs.meta.engine import IndexConnection, SqliteConnection
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -340,17 +341,31 @@ class RegionStats:
 
 
 class RegionIndex:
-    def __init__(self, path: Path, *, readonly: bool = False):
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        readonly: bool = False,
+        connection: IndexConnection | None = None,
+    ):
+        """The index in the SQLite file `path` (created and migrated unless `readonly`), or
+        on an engine's `connection` that is already at its newest schema (meta/pg.py)."""
         self.path = path
-        self.db = dbutil.connect(path, readonly=readonly)
-        if not readonly:
-            dbutil.migrate(self.db, MIGRATIONS, f"region index {path}")
+        self.readonly = readonly
+        if connection is None:
+            if path is None:
+                raise ValueError("a region index needs a path or a connection")
+            sqlite = SqliteConnection.open(path, readonly=readonly)
+            if not readonly:
+                dbutil.migrate(sqlite.database, MIGRATIONS, f"region index {path}")
+            connection = sqlite
+        self.db: IndexConnection = connection
         self.bases_released = 0  # by the last drop_unreferenced
         # Told after each commit that changes a snapshot's row, tags or name (its id) or the
         # region's settings (None): a region on an object store republishes its manifests.
         self.on_change: Callable[[str | None], None] | None = None
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(snapshots)")}
-        self._chained = "parent_id" in columns  # schema 5 (a read-only look may be older)
+        # schema 5 (a read-only look may be older)
+        self._chained = "parent_id" in self.db.columns("snapshots")
         self._chains: dict[str, tuple[str, ...]] = {}
         self._parents: dict[str, str | None] = {}
         # Resolved maps of parents (sealed, so they only change by a fold), for lookups
@@ -366,15 +381,32 @@ class RegionIndex:
     def close(self) -> None:
         self.db.close()
 
+    def reader(self) -> RegionIndex:
+        """A read-only index of the same region on a connection of its own, for a worker
+        thread (the manifest publisher): this one stays the trio thread's."""
+        assert self.path is not None, "an engine's index overrides reader()"
+        return RegionIndex(self.path, readonly=True)
+
     # --- region settings -------------------------------------------------------------------
 
     def get_setting(self, key: str, default: str | None = None) -> str | None:
-        return dbutil.get_meta(self.db, key, default)
+        if "meta" not in self.db.table_names():  # a read-only look at an empty file
+            return default
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
 
     def set_setting(self, key: str, value: str) -> None:
-        with dbutil.transaction(self.db) as conn:
-            dbutil.set_meta(conn, key, value)
+        with self.db.transaction() as conn:
+            self._set_setting(conn, key, value)
         self._changed(None)
+
+    @staticmethod
+    def _set_setting(conn: IndexConnection, key: str, value: str) -> None:
+        conn.execute(
+            f"INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT({conn.conflict('key')}) "
+            "DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
 
     def settings(self) -> dict[str, str]:
         """Every region setting (the `meta` table but the schema version)."""
@@ -384,16 +416,16 @@ class RegionIndex:
     # --- snapshots -------------------------------------------------------------------------
 
     def snapshots(self, *, include_deleted: bool = False) -> list[dict[str, Any]]:
-        where = None if include_deleted else "deleted = 0"
-        return list(self.db["snapshots"].rows_where(where, order_by="created_at"))
+        where = "" if include_deleted else " WHERE deleted = 0"
+        return self.db.rows(f"SELECT * FROM snapshots{where} ORDER BY created_at")
 
     def snapshot_row(self, snapshot_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["snapshots"].rows_where("id = ?", [snapshot_id]))
+        rows = self.db.rows("SELECT * FROM snapshots WHERE id = ?", [snapshot_id])
         return rows[0] if rows else None
 
     def snapshot_named(self, name: str) -> dict[str, Any] | None:
         """The row of the live (not deleted) snapshot called `name`."""
-        rows = list(self.db["snapshots"].rows_where("name = ? AND deleted = 0", [name]))
+        rows = self.db.rows("SELECT * FROM snapshots WHERE name = ? AND deleted = 0", [name])
         return rows[0] if rows else None
 
     def snapshot_ids_and_names(self) -> list[tuple[str, str | None]]:
@@ -415,7 +447,7 @@ class RegionIndex:
         source's ancestor: the job then brings only what changed since)."""
         cols = [c for c in SNAPSHOT_COLUMNS if c in row]
         sql = f"INSERT INTO snapshots ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             if displaced_id is not None:
                 conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
             conn.execute(sql, [row[c] for c in cols])
@@ -457,7 +489,7 @@ class RegionIndex:
 
     def set_tag(self, snapshot_id: str, key: str, value: str | None) -> None:
         """Set a tag, or remove it when `value` is None."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             if value is None:
                 conn.execute(
                     "DELETE FROM snapshot_tags WHERE snapshot_id = ? AND key = ?",
@@ -466,7 +498,8 @@ class RegionIndex:
             else:
                 conn.execute(
                     "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT(snapshot_id, key) DO UPDATE SET value = excluded.value",
+                    f"ON CONFLICT({conn.conflict('snapshot_id, key')}) "
+                    "DO UPDATE SET value = excluded.value",
                     [snapshot_id, key, value],
                 )
         self._changed(snapshot_id)
@@ -474,7 +507,7 @@ class RegionIndex:
     def copy_jobs(self) -> list[dict[str, Any]]:
         if "copy_jobs" not in self.db.table_names():  # read-only look at a v1 index
             return []
-        return list(self.db["copy_jobs"].rows_where(order_by="created_at"))
+        return self.db.rows("SELECT * FROM copy_jobs ORDER BY created_at")
 
     def block_map_from(self, snapshot_id: str, first: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` (block number, id) pairs of the snapshot's resolved map (its own rows
@@ -718,7 +751,7 @@ class RegionIndex:
         the parent is live and sealed, not too deep, and the snapshot has no parent and no
         children yet. The caller has put tombstones where the parent has blocks and the
         snapshot holes, so its content is the same before and after. True if done."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             row = conn.execute(
                 "SELECT depth FROM snapshots WHERE id = ? AND deleted = 0 AND sealed_at IS NOT "
                 "NULL AND status = 'available'",
@@ -746,7 +779,7 @@ class RegionIndex:
         reads a tombstone as the hole it is, so this changes no content."""
         own = self._chain(snapshot_id)[0]
         theirs = self.block_map(parent_id, first, last)
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             mine = {
                 r[0]
                 for r in conn.execute(
@@ -769,7 +802,7 @@ class RegionIndex:
         if len(chain) < 2:
             return 0
         own = chain[0]
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             rows = conn.execute(
                 "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
                 "AND block_no BETWEEN ? AND ?",
@@ -818,7 +851,7 @@ class RegionIndex:
         self, own: str, grandparent: str | None, child: str, child_map: str, gone: str, limit: int
     ) -> None:
         cursor = self._fold_cursors.get((gone, child), 0)
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             rows = conn.execute(
                 "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
                 "AND block_no >= ? ORDER BY block_no LIMIT ?",
@@ -826,7 +859,7 @@ class RegionIndex:
             ).fetchall()
             conn.executemany(
                 "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
-                "ON CONFLICT(snapshot_id, block_no) DO NOTHING",
+                "ON CONFLICT DO NOTHING",
                 # Over no parent a tombstone says nothing a missing row does not.
                 [(child_map, no, bid) for no, bid in rows if bid or grandparent is not None],
             )
@@ -841,7 +874,7 @@ class RegionIndex:
     def _fold_merge(
         self, own: str, grandparent: str | None, child: str, child_map: str, gone: str, limit: int
     ) -> None:
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             rows = conn.execute(
                 "SELECT block_no, block_id FROM snapshot_blocks WHERE snapshot_id = ? "
                 "ORDER BY block_no LIMIT ?",
@@ -853,7 +886,8 @@ class RegionIndex:
             )
             conn.executemany(
                 "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
-                "ON CONFLICT(snapshot_id, block_no) DO UPDATE SET block_id = excluded.block_id",
+                f"ON CONFLICT({conn.conflict('snapshot_id, block_no')}) "
+                "DO UPDATE SET block_id = excluded.block_id",
                 [(own, no, bid) for no, bid in rows if bid or grandparent is not None],
             )
             conn.executemany(
@@ -869,18 +903,19 @@ class RegionIndex:
             self._changed(gone, child)
 
     @staticmethod
-    def _reparent(conn: sqlite3.Connection, child: str, parent: str | None) -> None:
+    def _reparent(conn: IndexConnection, child: str, parent: str | None) -> None:
         """`child` (and its descendants) one level nearer to a full map."""
         conn.execute("UPDATE snapshots SET parent_id = ? WHERE id = ?", [parent, child])
         conn.execute(
-            "WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL "
+            "WITH RECURSIVE sub(id) AS (SELECT CAST(? AS TEXT) UNION ALL "
             "SELECT s.id FROM snapshots s JOIN sub ON s.parent_id = sub.id) "
-            "UPDATE snapshots SET depth = max(depth - 1, 0) WHERE id IN (SELECT id FROM sub)",
+            "UPDATE snapshots SET depth = CASE WHEN depth > 0 THEN depth - 1 ELSE 0 END "
+            "WHERE id IN (SELECT id FROM sub)",
             [child],
         )
 
     @staticmethod
-    def _delete_row(conn: sqlite3.Connection, snapshot_id: str) -> None:
+    def _delete_row(conn: IndexConnection, snapshot_id: str) -> None:
         conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
         conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
         conn.execute("DELETE FROM snapshots WHERE id = ?", [snapshot_id])
@@ -924,12 +959,12 @@ class RegionIndex:
         return broken
 
     def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             self._update_snapshot(conn, snapshot_id, fields)
         self._changed(snapshot_id)
 
     @staticmethod
-    def _update_snapshot(conn: sqlite3.Connection, snapshot_id: str, fields: dict) -> None:
+    def _update_snapshot(conn: IndexConnection, snapshot_id: str, fields: dict) -> None:
         if not fields:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -942,7 +977,7 @@ class RegionIndex:
         many went. Deleting a large snapshot a chunk at a time keeps each transaction short.
         Only for a snapshot no other's map is relative to (fold_step first)."""
         own = self._chain(snapshot_id)[0]
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             cur = conn.execute(
                 "DELETE FROM snapshot_blocks WHERE snapshot_id = ? AND block_no IN "
                 "(SELECT block_no FROM snapshot_blocks WHERE snapshot_id = ? "
@@ -958,7 +993,7 @@ class RegionIndex:
         while self.fold_step(snapshot_id, 4096):
             pass
         own = self._chain(snapshot_id)[0]
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             if conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [snapshot_id]).fetchone():
                 conn.execute("DELETE FROM snapshot_blocks WHERE snapshot_id = ?", [own])
                 self._delete_row(conn, snapshot_id)
@@ -967,14 +1002,14 @@ class RegionIndex:
 
     def rename_snapshot(self, snapshot_id: str, name: str, *, displaced_id: str | None) -> None:
         """Rename; a snapshot already holding `name` is marked deleted in the same commit."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             if displaced_id is not None:
                 conn.execute("UPDATE snapshots SET deleted = 1 WHERE id = ?", [displaced_id])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name, snapshot_id])
         self._changed(displaced_id, snapshot_id)
 
     def exchange_names(self, id_a: str, id_b: str, name_a: str, name_b: str) -> None:
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             conn.execute("UPDATE snapshots SET name = NULL WHERE id = ?", [id_a])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_a, id_b])
             conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", [name_b, id_a])
@@ -1108,7 +1143,7 @@ class RegionIndex:
         changes = dict(mapping)
         chain = self._chain(snapshot_id)
         own = chain[0]
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             before, under = self._before_and_under(snapshot_id, chain, changes)
             upserts, deletes = [], []
             allocated = 0
@@ -1124,7 +1159,7 @@ class RegionIndex:
                     deletes.append((own, no))
             conn.executemany(
                 "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [
                     (b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id, b.base_id)
                     for b in new_blocks
@@ -1135,12 +1170,14 @@ class RegionIndex:
             )
             conn.executemany(
                 "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?) "
-                "ON CONFLICT(snapshot_id, block_no) DO UPDATE SET block_id = excluded.block_id",
+                f"ON CONFLICT({conn.conflict('snapshot_id, block_no')}) "
+                "DO UPDATE SET block_id = excluded.block_id",
                 upserts,
             )
             conn.executemany(
-                "INSERT OR REPLACE INTO id_translations (dst_key_id, src_block_id, dst_block_id)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO id_translations (dst_key_id, src_block_id, dst_block_id) "
+                f"VALUES (?, ?, ?) ON CONFLICT({conn.conflict('dst_key_id, src_block_id')}) "
+                "DO UPDATE SET dst_block_id = excluded.dst_block_id",
                 translations,
             )
             if allocated:
@@ -1161,7 +1198,7 @@ class RegionIndex:
         key). It becomes relative to the parent (no rows: O(1)) unless that would make its
         chain deeper than MAX_CHAIN_DEPTH; it then takes a full copy of the resolved map."""
         depth = self.depth(parent_id) + 1
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             (allocated,) = conn.execute(
                 "SELECT allocated_blocks FROM snapshots WHERE id = ?", [parent_id]
             ).fetchone()
@@ -1207,7 +1244,7 @@ class RegionIndex:
 
     def finish_copy(self, snapshot_id: str, fields: dict[str, Any]) -> None:
         """The job's last step: the snapshot's final state and the job row gone, atomically."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             conn.execute("DELETE FROM copy_jobs WHERE dst_snapshot_id = ?", [snapshot_id])
             self._update_snapshot(conn, snapshot_id, fields)
         self._changed(snapshot_id)
@@ -1221,7 +1258,7 @@ class RegionIndex:
         a parent, a dropped block the parent has becomes a tombstone."""
         chain = self._chain(snapshot_id)
         own = chain[0]
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             mapped = [no for no, _ in self._resolved_from(chain, first_dropped)]
             cut = first_dropped if len(mapped) <= limit else mapped[-limit]
             dropped = [no for no in mapped if no >= cut]
@@ -1287,7 +1324,7 @@ class RegionIndex:
     def set_base(self, block_id: bytes, base_id: bytes | None) -> None:
         """Record that a block's object was replaced by one over `base_id` (None: whole);
         the triggers move the base's reference."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             conn.execute("UPDATE blocks SET base_id = ? WHERE id = ?", [base_id, block_id])
 
     def has_block(self, block_id: bytes) -> bool:
@@ -1308,7 +1345,7 @@ class RegionIndex:
         them, so the collector knows to look again."""
         dropped = []
         self.bases_released = 0
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             for block_id in block_ids:
                 row = conn.execute(
                     "DELETE FROM blocks WHERE id = ? AND refcount <= 0 RETURNING base_id",
@@ -1371,11 +1408,13 @@ class RegionIndex:
 
     def stats(self) -> RegionStats:
         blocks, plain, stored = self.db.execute(
-            "SELECT count(*), coalesce(sum(plain_size), 0), coalesce(sum(stored_size), 0) "
+            # CAST: PostgreSQL sums a bigint column as numeric (a Decimal in Python).
+            "SELECT count(*), CAST(coalesce(sum(plain_size), 0) AS BIGINT), "
+            "CAST(coalesce(sum(stored_size), 0) AS BIGINT) "
             "FROM blocks WHERE refcount > 0"
         ).fetchone()
         (referenced,) = self.db.execute(
-            "SELECT coalesce(sum(b.plain_size), 0) FROM snapshot_blocks m "
+            "SELECT CAST(coalesce(sum(b.plain_size), 0) AS BIGINT) FROM snapshot_blocks m "
             "JOIN blocks b ON b.id = m.block_id"
             + (
                 " JOIN snapshots s ON s.id = m.snapshot_id WHERE s.parent_id IS NULL "
@@ -1428,7 +1467,7 @@ class RegionIndex:
             for (sid,) in self.db.execute("SELECT id FROM snapshots").fetchall()
             if sid not in broken
         }
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             conn.execute(f"UPDATE blocks SET refcount = {_USERS.replace('b.id', 'blocks.id')}")
             conn.executemany(
                 "UPDATE snapshots SET allocated_blocks = ? WHERE id = ?",
@@ -1443,11 +1482,11 @@ class RegionIndex:
     def quick_check(self, limit: int) -> list[str]:
         """SQLite's check of every page (`PRAGMA quick_check`, at most `limit` problems):
         ["ok"] when sound; sqlite3.DatabaseError when the damage stops the check itself."""
-        return [r[0] for r in self.db.execute(f"PRAGMA quick_check({int(limit)})")]
+        return self.db.quick_check(limit)
 
     def schema_trees(self) -> list[tuple[int, str, str]]:
         """(root page, name, type) of every schema object (`sqlite_master`)."""
-        return self.db.execute("SELECT rootpage, name, type FROM sqlite_master").fetchall()
+        return self.db.schema_trees()
 
     def read_through(self, table: str) -> None:
         """Read every row of `table`; sqlite3.DatabaseError if one of its pages is damaged."""
@@ -1457,9 +1496,9 @@ class RegionIndex:
     def restore(self, settings: dict[str, str], snapshots: Iterable[RestoredSnapshot]) -> None:
         """Fill an empty index, in one transaction: the region's settings, then each
         snapshot's row, block rows (those not there yet), block map and tags."""
-        with dbutil.transaction(self.db) as conn:
+        with self.db.transaction() as conn:
             for key, value in settings.items():
-                dbutil.set_meta(conn, key, value)
+                self._set_setting(conn, key, value)
             for snap in snapshots:
                 cols = list(snap.row)
                 conn.execute(
@@ -1470,12 +1509,12 @@ class RegionIndex:
                 # Bases first: a delta's row counts its reference on the base's row.
                 conn.executemany(
                     "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     [(*base, snap.key_id) for base in snap.bases],
                 )
                 conn.executemany(
                     "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     [
                         (block_id, plain, stored, codec, snap.key_id, base)
                         for _, block_id, plain, stored, codec, base in snap.blocks
