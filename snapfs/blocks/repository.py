@@ -29,6 +29,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from snapfs.errors import (
     BlockCorrupt,
     InvalidParameter,
     ObjectMissing,
+    SnapfsError,
     StoreFull,
 )
 from snapfs.faults import fault_point
@@ -50,6 +52,7 @@ from snapfs.formats import codec, delta
 from snapfs.meta.index import NewBlock, RegionIndex
 from snapfs.meta.keys import KeyNotFound
 from snapfs.objects.local import LocalBackend
+from snapfs.objects.s3packs import PackedS3Backend
 from snapfs.stalls import BatchSizer
 
 if TYPE_CHECKING:
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GC_DELAY = 0.2  # seconds: lets a burst of deletes become one collection
+UPKEEP_EVERY = 60.0  # seconds between pack upkeeps of a bucket region when nothing is freed
 GC_BATCH = 512  # first batch of unreferenced blocks dropped per index transaction
 # How long a writer that finds the disk full waits for deletes still being collected.
 FREES_WAIT = 30.0
@@ -154,6 +158,12 @@ class BlockRepository:
             backend if backend is not None else LocalBackend(directory / "blocks")
         )
         self.remote = self.backend.remote
+        if isinstance(self.backend, PackedS3Backend):
+            from snapfs.blocks.packkeys import TrailerKeys
+
+            self.backend.sealer = TrailerKeys(self._keys_for)
+        # Called after pack upkeep moved objects (their manifests name the old packs).
+        self.on_relocated: Callable[[], None] | None = None
         self.io_limiter = io_limiter if io_limiter is not None and self.remote else limiter
         # Objects some writer is putting right now; others wanting the same id wait.
         self._writing: dict[bytes, trio.Event] = {}
@@ -497,7 +507,8 @@ class BlockRepository:
 
     async def sync(self) -> None:
         """Make every object written so far durable (before committing rows that name them)."""
-        await workers.run_sync(self.backend.sync, limiter=self.limiter)
+        # On a bucket of packs a sync uploads: it waits on the network, not on a core.
+        await workers.run_sync(self.backend.sync, limiter=self.io_limiter)
 
     def committed(self, block_ids: list[bytes]) -> None:
         """Release the pins of a batch whose rows are now in the index."""
@@ -697,20 +708,41 @@ class BlockRepository:
 
     async def gc_loop(self) -> None:
         """Runs for the life of the mount: collects garbage shortly after it is made."""
+        upkeep_every = UPKEEP_EVERY if isinstance(self.backend, PackedS3Backend) else math.inf
         while True:
-            await self._gc_wanted.wait()
+            with trio.move_on_after(upkeep_every):
+                await self._gc_wanted.wait()
+            if self.closed:
+                return
+            if not self._gc_wanted.is_set():  # a quiet while: dead packs past their grace
+                await self._pack_upkeep()
+                continue
             self._gc_wanted = trio.Event()
             try:
                 await trio.sleep(GC_DELAY)
                 if self.closed:
                     return
                 await self.collect_garbage()
+                await self._pack_upkeep()
             except Exception:
                 log.exception("region %s: garbage collection failed; will retry", self.name)
                 self.request_gc()
                 await trio.sleep(10)
             finally:
                 self.frees.end()
+
+    async def _pack_upkeep(self) -> None:
+        """Dead packs past their grace deleted, the most dead repacked (a bucket of packs)."""
+        backend = self.backend
+        if not isinstance(backend, PackedS3Backend) or self.closed:
+            return
+        try:
+            moved = await workers.run_sync(backend.maintain, limiter=self.io_limiter)
+        except SnapfsError as exc:
+            log.warning("region %s: pack upkeep failed (%s); will retry", self.name, exc)
+            return
+        if moved and self.on_relocated is not None:
+            self.on_relocated()
 
     async def collect_garbage(self) -> int:
         """Delete unreferenced blocks: rows first (one transaction), then their objects."""

@@ -347,6 +347,15 @@ class BlockHeader:
         return bool(self.flags & FLAG_ENCRYPTED)
 
 
+def key_id_of(head: bytes) -> bytes | None:
+    """The CMK id an object is encrypted under, from its first `HEADER.size` bytes or more;
+    None for a plain object or bytes that are not a block object (a packed store asks)."""
+    if len(head) < HEADER.size or head[:4] != MAGIC:
+        return None
+    fields = HEADER.unpack_from(head)
+    return fields[7] if fields[3] & FLAG_ENCRYPTED else None
+
+
 def parse_header(data: bytes | memoryview) -> BlockHeader:
     if len(data) < HEADER.size:
         raise BlockCorrupt(f"block object is {len(data)} bytes, shorter than its header")

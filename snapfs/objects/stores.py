@@ -8,7 +8,8 @@ from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
 
 LOCAL = "local"
-BLOCKS_PREFIX = "blocks/"  # where a bucket region keeps its block objects
+BLOCKS_PREFIX = "blocks/"  # where a bucket region kept one object per block (before packs)
+PACKED_STATE = "s3packs"  # a bucket region's pack locations and upload spool, on local disk
 
 
 def open_block_store(
@@ -25,8 +26,10 @@ def open_block_store(
     if (backend_url or LOCAL) == LOCAL:
         return LocalBackend(region_directory / "blocks", readonly=readonly)
     from snapfs.objects.s3 import S3Backend, S3Location  # boto3 only when a bucket is used
+    from snapfs.objects.s3packs import PackedS3Backend
 
     location = S3Location.parse(backend_url or "", endpoint)
-    if max_wait is None:
-        return S3Backend(location, BLOCKS_PREFIX)
-    return S3Backend(location, BLOCKS_PREFIX, max_wait=max_wait)
+    region = S3Backend(location) if max_wait is None else S3Backend(location, max_wait=max_wait)
+    # New writes pack (issue 19); objects of the one-object-per-block layout under
+    # BLOCKS_PREFIX are still read, listed and deleted there.
+    return PackedS3Backend(region, region_directory / PACKED_STATE, readonly=readonly)

@@ -53,10 +53,12 @@ from snapfs import workers
 from snapfs.errors import BlockCorrupt, KeyNotFound, SnapfsError
 from snapfs.meta.index import RegionIndex, RestoredSnapshot
 from snapfs.model.states import SnapshotStatus
+from snapfs.objects.s3packs import PackedS3Backend
 
 if TYPE_CHECKING:
     from snapfs.meta.keys import BlockKeys, KeyRing
     from snapfs.objects.protocol import ObjectStore
+    from snapfs.objects.s3packs import PackLocation
     from snapfs.service.region import Region
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,10 @@ log = logging.getLogger(__name__)
 MAGIC = b"SNFM"
 VERSION = 1
 # The JSON inside: version 2 (issue 16) adds a sixth column to a delta block's row, its
-# base's id, and "bases", the rows of those bases; version 1 documents read as before.
-DOCUMENT_VERSION = 2
+# base's id, and "bases", the rows of those bases; version 3 (issue 19) adds "locations",
+# {block id: [pack, offset, length]} for every block stored in a pack. Older documents read
+# as before (their blocks are objects of their own).
+DOCUMENT_VERSION = 3
 FLAG_ENCRYPTED = 1
 HEADER = struct.Struct("<4sBBH16s12s")
 REGION_KEY = "region.json"
@@ -79,6 +83,9 @@ FIELDS = (
     "created_at", "sealed_at", "source_snapshot_id", "source_region", "description",
     "retention_days", "encrypted", "kms_key_id", "transferred_bytes",
 )  # fmt: skip
+
+
+Locate = Callable[[str], "PackLocation | None"]
 
 
 def manifest_key(snapshot_id: str) -> str:
@@ -127,13 +134,23 @@ def _aad(header: bytes, region: str, snapshot_id: str) -> bytes:
     return header + region.encode() + b"\0" + snapshot_id.encode()
 
 
-def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict | None:
+def snapshot_document(
+    index: RegionIndex, snapshot_id: str, region: str, locate: Locate | None = None
+) -> dict | None:
     """The manifest JSON of an available snapshot, from the index (any thread with its own
-    connection); None if the snapshot is not (or no longer) available."""
+    connection); None if the snapshot is not (or no longer) available. `locate` gives a
+    packed block's pack location (objects/s3packs.py)."""
     row = index.snapshot_row(snapshot_id)
     if row is None or row["deleted"] or row["status"] != SnapshotStatus.AVAILABLE:
         return None
     blocks = index.block_map_with_sizes(snapshot_id)
+    bases = index.bases_of(snapshot_id)
+    locations: dict[str, list[Any]] = {}
+    if locate is not None:
+        for hexid in {b[1].lower() for b in blocks} | {b[0].lower() for b in bases}:
+            where = locate(hexid)
+            if where is not None:
+                locations[hexid] = [where.pack, where.offset, where.length]
     return {
         "format": "snapfs-manifest",
         "version": DOCUMENT_VERSION,
@@ -144,7 +161,8 @@ def snapshot_document(index: RegionIndex, snapshot_id: str, region: str) -> dict
             [no, hexid.lower(), plain, stored, codec, *([base.lower()] if base else [])]
             for no, hexid, plain, stored, codec, base in blocks
         ],
-        "bases": [[hexid.lower(), *sizes] for hexid, *sizes in index.bases_of(snapshot_id)],
+        "bases": [[hexid.lower(), *sizes] for hexid, *sizes in bases],
+        "locations": locations,
     }
 
 
@@ -261,8 +279,10 @@ class ManifestPublisher:
 
     def _put_snapshot(self, snapshot_id: str, keys: BlockKeys | None) -> None:
         index = self._reader()
+        backend = self.region.backend
+        locate = backend.locate if isinstance(backend, PackedS3Backend) else None
         try:
-            doc = snapshot_document(index, snapshot_id, self.region.name)
+            doc = snapshot_document(index, snapshot_id, self.region.name, locate)
             gone = doc is None and _gone(index, snapshot_id)
         finally:
             index.close()
@@ -306,25 +326,37 @@ class RebuildReport:
     skipped: list[str]  # "name (id): reason"
 
 
-def rebuild(
-    index: RegionIndex,
-    region: str,
-    settings: dict[str, str],
-    manifests: dict[str, bytes],
-    present: set[str],
-    keys_for: Callable[[bytes], BlockKeys],
-) -> RebuildReport:
-    """Fill an empty index from a bucket's manifests; a snapshot whose manifest does not
-    open or whose blocks are not all in the bucket (`present`) is skipped and reported."""
+def decode_all(
+    region: str, manifests: dict[str, bytes], keys_for: Callable[[bytes], BlockKeys]
+) -> tuple[list[dict[str, Any]], RebuildReport]:
+    """Every manifest that opens; those that do not are reported as skipped."""
     report = RebuildReport([], [])
     docs = []
     for snapshot_id, data in sorted(manifests.items()):
         try:
-            doc = decode(data, region, snapshot_id, keys_for)
+            docs.append(decode(data, region, snapshot_id, keys_for))
         except SnapfsError as exc:
             report.skipped.append(f"{snapshot_id}: {exc}")
-            continue
-        needed = [b[1] for b in doc["blocks"]] + [b[0] for b in doc.get("bases", [])]
+    return docs, report
+
+
+def needed_blocks(doc: dict[str, Any]) -> list[str]:
+    """The object keys a snapshot's manifest needs: its blocks and their delta bases."""
+    return [b[1] for b in doc["blocks"]] + [b[0] for b in doc.get("bases", [])]
+
+
+def rebuild(
+    index: RegionIndex,
+    settings: dict[str, str],
+    decoded: list[dict[str, Any]],
+    report: RebuildReport,
+    present: set[str],
+) -> RebuildReport:
+    """Fill an empty index from a bucket's opened manifests (`decode_all`); a snapshot
+    whose blocks are not all in the bucket (`present`) is skipped and reported."""
+    docs = []
+    for doc in decoded:
+        needed = needed_blocks(doc)
         missing = sum(1 for key in needed if key not in present)
         if missing:
             report.skipped.append(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from snapfs.blocks.packkeys import TrailerKeys
 from snapfs.errors import (
     InvalidBlockSize,
     InvalidParameter,
@@ -34,6 +35,14 @@ from snapfs.errors import (
 )
 from snapfs.meta.index import RegionIndex
 from snapfs.objects.s3 import S3Backend, S3Location
+from snapfs.objects.s3packs import (
+    PACKS_PREFIX,
+    PackedS3Backend,
+    PackLocation,
+    TrailerSealer,
+    read_trailer,
+)
+from snapfs.objects.stores import BLOCKS_PREFIX, PACKED_STATE
 from snapfs.service import manifests
 
 if TYPE_CHECKING:
@@ -112,13 +121,58 @@ def rebuild_from_bucket(
     with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
         blobs = dict(zip(keys, pool.map(meta.get, keys), strict=True))
     found = {k[len(manifests.SNAPSHOTS) :]: data for k, data in blobs.items()}
-    present = set(S3Backend(location, "blocks/", max_wait=ADMIN_WAIT).keys())
+    keys_for = manifests.key_lookup(ring)
+    docs, report = manifests.decode_all(name, found, keys_for)
+    region_store = S3Backend(location, max_wait=ADMIN_WAIT)
+    legacy = set(region_store.sibling(BLOCKS_PREFIX).keys())
+    sizes = dict(region_store.sibling(PACKS_PREFIX).sized_keys())
+    located = locate_blocks(region_store, docs, legacy, sizes, TrailerKeys(keys_for))
     settings = {str(k): str(v) for k, v in doc.get("settings", {}).items()}
+    # Locations first, then the index rows naming them (the region's write order).
+    packed = PackedS3Backend(region_store, index_path.parent / PACKED_STATE)
+    try:
+        packed.adopt(located, sizes)
+    finally:
+        packed.close()
     index = RegionIndex(index_path)
     try:
-        return manifests.rebuild(index, name, settings, found, present, manifests.key_lookup(ring))
+        return manifests.rebuild(index, settings, docs, report, legacy | set(located))
     finally:
         index.close()
+
+
+def locate_blocks(
+    region_store: S3Backend,
+    docs: list[dict[str, Any]],
+    legacy: set[str],
+    sizes: dict[str, int],
+    sealer: TrailerSealer,
+) -> dict[str, PackLocation]:
+    """Where the manifests' packed blocks are: the location a manifest records where that
+    pack is in the bucket, else (a pack repacked since the manifest was written) what the
+    trailers of the bucket's packs say. Blocks found nowhere are left out."""
+    located: dict[str, PackLocation] = {}
+    for doc in docs:
+        for key, (pack, offset, length) in doc.get("locations", {}).items():
+            if offset + length <= sizes.get(pack, -1):
+                located[key] = PackLocation(pack, offset, length)
+    wanted = {key for doc in docs for key in manifests.needed_blocks(doc)}
+    missing = wanted - legacy - set(located)
+    if not missing:
+        return located
+    packs = region_store.sibling(PACKS_PREFIX)
+    unnamed = sorted(set(sizes) - {where.pack for where in located.values()})
+    with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
+        trailers = pool.map(lambda pack: read_trailer(packs, pack, sealer), unnamed)
+        for trailer in trailers:
+            for key, offset, length in trailer.entries:
+                if key in missing:
+                    located[key] = PackLocation(trailer.pack, offset, length)
+            for note in trailer.unreadable:
+                log.warning("pack %s: %s", trailer.pack, note)
+    log.info("rebuild: %d blocks found by pack trailers (%d packs read)",
+             len(missing & set(located)), len(unnamed))  # fmt: skip
+    return located
 
 
 # --- without a mount ---------------------------------------------------------------------------

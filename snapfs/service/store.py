@@ -233,12 +233,15 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             frees=self.frees,
         )
         if region.remote:  # a bucket region publishes what disaster recovery needs
-            from snapfs.objects.s3 import S3Backend
+            from snapfs.objects.s3packs import PackedS3Backend
             from snapfs.service.manifests import ManifestPublisher
 
-            assert isinstance(backend, S3Backend)
-            region.publisher = ManifestPublisher(region, backend.sibling("meta/"), self.block_size)
+            assert isinstance(backend, PackedS3Backend)
+            region.publisher = ManifestPublisher(
+                region, backend.packs.sibling("meta/"), self.block_size
+            )
             region.index.on_change = region.publisher.changed
+            region.on_relocated = region.publisher.republish_all
         try:
             rows = region.index.snapshots(include_deleted=True)
         except BaseException:

@@ -32,6 +32,7 @@ from snapfs.objects import s3 as s3module
 from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
 from snapfs.objects.s3 import BackendUnavailable, S3Backend, S3Location, make_client
+from snapfs.objects.s3packs import PackedS3Backend
 
 from ..conftest import S3Server
 
@@ -114,17 +115,44 @@ def _s3_case(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> StoreCase:
     return StoreCase("s3", factory, remote=True, durable_on_put=True, interrupt_refuses_calls=True)
 
 
+def _s3_packs_case(
+    server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> StoreCase:
+    """Packed objects (objects/s3packs.py) with 1 MiB packs: a few objects a pack."""
+    plain = _s3_case(server, monkeypatch)
+    location = S3Location.parse(f"s3://{BUCKET}/region", server.endpoint)
+    plain_store = plain.factory()
+    assert isinstance(plain_store, S3Backend)
+    client = plain_store.client
+
+    def factory() -> ObjectStore:
+        return PackedS3Backend(
+            S3Backend(location, client=client, max_wait=10.0),
+            tmp_path / "packstate",
+            pack_target=LOCAL_PACK_BYTES,
+        )
+
+    return StoreCase(
+        "s3packs", factory, remote=True, durable_on_put=False, interrupt_refuses_calls=True
+    )
+
+
 # The S3 half starts rclone and a boto3 client per test (~0.15 s each, ~4 s in all): it runs
 # with the mount suite, so that `pytest -m 'not mount'` stays at seconds with the local half.
 S3 = pytest.param("s3", marks=pytest.mark.mount, id="s3")
 
 
-@pytest.fixture(params=["local", S3])
+S3_PACKS = pytest.param("s3packs", marks=pytest.mark.mount, id="s3packs")
+
+
+@pytest.fixture(params=["local", S3, S3_PACKS])
 def case(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[StoreCase]:
     if request.param == "local":
         made = _local_case(tmp_path)
+    elif request.param == "s3packs":
+        made = _s3_packs_case(request.getfixturevalue("s3"), monkeypatch, tmp_path)
     else:
         made = _s3_case(request.getfixturevalue("s3"), monkeypatch)
     try:
