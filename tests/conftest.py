@@ -362,10 +362,26 @@ class S3Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def objects(self, bucket: str, prefix: str = "") -> list[Path]:
-        """Block objects of the region at s3://bucket/prefix (files of the served dir)."""
+    def objects(self, bucket: str, prefix: str = "") -> list[str]:
+        """Block objects in the bucket of the region at s3://bucket/prefix: the objects the
+        trailers of its packs list (keys of plain ones, `pack#n` for those listed under a
+        key), and files of the one-object-per-block layout. Objects a repack copied are
+        listed twice until their old pack goes, dead ones until their pack goes."""
+        from snapfs.objects.s3packs import decode_trailer
+
+        found = []
+        packs = self.data / bucket / prefix / "packs"
+        for pack in sorted(packs.iterdir()) if packs.exists() else []:
+            trailer = decode_trailer(pack.name, pack.read_bytes(), None)
+            found += [key for key, _, _ in trailer.entries]
+            found += [f"{pack.name}#{n}" for n in range(trailer.sealed)]
         root = self.data / bucket / prefix / "blocks"
-        return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        found += [p.name for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        return found
+
+    def packs(self, bucket: str, prefix: str = "") -> list[Path]:
+        root = self.data / bucket / prefix / "packs"
+        return sorted(root.iterdir()) if root.exists() else []
 
 
 @pytest.fixture
@@ -377,6 +393,9 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # Packs with no live object go at the next upkeep, so tests see freed blocks leave the
+    # bucket; the grace itself is tested in tests/unit/test_s3packs.py.
+    monkeypatch.setenv("SNAPFS_PACK_GRACE", "0")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     server.start()
     try:
