@@ -266,6 +266,30 @@ class IndexDamaged(SnapfsError):
     errno = errno_mod.EIO
 
 
+# --- a region index on PostgreSQL (meta/pg.py) ------------------------------------------------
+
+
+class IndexUnavailable(SnapfsError):
+    """The PostgreSQL server of a region's index cannot be reached (down, wrong host or
+    socket, timed out), or the connection to it was lost."""
+
+    code = "ServiceUnavailable.RegionIndex"
+    errno = errno_mod.EIO
+
+
+class IndexDenied(SnapfsError):
+    """The PostgreSQL server refused the credentials or the rights a region index needs."""
+
+    code = "Forbidden.RegionIndex"
+    errno = errno_mod.EACCES
+
+
+class InvalidIndexUrl(InvalidParameter):
+    """`--index` is not a usable postgresql:// URL (malformed, or its database is missing)."""
+
+    code = "InvalidParameter.IndexUrl"
+
+
 # --- object stores (objects/s3.py) --------------------------------------------------------------
 
 

@@ -426,3 +426,184 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if layer_of(item) not in IN_PROCESS_LAYERS:
             item.add_marker(pytest.mark.mount)
+
+
+# --- PostgreSQL: a private server for the region index on PostgreSQL (issue 19) -------------
+# One server per test session (`pg_server`): initdb into a temp directory, `pg_ctl start` on a
+# Unix socket there (no TCP port, so it never meets another server, nor a second test run's),
+# fsync on as in production. Each test that needs it gets a database of its own (`pg_dsn`).
+# PostgreSQL refuses to run as root, so under root (CI) the server runs as the `postgres`
+# user that Debian's package creates. A machine without PostgreSQL FAILS these tests rather
+# than skipping them: scripts/bootstrap.sh installs it. Tests using it are marked `pg`.
+
+PG_SUPERUSER = "postgres"
+PG_PASSWORD_ROLE = "snapfs_pw"  # a role that must give its password (the bad-credentials test)
+PG_PASSWORD = "snapfs-test-password"
+
+
+def pg_bindir() -> Path:
+    """The newest /usr/lib/postgresql/NN/bin with initdb and pg_ctl (Debian keeps them off
+    PATH; scripts/bootstrap.sh looks in the same place)."""
+    found = [
+        d
+        for d in Path("/usr/lib/postgresql").glob("*/bin")
+        if (d / "initdb").is_file() and (d / "pg_ctl").is_file()
+    ]
+    if not found:
+        pytest.fail(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): "
+            "scripts/bootstrap.sh installs Debian's postgresql package"
+        )
+    return max(found, key=lambda d: [int(p) for p in d.parent.name.split(".") if p.isdigit()])
+
+
+@dataclass
+class PgServer:
+    root: Path
+    bindir: Path
+    user: str | None  # the OS user the server runs as; None: the current one (not root)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "sock"
+
+    def url(self, database: str = "postgres", user: str = PG_SUPERUSER, password: str = "") -> str:
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@/{database}?host={self.socket_dir}"
+
+    def run(self, tool: str, *args: str | os.PathLike) -> subprocess.CompletedProcess:
+        as_user = ["runuser", "-u", self.user, "--"] if self.user else []
+        return run(*as_user, self.bindir / tool, *args, cwd=self.root)
+
+    def log(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> None:
+        self.run(
+            "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-t", "60",
+            "-o", f"-k {self.socket_dir} -c listen_addresses='' -c fsync=on", "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+
+def _open_to(path: Path, user: str) -> None:
+    """Let `user` reach `path` (pytest makes its temp directories 0700, root's): the
+    directory itself is theirs, and every directory above it gets o+x (traverse, no
+    listing) where it lacks it."""
+    import shutil
+    import stat
+
+    shutil.chown(path, user, user)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    import pwd
+
+    bindir = pg_bindir()
+    user = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres").pw_name
+        except KeyError:
+            pytest.fail("running as root, and there is no postgres user to run PostgreSQL as")
+    server = PgServer(tmp_path_factory.mktemp("pg"), bindir, user)
+    if user:
+        _open_to(server.root, user)
+    server.socket_dir.mkdir()
+    if user:
+        _open_to(server.socket_dir, user)
+    server.run(
+        "initdb", "-D", server.data, "-U", PG_SUPERUSER, "--encoding", "UTF8", "--locale", "C",
+        "--auth-local", "trust",
+    )  # fmt: skip
+    # First match wins: the password role must give its password; everyone else is trusted
+    # (only this machine's users can reach the socket directory at all).
+    (server.data / "pg_hba.conf").write_text(
+        f"local all {PG_PASSWORD_ROLE} scram-sha-256\nlocal all all trust\n"
+    )
+    server.start()
+    try:
+        import psycopg
+
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {PG_PASSWORD_ROLE} LOGIN PASSWORD '{PG_PASSWORD}'")
+        yield server
+    finally:
+        server.stop()
+
+
+_pg_databases = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> Iterator[str]:
+    """A URL of a new, empty database of the session's server, dropped afterwards."""
+    import psycopg
+
+    name = f"snapfs_test_{os.getpid()}_{next(_pg_databases)}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class RegionIndexFactory:
+    """Makes new, empty region indexes of one engine: SQLite files in a directory, or
+    regions (each of a new name) in one PostgreSQL database; closes them at the end."""
+
+    def __init__(self, engine: str, where: str | Path):
+        import itertools
+
+        self.engine = engine
+        self.where = where
+        self.made: list = []
+        self._numbers = itertools.count(1)
+
+    def __call__(self):
+        import time
+
+        from snapfs.meta.index import RegionIndex
+        from snapfs.meta.pg import PgRegionIndex
+
+        number = next(self._numbers)
+        index = (
+            RegionIndex(Path(self.where) / f"index-{number}.db")
+            if self.engine == "sqlite"
+            else PgRegionIndex.create(str(self.where), f"region-{number}", created_at=time.time())
+        )
+        self.made.append(index)
+        return index
+
+    def close(self) -> None:
+        for index in self.made:
+            index.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def new_region_index(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[RegionIndexFactory]:
+    """A factory of new, empty region indexes, once per engine, so that index-level tests
+    run against SQLite and PostgreSQL with the same code (only the PostgreSQL run starts
+    the server)."""
+    where = tmp_path if request.param == "sqlite" else request.getfixturevalue("pg_dsn")
+    factory = RegionIndexFactory(request.param, where)
+    try:
+        yield factory
+    finally:
+        factory.close()

@@ -907,7 +907,9 @@ class RegionIndex:
         """`child` (and its descendants) one level nearer to a full map."""
         conn.execute("UPDATE snapshots SET parent_id = ? WHERE id = ?", [parent, child])
         conn.execute(
-            "WITH RECURSIVE sub(id) AS (SELECT CAST(? AS TEXT) UNION ALL "
+            # The first term reads the id from its row, not from `?`, so that both terms
+            # have the column's type (and, in PostgreSQL, its collation).
+            "WITH RECURSIVE sub(id) AS (SELECT id FROM snapshots WHERE id = ? UNION ALL "
             "SELECT s.id FROM snapshots s JOIN sub ON s.parent_id = sub.id) "
             "UPDATE snapshots SET depth = CASE WHEN depth > 0 THEN depth - 1 ELSE 0 END "
             "WHERE id IN (SELECT id FROM sub)",

@@ -1,14 +1,14 @@
 """Maps relative to a parent (meta/index.py, schema 5), without the kernel: every map
 operation, and every single step of a fold on delete, leaves each snapshot's resolved
-content, its allocated-block count and every block's refcount exactly right."""
+content, its allocated-block count and every block's refcount exactly right. Each test runs
+on both engines (`new_region_index`: SQLite, and PostgreSQL marked `pg`)."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 
 from snapfs.meta.index import MAX_CHAIN_DEPTH, NewBlock, RegionIndex
 
@@ -27,8 +27,8 @@ def _row(snapshot_id: str, created: float) -> dict:
 class Model:
     """The index beside what each snapshot must read."""
 
-    def __init__(self, path: Path):
-        self.index = RegionIndex(path)
+    def __init__(self, index: RegionIndex):
+        self.index = index
         self.index.commit_blocks("blocks", [NewBlock(i, 10, 5, 1) for i in IDS], [], {})
         self.expected: dict[str, dict[int, bytes]] = {}
         self.clock = 0.0
@@ -96,8 +96,8 @@ def _content(rng: random.Random, share: float) -> dict[int, bytes]:
     return {no: rng.choice(IDS) for no in range(BLOCKS) if rng.random() < share}
 
 
-def test_a_clone_costs_the_rows_it_changes_and_reads_through_its_parent(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_a_clone_costs_the_rows_it_changes_and_reads_through_its_parent(new_region_index) -> None:
+    m = Model(new_region_index())
     rng = random.Random(1)
     m.new("day1", _content(rng, 0.9))
     m.new("day2", {3: IDS[7], 4: None}, parent="day1")
@@ -108,8 +108,8 @@ def test_a_clone_costs_the_rows_it_changes_and_reads_through_its_parent(tmp_path
     assert m.index.own_row_count("day2") == 1
 
 
-def test_deleting_the_root_hands_its_map_to_its_only_child(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_deleting_the_root_hands_its_map_to_its_only_child(new_region_index) -> None:
+    m = Model(new_region_index())
     rng = random.Random(2)
     m.new("day1", _content(rng, 1.0))
     m.new("day2", {1: IDS[0], 2: None}, parent="day1")
@@ -124,8 +124,8 @@ def test_deleting_the_root_hands_its_map_to_its_only_child(tmp_path: Path) -> No
     m.check()
 
 
-def test_deleting_a_parent_of_several_folds_into_each(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_deleting_a_parent_of_several_folds_into_each(new_region_index) -> None:
+    m = Model(new_region_index())
     rng = random.Random(3)
     m.new("base", _content(rng, 0.8))
     m.new("mid", _content(rng, 0.2), parent="base")
@@ -136,8 +136,8 @@ def test_deleting_a_parent_of_several_folds_into_each(tmp_path: Path) -> None:
     assert {m.index.parent_of(k) for k in "abc"} == {"base"}
 
 
-def test_a_chain_too_deep_starts_a_full_map(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_a_chain_too_deep_starts_a_full_map(new_region_index) -> None:
+    m = Model(new_region_index())
     m.new("s0", {0: IDS[0], 1: IDS[1]})
     for n in range(1, MAX_CHAIN_DEPTH + 2):
         m.new(f"s{n}", {n % BLOCKS: IDS[n % len(IDS)]}, parent=f"s{n - 1}")
@@ -146,8 +146,8 @@ def test_a_chain_too_deep_starts_a_full_map(tmp_path: Path) -> None:
     assert m.index.depth(f"s{MAX_CHAIN_DEPTH + 1}") == 0
 
 
-def test_a_shrink_over_a_parent_leaves_tombstones(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_a_shrink_over_a_parent_leaves_tombstones(new_region_index) -> None:
+    m = Model(new_region_index())
     m.new("p", {no: IDS[no % 8] for no in range(BLOCKS)})
     m.new("c", {}, parent="p")
     while not m.index.truncate_map_step("c", 10, 4, 100, 10):
@@ -157,8 +157,8 @@ def test_a_shrink_over_a_parent_leaves_tombstones(tmp_path: Path) -> None:
     m.check()
 
 
-def test_rows_changed_since_an_ancestor(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_rows_changed_since_an_ancestor(new_region_index) -> None:
+    m = Model(new_region_index())
     rng = random.Random(4)
     m.new("a", _content(rng, 1.0))
     m.new("b", {2: IDS[3], 9: None}, parent="a")
@@ -170,8 +170,8 @@ def test_rows_changed_since_an_ancestor(tmp_path: Path) -> None:
     assert m.index.changed_since("a", "c", 0, 100) is None
 
 
-def test_a_rebase_keeps_only_the_rows_that_differ(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_a_rebase_keeps_only_the_rows_that_differ(new_region_index) -> None:
+    m = Model(new_region_index())
     m.new("day1", {no: IDS[no % 8] for no in range(BLOCKS)})
     day2 = dict(m.expected["day1"])
     day2[4] = IDS[7]
@@ -182,10 +182,10 @@ def test_a_rebase_keeps_only_the_rows_that_differ(tmp_path: Path) -> None:
     assert m.index.own_row_count("day2") == 2
 
 
-def test_an_ancestor_folded_away_is_no_base_any_more(tmp_path: Path) -> None:
+def test_an_ancestor_folded_away_is_no_base_any_more(new_region_index) -> None:
     """Its heir took its map over, so the map id it left names the heir's rows now: a copy
     walking "the rows since" it must not mistake those for no change."""
-    m = Model(tmp_path / "index.db")
+    m = Model(new_region_index())
     m.new("a", {0: IDS[0], 1: IDS[1]})
     m.new("b", {1: IDS[2]}, parent="a")
     assert m.index.changed_since("b", "a", 0, 10) == [(1, IDS[2])]
@@ -194,8 +194,8 @@ def test_an_ancestor_folded_away_is_no_base_any_more(tmp_path: Path) -> None:
     assert m.index.changed_count("b", "a") is None
 
 
-def test_a_broken_chain_is_named(tmp_path: Path) -> None:
-    m = Model(tmp_path / "index.db")
+def test_a_broken_chain_is_named(new_region_index) -> None:
+    m = Model(new_region_index())
     m.new("a", {0: IDS[0]})
     m.new("b", {1: IDS[1]}, parent="a")
     m.index.db.execute("UPDATE snapshots SET parent_id = 'gone' WHERE id = 'b'")
@@ -203,28 +203,30 @@ def test_a_broken_chain_is_named(tmp_path: Path) -> None:
     assert [(sid, why) for sid, _, why in broken] == [("b", "its parent gone is missing")]
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(seed=st.integers(0, 10_000), steps=st.integers(4, 14))
-def test_random_chains_stay_right_through_every_step(tmp_path: Path, seed: int, steps: int) -> None:
-    path = tmp_path / f"index-{seed}-{steps}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    m = Model(path)
-    rng = random.Random(seed)
-    m.new("s0", _content(rng, 0.7))
-    for n in range(1, steps):
-        live = list(m.expected)
-        action = rng.random()
-        if action < 0.55 or len(live) < 2:
-            m.new(f"s{n}", _content(rng, 0.15), parent=rng.choice(live))
-        elif action < 0.65:
-            m.new(f"s{n}", _content(rng, 0.7))
-        elif action < 0.75:
-            flat = [s for s in live if m.index.parent_of(s) is None]
-            m.rebase(rng.choice(flat), rng.choice(live))
-        else:
-            m.delete(rng.choice(live))
-        m.check()
-    m.index.close()
+def test_random_chains_stay_right_through_every_step(new_region_index) -> None:
+    # PostgreSQL answers each of check()'s thousands of lookups over its socket (~0.2 ms
+    # each): fewer examples there keep the fast suite fast; SQLite runs all 40.
+    examples = 40 if new_region_index.engine == "sqlite" else 10
+
+    @settings(max_examples=examples, deadline=None)
+    @given(seed=st.integers(0, 10_000), steps=st.integers(4, 14))
+    def run(seed: int, steps: int) -> None:
+        m = Model(new_region_index())  # a new index (file or region) for every example
+        rng = random.Random(seed)
+        m.new("s0", _content(rng, 0.7))
+        for n in range(1, steps):
+            live = list(m.expected)
+            action = rng.random()
+            if action < 0.55 or len(live) < 2:
+                m.new(f"s{n}", _content(rng, 0.15), parent=rng.choice(live))
+            elif action < 0.65:
+                m.new(f"s{n}", _content(rng, 0.7))
+            elif action < 0.75:
+                flat = [s for s in live if m.index.parent_of(s) is None]
+                m.rebase(rng.choice(flat), rng.choice(live))
+            else:
+                m.delete(rng.choice(live))
+            m.check()
+        m.index.close()
+
+    run()

@@ -1,5 +1,6 @@
 """Storage without FUSE: index triggers and migrations, local packs, the store's lock, dedup
-accounting, GC and recovery."""
+accounting, GC and recovery. The index tests that take `new_region_index` run on SQLite and
+on PostgreSQL (marked `pg`); the migration tests are SQLite's own."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def _refcounts(index: RegionIndex) -> dict[bytes, int]:
     return dict(index.db.execute("SELECT id, refcount FROM blocks").fetchall())
 
 
-def test_index_triggers_keep_refcounts(tmp_path: Path) -> None:
-    index = RegionIndex(tmp_path / "index.db")
+def test_index_triggers_keep_refcounts(new_region_index) -> None:
+    index = new_region_index()
     a, b = b"a" * 32, b"b" * 32
     index.insert_snapshot(_snapshot_row("s-1", "one"))
     index.insert_snapshot(_snapshot_row("s-2", "two"))
@@ -68,10 +69,10 @@ def test_index_triggers_keep_refcounts(tmp_path: Path) -> None:
     assert _refcounts(index) == {a: 1}
 
 
-def test_a_delta_keeps_its_base_referenced_until_its_row_goes(tmp_path: Path) -> None:
+def test_a_delta_keeps_its_base_referenced_until_its_row_goes(new_region_index) -> None:
     """Schema 4: a delta row counts as a reference to its base, by trigger; dropping the
     delta's row releases the base, which only then can be collected; a recount agrees."""
-    index = RegionIndex(tmp_path / "index.db")
+    index = new_region_index()
     base, d = b"b" * 32, b"d" * 32
     index.insert_snapshot(_snapshot_row("s-1", "day1"))
     index.insert_snapshot(_snapshot_row("s-2", "day2"))
@@ -150,10 +151,10 @@ def test_a_schema_4_index_migrates_to_5_and_its_maps_read_and_chain(tmp_path: Pa
         index.commit_blocks("s-2", [], [(5, b"z" * 32)], {})
 
 
-def test_a_shrink_drops_the_map_from_the_top_in_steps(tmp_path: Path) -> None:
+def test_a_shrink_drops_the_map_from_the_top_in_steps(new_region_index) -> None:
     """A shrink in steps (each one transaction, sized by the loop budget) lowers the recorded
     size with every step, so a stop between two leaves a prefix, never rows past the size."""
-    index = RegionIndex(tmp_path / "index.db")
+    index = new_region_index()
     a = b"a" * 32
     index.insert_snapshot(_snapshot_row("s-1", "one"))
     index.commit_blocks("s-1", [NewBlock(a, 10, 20, 1)], [(n, a) for n in range(10)], {"size": 100})
@@ -167,10 +168,10 @@ def test_a_shrink_drops_the_map_from_the_top_in_steps(tmp_path: Path) -> None:
     assert _refcounts(index) == {a: 2}
 
 
-def test_index_refuses_row_without_block(tmp_path: Path) -> None:
-    index = RegionIndex(tmp_path / "index.db")
+def test_index_refuses_row_without_block(new_region_index) -> None:
+    index = new_region_index()
     index.insert_snapshot(_snapshot_row("s-1", "one"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(index.db.IntegrityError):
         index.commit_blocks("s-1", [], [(0, b"z" * 32)], {})
     assert index.block_map("s-1", 0, 10) == {}
 

@@ -1,0 +1,722 @@
+"""A region index in PostgreSQL (issue 19): many regions in one database, joined by any host.
+
+`PgRegionIndex.create(url, name)` makes a region in the database at `url`;
+`PgRegionIndex.attach(url, name)` opens it (on this host or any other). It is a `RegionIndex`:
+every query is the one in meta/index.py, run through `PgConnection` (meta/engine.py's
+interface). This module holds only what is PostgreSQL's own: the schema and its triggers
+(PG_MIGRATIONS), the connection (URL, errors, placeholders, the region's views), and the
+accessors of the tables only this engine has (regions, sessions, packs, block locations).
+
+Schema (`snapfs` schema; version in `snapfs.schema_info`)
+---------------------------------------------------------
+- `regions(id, name UNIQUE, created_at)`: one row per region; a second region of a name is
+  refused (`RegionAlreadyExists`).
+- The region tables of meta/index.py (`meta`, `blocks`, `snapshots`, `snapshot_blocks`,
+  `copy_jobs`, `snapshot_tags`, `id_translations`) with the columns of SQLite's schema 5,
+  each with `region_id` first in its primary key, so one database holds many regions.
+- `blocks.pack_id, pack_offset, pack_length`: where a block's object is inside a pack object
+  (all three or none); `packs(region_id, id, size, live_bytes, state, created_at)`, with
+  `live_bytes` kept by a trigger on `blocks` (the lengths of the blocks located in it).
+- `sessions(id, region_id, host, pid, started_at, heartbeat_at, state)`: who has a region
+  open (for hosts to see each other; nothing acts on them yet).
+- The refcount triggers of SQLite's schema (map rows and deltas count on `blocks.refcount`),
+  and the check that a map row names a block with a row, in PL/pgSQL.
+
+The shared queries say `blocks`, not `snapfs.blocks`: each connection makes, at connect, a
+temporary view per region table (`CREATE TEMP VIEW blocks AS SELECT * FROM snapfs.blocks
+WHERE region_id = N`, with `region_id` defaulting to N). PostgreSQL inlines such a view into
+each query (the planner sees `region_id = N` and uses the primary keys) and writes through
+it, triggers included; so the one set of queries reads and writes only its region's rows, and
+an upsert's conflict target names `region_id` first (`PgConnection.conflict`).
+
+Isolation: why READ COMMITTED plus one lock per region
+------------------------------------------------------
+Each write transaction (`PgConnection.transaction`) first locks its region's row in
+`snapfs.regions` (`SELECT ... FOR NO KEY UPDATE`), at READ COMMITTED. So the writers of one
+region run one at a time, which is what SQLite's `BEGIN IMMEDIATE` gave the same code, and
+writers of different regions never wait for each other. Readers take no lock and never wait.
+
+READ COMMITTED alone is not enough. The triggers' increments would be safe by themselves
+(`UPDATE ... SET refcount = refcount + 1` waits for the row's lock and re-reads it), but the
+code reads and then acts: a commit's trigger sees block B's row and names it while garbage
+collection deletes B at refcount 0 (a map row naming no block); `commit_blocks` moves
+`allocated_blocks` by what it read of the map; `fold_step`, `set_parent` and `clone_map` act
+on rows read earlier in the transaction. Under the region lock, no other writer of the region
+commits between those reads and writes, so each statement sees exactly what the transaction
+read before it plus its own changes: serializable for the region's writers.
+
+SERIALIZABLE (with a retry on a serialization failure) would let one region's writers overlap,
+but a retry must run the transaction's Python again, and `with index.db.transaction()` bodies
+cannot be re-run; the lock gives the guarantee without retries. The cost is SQLite's: one
+writer per region at a time, with transactions kept short (each method is one).
+
+As a second line, the triggers lock what they rely on, as a foreign key would: the check
+that a map row names a block takes that block's row `FOR KEY SHARE`, so a DELETE of it (from
+any connection) waits for the commit and then re-checks `refcount <= 0`.
+
+Connections: autocommit, READ COMMITTED, `synchronous_commit = on` (a commit is durable
+when it returns, as SQLite's synchronous=FULL). A `PgConnection` is one psycopg connection:
+use it from one thread at a time (the `RegionIndex` caches are not thread-safe either); a
+worker thread opens its own with `reader()`. Every call blocks on the network: the service
+calls it off the trio thread (workers.run_sync), one call at a time per index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+
+from snapfs.errors import (
+    IndexDenied,
+    IndexUnavailable,
+    InvalidIndexUrl,
+    RegionAlreadyExists,
+    RegionNotFound,
+    SnapfsError,
+    StoreFormat,
+)
+from snapfs.meta.engine import dict_rows
+from snapfs.meta.index import RegionIndex
+
+log = logging.getLogger(__name__)
+
+# The per-region tables, as the shared queries name them (and as the base tables are named
+# in the `snapfs` schema).
+REGION_TABLES = (
+    "meta",
+    "blocks",
+    "snapshots",
+    "snapshot_blocks",
+    "copy_jobs",
+    "snapshot_tags",
+    "id_translations",
+)
+PACK_STATES = ("open", "sealed", "deleting")
+SESSION_STATES = ("active", "ended", "expired")
+CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
+_MIGRATION_LOCK = 0x736E617066730001  # pg_advisory_xact_lock key: "snapfs" + 1
+
+PgMigration = Callable[[psycopg.Connection], None]
+
+
+def _v1(conn: psycopg.Connection) -> None:
+    """SQLite's schema 5 with a region id in every key, and regions, sessions and packs."""
+    conn.execute(
+        """
+        CREATE TABLE snapfs.regions (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name TEXT COLLATE "C" NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE snapfs.meta (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            key TEXT COLLATE "C" NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (region_id, key)
+        );
+        CREATE TABLE snapfs.packs (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            id BIGINT GENERATED ALWAYS AS IDENTITY,
+            size BIGINT NOT NULL DEFAULT 0,
+            live_bytes BIGINT NOT NULL DEFAULT 0,
+            state TEXT COLLATE "C" NOT NULL DEFAULT 'open'
+                CHECK (state IN ('open', 'sealed', 'deleting')),
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (region_id, id)
+        );
+        CREATE TABLE snapfs.blocks (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            id BYTEA NOT NULL,
+            refcount BIGINT NOT NULL DEFAULT 0,
+            plain_size BIGINT NOT NULL,
+            stored_size BIGINT NOT NULL,
+            codec INTEGER NOT NULL,
+            key_id TEXT COLLATE "C",
+            base_id BYTEA,
+            pack_id BIGINT,
+            pack_offset BIGINT,
+            pack_length BIGINT,
+            PRIMARY KEY (region_id, id),
+            FOREIGN KEY (region_id, pack_id) REFERENCES snapfs.packs(region_id, id),
+            CHECK ((pack_id IS NULL) = (pack_offset IS NULL)
+                AND (pack_id IS NULL) = (pack_length IS NULL))
+        );
+        CREATE INDEX blocks_unreferenced ON snapfs.blocks(region_id, id) WHERE refcount <= 0;
+        CREATE INDEX blocks_base ON snapfs.blocks(region_id, base_id) WHERE base_id IS NOT NULL;
+        CREATE INDEX blocks_pack ON snapfs.blocks(region_id, pack_id) WHERE pack_id IS NOT NULL;
+        CREATE TABLE snapfs.snapshots (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            id TEXT COLLATE "C" NOT NULL,
+            name TEXT COLLATE "C",
+            status TEXT COLLATE "C" NOT NULL,
+            size BIGINT NOT NULL DEFAULT 0,
+            mode BIGINT NOT NULL,
+            uid BIGINT NOT NULL,
+            gid BIGINT NOT NULL,
+            atime_ns BIGINT NOT NULL,
+            mtime_ns BIGINT NOT NULL,
+            ctime_ns BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            sealed_at DOUBLE PRECISION,
+            allocated_blocks BIGINT NOT NULL DEFAULT 0,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            source_snapshot_id TEXT COLLATE "C",
+            source_region TEXT COLLATE "C",
+            description TEXT,
+            retention_days INTEGER,
+            encrypted INTEGER NOT NULL DEFAULT 0,
+            kms_key_id TEXT COLLATE "C",
+            error TEXT,
+            transferred_bytes BIGINT NOT NULL DEFAULT 0,
+            parent_id TEXT COLLATE "C",
+            map_id TEXT COLLATE "C",
+            depth INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (region_id, id)
+        );
+        CREATE UNIQUE INDEX snapshots_name ON snapfs.snapshots(region_id, name)
+            WHERE deleted = 0;
+        CREATE INDEX snapshots_parent ON snapfs.snapshots(region_id, parent_id)
+            WHERE parent_id IS NOT NULL;
+        -- No foreign key to blocks: a tombstone (block_id = '') names none; the trigger
+        -- below refuses a row naming a block that has no row, as in SQLite's schema 5.
+        CREATE TABLE snapfs.snapshot_blocks (
+            region_id BIGINT NOT NULL,
+            snapshot_id TEXT COLLATE "C" NOT NULL,
+            block_no BIGINT NOT NULL,
+            block_id BYTEA NOT NULL,
+            PRIMARY KEY (region_id, snapshot_id, block_no)
+        );
+        CREATE TABLE snapfs.copy_jobs (
+            region_id BIGINT NOT NULL,
+            dst_snapshot_id TEXT COLLATE "C" NOT NULL,
+            src_region TEXT COLLATE "C" NOT NULL,
+            src_snapshot_id TEXT COLLATE "C" NOT NULL,
+            kind TEXT COLLATE "C" NOT NULL,
+            next_block BIGINT NOT NULL DEFAULT 0,
+            done_blocks BIGINT NOT NULL DEFAULT 0,
+            total_blocks BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            base_snapshot_id TEXT COLLATE "C",
+            PRIMARY KEY (region_id, dst_snapshot_id),
+            FOREIGN KEY (region_id, dst_snapshot_id) REFERENCES snapfs.snapshots(region_id, id)
+        );
+        CREATE TABLE snapfs.snapshot_tags (
+            region_id BIGINT NOT NULL,
+            snapshot_id TEXT COLLATE "C" NOT NULL,
+            key TEXT COLLATE "C" NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (region_id, snapshot_id, key),
+            FOREIGN KEY (region_id, snapshot_id) REFERENCES snapfs.snapshots(region_id, id)
+        );
+        CREATE TABLE snapfs.id_translations (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            dst_key_id TEXT COLLATE "C" NOT NULL,
+            src_block_id BYTEA NOT NULL,
+            dst_block_id BYTEA NOT NULL,
+            PRIMARY KEY (region_id, dst_key_id, src_block_id)
+        );
+        CREATE INDEX id_translations_dst ON snapfs.id_translations(region_id, dst_block_id);
+        CREATE TABLE snapfs.sessions (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            state TEXT COLLATE "C" NOT NULL DEFAULT 'active'
+                CHECK (state IN ('active', 'ended', 'expired'))
+        );
+        CREATE INDEX sessions_region ON snapfs.sessions(region_id, state);
+
+        -- A map row names a block that has a row; its lock keeps that row from being
+        -- deleted until this transaction ends (what a foreign key's check does).
+        CREATE FUNCTION snapfs.map_row_named() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF length(NEW.block_id) > 0 THEN
+                PERFORM 1 FROM snapfs.blocks
+                    WHERE region_id = NEW.region_id AND id = NEW.block_id FOR KEY SHARE;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'FOREIGN KEY constraint failed: a map row names no block'
+                        USING ERRCODE = 'foreign_key_violation';
+                END IF;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER snapshot_blocks_named BEFORE INSERT OR UPDATE OF block_id
+            ON snapfs.snapshot_blocks FOR EACH ROW EXECUTE FUNCTION snapfs.map_row_named();
+
+        -- AFTER, not BEFORE: an upsert fires BEFORE INSERT for a row it then updates.
+        CREATE FUNCTION snapfs.map_row_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                UPDATE snapfs.blocks SET refcount = refcount - 1
+                    WHERE region_id = OLD.region_id AND id = OLD.block_id;
+            END IF;
+            IF TG_OP IN ('INSERT', 'UPDATE') THEN
+                UPDATE snapfs.blocks SET refcount = refcount + 1
+                    WHERE region_id = NEW.region_id AND id = NEW.block_id;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER snapshot_blocks_counted AFTER INSERT OR DELETE ON snapfs.snapshot_blocks
+            FOR EACH ROW EXECUTE FUNCTION snapfs.map_row_counted();
+        CREATE TRIGGER snapshot_blocks_update AFTER UPDATE OF block_id ON snapfs.snapshot_blocks
+            FOR EACH ROW WHEN (OLD.block_id IS DISTINCT FROM NEW.block_id)
+            EXECUTE FUNCTION snapfs.map_row_counted();
+
+        -- A delta's row counts as a reference to its base (SQLite's schema 4).
+        CREATE FUNCTION snapfs.base_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.base_id IS NOT NULL THEN
+                UPDATE snapfs.blocks SET refcount = refcount - 1
+                    WHERE region_id = OLD.region_id AND id = OLD.base_id;
+            END IF;
+            IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.base_id IS NOT NULL THEN
+                UPDATE snapfs.blocks SET refcount = refcount + 1
+                    WHERE region_id = NEW.region_id AND id = NEW.base_id;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER blocks_base_counted AFTER INSERT OR DELETE ON snapfs.blocks
+            FOR EACH ROW EXECUTE FUNCTION snapfs.base_counted();
+        CREATE TRIGGER blocks_base_update AFTER UPDATE OF base_id ON snapfs.blocks
+            FOR EACH ROW WHEN (OLD.base_id IS DISTINCT FROM NEW.base_id)
+            EXECUTE FUNCTION snapfs.base_counted();
+
+        -- A pack's live bytes: the lengths of the blocks located in it, by construction.
+        CREATE FUNCTION snapfs.pack_bytes_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.pack_id IS NOT NULL THEN
+                UPDATE snapfs.packs SET live_bytes = live_bytes - OLD.pack_length
+                    WHERE region_id = OLD.region_id AND id = OLD.pack_id;
+            END IF;
+            IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.pack_id IS NOT NULL THEN
+                UPDATE snapfs.packs SET live_bytes = live_bytes + NEW.pack_length
+                    WHERE region_id = NEW.region_id AND id = NEW.pack_id;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER blocks_pack_counted AFTER INSERT OR DELETE ON snapfs.blocks
+            FOR EACH ROW EXECUTE FUNCTION snapfs.pack_bytes_counted();
+        CREATE TRIGGER blocks_pack_update AFTER UPDATE OF pack_id, pack_length ON snapfs.blocks
+            FOR EACH ROW WHEN (OLD.pack_id IS DISTINCT FROM NEW.pack_id
+                OR OLD.pack_length IS DISTINCT FROM NEW.pack_length)
+            EXECUTE FUNCTION snapfs.pack_bytes_counted();
+        """
+    )
+
+
+PG_MIGRATIONS: list[PgMigration] = [_v1]
+
+
+# --- URLs and connecting ---------------------------------------------------------------------
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (in the user part or a `password=` parameter)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+        query = urlencode(
+            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="/"
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # not even a URL: show nothing of it that could be a secret
+        return "<an unparsable URL>"
+
+
+def _check_url(url: str) -> dict[str, Any]:
+    shown = redacted(url)
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise InvalidIndexUrl(f"the region index {shown} is not a postgresql:// URL")
+    try:
+        return psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        reason = _one_line(exc)
+        raise InvalidIndexUrl(f"the region index {shown} is not a usable URL: {reason}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# SQLSTATEs a server sends while refusing a connection.
+_DENIED = {"28000", "28P01", "42501"}  # authorization, password, privilege
+_NO_DATABASE = "3D000"
+
+
+def connect(url: str) -> psycopg.Connection:
+    """An autocommit connection to the database at `url`; a clear SnapfsError when the URL
+    is malformed (InvalidIndexUrl), the server unreachable (IndexUnavailable) or the
+    credentials wrong (IndexDenied), naming the URL without its password."""
+    params = _check_url(url)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    shown = redacted(url)
+    try:
+        conn = psycopg.connect(**params, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise _refusal(exc, shown) from None
+    except psycopg.ProgrammingError as exc:  # an option libpq does not know
+        raise InvalidIndexUrl(f"the region index {shown}: {_one_line(exc)}") from None
+    conn.adapters.register_dumper(bool, _BoolAsInteger)
+    conn.execute("SET synchronous_commit = on")
+    return conn
+
+
+def _refusal(exc: psycopg.OperationalError, shown: str) -> SnapfsError:
+    reason = _one_line(exc)
+    state = exc.sqlstate or ""
+    if state in _DENIED or "authentication failed" in reason or "no password" in reason:
+        return IndexDenied(f"the region index {shown} refused the credentials: {reason}")
+    if state == _NO_DATABASE or ("database" in reason and "does not exist" in reason):
+        return InvalidIndexUrl(f"the region index {shown} names no database there: {reason}")
+    return IndexUnavailable(f"the region index {shown} cannot be reached: {reason}")
+
+
+class _BoolAsInteger(Dumper):
+    """Python booleans as 0/1, as SQLite stores them (the columns are integers)."""
+
+    format = Format.TEXT
+    oid = psycopg.adapters.types["int4"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
+@functools.lru_cache(maxsize=2048)
+def _placeholders(sql: str) -> str:
+    """The shared SQL's `?` as psycopg's `%s` (a literal `%` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def migrate(conn: psycopg.Connection, migrations: Sequence[PgMigration] = PG_MIGRATIONS) -> int:
+    """Bring the database to the newest schema, as meta/db.py's migrate does for SQLite:
+    migration N takes version N to N+1 in one transaction with the version bump. An
+    advisory lock makes hosts that attach at once migrate one after another; a database
+    newer than this code is refused."""
+    target = len(migrations)
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
+            current = _schema_version(conn, create=True)
+            if current > target:
+                raise StoreFormat(
+                    f"the region index has schema version {current}; this snapfs knows up "
+                    f"to {target}, upgrade it"
+                )
+            if current == target:
+                return target
+            migrations[current](conn)
+            conn.execute(
+                "UPDATE snapfs.schema_info SET value = %s WHERE key = 'schema_version'",
+                [str(current + 1)],
+            )
+        if current:
+            log.info("migrated the region index from schema %d to %d", current, current + 1)
+
+
+def _schema_version(conn: psycopg.Connection, *, create: bool = False) -> int:
+    if create:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS snapfs")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS snapfs.schema_info "
+            "(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO snapfs.schema_info VALUES ('schema_version', '0') ON CONFLICT DO NOTHING"
+        )
+    row = conn.execute(
+        "SELECT value FROM snapfs.schema_info WHERE key = 'schema_version'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- the connection the shared queries run on ------------------------------------------------
+
+
+class PgConnection:
+    """meta/engine.py's IndexConnection on PostgreSQL, scoped to one region by the
+    temporary views made at connect (see the module's docstring)."""
+
+    engine = "postgresql"
+    IntegrityError = psycopg.IntegrityError
+
+    def __init__(self, conn: psycopg.Connection, region_id: int, *, readonly: bool = False):
+        self.conn = conn
+        self.region_id = int(region_id)
+        with conn.transaction():
+            for table in REGION_TABLES:
+                conn.execute(
+                    f"CREATE TEMP VIEW {table} AS SELECT * FROM snapfs.{table} "
+                    f"WHERE region_id = {self.region_id}"
+                )
+                conn.execute(
+                    f"ALTER VIEW {table} ALTER COLUMN region_id SET DEFAULT {self.region_id}"
+                )
+        if readonly:
+            conn.execute("SET default_transaction_read_only = on")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
+        with self._mapped():
+            return self.conn.execute(_placeholders(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        batch = list(rows)
+        if batch:
+            with self._mapped(), self.conn.cursor() as cur:
+                cur.executemany(_placeholders(sql), batch)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PgConnection]:
+        with self._mapped(), self.conn.transaction():
+            locked = self.conn.execute(
+                "SELECT 1 FROM snapfs.regions WHERE id = %s FOR NO KEY UPDATE", [self.region_id]
+            ).fetchone()
+            if locked is None:
+                raise RegionNotFound(f"region {self.region_id} is no longer in the index")
+            yield self
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return dict_rows(self.execute(sql, params), skip=frozenset({"region_id"}))
+
+    def conflict(self, columns: str) -> str:
+        return f"region_id, {columns}"
+
+    def table_names(self) -> list[str]:
+        return list(REGION_TABLES)
+
+    def columns(self, table: str) -> set[str]:
+        rows = self.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'snapfs' AND table_name = ?",
+            [table],
+        )
+        return {r[0] for r in rows} - {"region_id"}
+
+    def quick_check(self, limit: int) -> list[str]:
+        """SQLite's page check has no counterpart here: the server checks its own pages
+        (data checksums, WAL); that it answers is the check."""
+        self.execute("SELECT 1").fetchone()
+        return ["ok"]
+
+    def schema_trees(self) -> list[tuple[int, str, str]]:
+        return [(0, table, "table") for table in REGION_TABLES]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """A lost connection as IndexUnavailable; anything else (an integrity error, a bug)
+        as psycopg raised it."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None or exc.sqlstate.startswith("08"):  # connection_exception
+                raise IndexUnavailable(f"the region index: {_one_line(exc)}") from exc
+            raise
+
+
+# --- a region's index ------------------------------------------------------------------------
+
+
+class PgRegionIndex(RegionIndex):
+    """A region's index in PostgreSQL: RegionIndex's methods, plus the region's sessions,
+    packs and block locations."""
+
+    db: PgConnection
+
+    def __init__(self, connection: PgConnection, *, url: str, name: str, readonly: bool = False):
+        super().__init__(readonly=readonly, connection=connection)
+        self._url = url  # with its password: reader() connects again
+        self.url = redacted(url)
+        self.name = name
+        self.region_id = connection.region_id
+
+    @classmethod
+    def create(cls, url: str, name: str, *, created_at: float) -> PgRegionIndex:
+        """A new region `name` in the database at `url` (its schema made or brought up to
+        date first); RegionAlreadyExists if the database has a region of that name."""
+        conn = connect(url)
+        try:
+            migrate(conn)
+            try:
+                row = conn.execute(
+                    "INSERT INTO snapfs.regions (name, created_at) VALUES (%s, %s) RETURNING id",
+                    [name, created_at],
+                ).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise RegionAlreadyExists(
+                    f"region {name} already exists in the region index {redacted(url)}"
+                ) from None
+            assert row is not None
+            log.info("created region %s (id %d) in %s", name, row[0], redacted(url))
+            return cls(PgConnection(conn, row[0]), url=url, name=name)
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def attach(cls, url: str, name: str, *, readonly: bool = False) -> PgRegionIndex:
+        """The region `name` of the database at `url` (RegionNotFound if it has none). A
+        read-write attach brings the schema up to date; a read-only one needs it current."""
+        conn = connect(url)
+        try:
+            if readonly:
+                version = _schema_version(conn) if _has_schema(conn) else 0
+                if version != len(PG_MIGRATIONS):
+                    raise StoreFormat(
+                        f"the region index {redacted(url)} has schema version {version}; "
+                        f"this snapfs reads version {len(PG_MIGRATIONS)}"
+                    )
+            else:
+                migrate(conn)
+            row = conn.execute("SELECT id FROM snapfs.regions WHERE name = %s", [name]).fetchone()
+            if row is None:
+                raise RegionNotFound(f"no region {name} in the region index {redacted(url)}")
+            connection = PgConnection(conn, row[0], readonly=readonly)
+            return cls(connection, url=url, name=name, readonly=readonly)
+        except BaseException:
+            conn.close()
+            raise
+
+    def reader(self) -> PgRegionIndex:
+        return PgRegionIndex.attach(self._url, self.name, readonly=True)
+
+    # --- sessions: who has the region open ---------------------------------------------------
+
+    def open_session(self, host: str, pid: int, now: float) -> str:
+        """Record that `host`'s process `pid` has the region open; its session id."""
+        session_id = uuid.uuid4().hex
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO snapfs.sessions (id, region_id, host, pid, started_at, heartbeat_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [session_id, self.region_id, host, pid, now, now],
+            )
+        return session_id
+
+    def heartbeat(self, session_id: str, now: float) -> bool:
+        """The session is still alive at `now`; False if it is no longer active."""
+        cur = self.db.execute(
+            "UPDATE snapfs.sessions SET heartbeat_at = ? WHERE id = ? AND region_id = ? "
+            "AND state = 'active'",
+            [now, session_id, self.region_id],
+        )
+        return cur.rowcount == 1
+
+    def set_session_state(self, session_id: str, state: str) -> None:
+        """'ended' (closed cleanly) or 'expired' (its heartbeats stopped)."""
+        if state not in SESSION_STATES:
+            raise ValueError(f"not a session state: {state!r}")
+        self.db.execute(
+            "UPDATE snapfs.sessions SET state = ? WHERE id = ? AND region_id = ?",
+            [state, session_id, self.region_id],
+        )
+
+    def sessions(self, *, state: str | None = None) -> list[dict[str, Any]]:
+        where = "" if state is None else " AND state = ?"
+        return self.db.rows(
+            "SELECT id, host, pid, started_at, heartbeat_at, state FROM snapfs.sessions "
+            f"WHERE region_id = ?{where} ORDER BY started_at, id",
+            [self.region_id, *([] if state is None else [state])],
+        )
+
+    # --- packs and where a block is in one ---------------------------------------------------
+
+    def add_pack(self, size: int, now: float, *, state: str = "open") -> int:
+        """A new pack object's row; its id (unique in the database, not only the region)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO snapfs.packs (region_id, size, state, created_at) "
+                "VALUES (?, ?, ?, ?) RETURNING id",
+                [self.region_id, size, state, now],
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def update_pack(
+        self, pack_id: int, *, size: int | None = None, state: str | None = None
+    ) -> None:
+        fields = {k: v for k, v in (("size", size), ("state", state)) if v is not None}
+        if not fields:
+            return
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE snapfs.packs SET {', '.join(f'{k} = ?' for k in fields)} "
+                "WHERE region_id = ? AND id = ?",
+                [*fields.values(), self.region_id, pack_id],
+            )
+
+    def packs(self, *, state: str | None = None) -> list[dict[str, Any]]:
+        where = "" if state is None else " AND state = ?"
+        return self.db.rows(
+            "SELECT id, size, live_bytes, state, created_at FROM snapfs.packs "
+            f"WHERE region_id = ?{where} ORDER BY id",
+            [self.region_id, *([] if state is None else [state])],
+        )
+
+    def delete_pack(self, pack_id: int) -> None:
+        """Drop a pack's row; refused (IntegrityError) while a block is located in it."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM snapfs.packs WHERE region_id = ? AND id = ?",
+                [self.region_id, pack_id],
+            )
+
+    def set_block_locations(self, locations: Iterable[tuple[bytes, int, int, int]]) -> None:
+        """(block id, pack id, offset, length) of blocks whose rows exist, in one
+        transaction; the packs' live bytes follow by trigger."""
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "UPDATE blocks SET pack_id = ?, pack_offset = ?, pack_length = ? WHERE id = ?",
+                [(pack, offset, length, bid) for bid, pack, offset, length in locations],
+            )
+
+    def block_location(self, block_id: bytes) -> tuple[int, int, int] | None:
+        """(pack id, offset, length) of a block in a pack; None if it is in none (or has
+        no row)."""
+        row = self.db.execute(
+            "SELECT pack_id, pack_offset, pack_length FROM blocks WHERE id = ? "
+            "AND pack_id IS NOT NULL",
+            [block_id],
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def blocks_in_pack(self, pack_id: int) -> list[tuple[bytes, int, int]]:
+        """(block id, offset, length) of every block located in the pack, by offset."""
+        rows = self.db.execute(
+            "SELECT id, pack_offset, pack_length FROM blocks WHERE pack_id = ? "
+            "ORDER BY pack_offset",
+            [pack_id],
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _has_schema(conn: psycopg.Connection) -> bool:
+    row = conn.execute("SELECT to_regclass('snapfs.schema_info')").fetchone()
+    return row is not None and row[0] is not None
+
+
+def region_names(url: str) -> list[str]:
+    """The regions in the database at `url`, by name (none if it has no snapfs schema)."""
+    conn = connect(url)
+    try:
+        if not _has_schema(conn):
+            return []
+        return [r[0] for r in conn.execute("SELECT name FROM snapfs.regions ORDER BY name")]
+    finally:
+        conn.close()
