@@ -49,6 +49,12 @@ class IndexConnection(Protocol):
 
     engine: str  # "sqlite" or "postgresql"
 
+    @property
+    def IntegrityError(self) -> type[Exception]:  # noqa: N802 (named as DB-API names it)
+        """What a statement that breaks a key or a trigger's check raises (sqlite3's or
+        psycopg's class)."""
+        ...
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
@@ -89,6 +95,7 @@ class SqliteConnection:
     synchronous=FULL, `BEGIN IMMEDIATE` transactions (one writer at a time per file)."""
 
     engine = "sqlite"
+    IntegrityError = sqlite3.IntegrityError
 
     def __init__(self, database: sqlite_utils.Database):
         self.database = database  # for the SQLite-only migrations (db.migrate)
