@@ -66,10 +66,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
@@ -330,9 +331,7 @@ def redacted(url: str) -> str:
         if parts.password is not None:
             user, _, host = netloc.rpartition("@")
             netloc = f"{user.split(':', 1)[0]}:***@{host}"
-        query = urlencode(
-            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="/"
-        )
+        query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:  # not even a URL: show nothing of it that could be a secret
         return "<an unparsable URL>"

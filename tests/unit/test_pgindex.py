@@ -1,0 +1,399 @@
+"""The region index on PostgreSQL (meta/pg.py, issue 19), beyond what the index tests run on
+both engines check (test_chains.py, test_storage.py): regions side by side in one database,
+the region lock under concurrent writers, sessions, packs and block locations, the schema
+version, and the errors of a bad URL. Each test has a fresh database of the session's
+private server (tests/conftest.py, `pg_server`)."""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from snapfs.errors import (
+    IndexDenied,
+    IndexUnavailable,
+    InvalidIndexUrl,
+    RegionAlreadyExists,
+    RegionNotFound,
+    StoreFormat,
+)
+from snapfs.meta.index import NewBlock
+from snapfs.meta.pg import PG_MIGRATIONS, PgRegionIndex, redacted, region_names
+from tests.conftest import PG_PASSWORD, PG_PASSWORD_ROLE, PgServer
+
+pytestmark = pytest.mark.pg
+
+A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
+
+
+def _row(snapshot_id: str, name: str | None = None) -> dict:
+    return {
+        "id": snapshot_id, "name": name or snapshot_id, "status": "creating", "size": 0,
+        "mode": 0o644, "uid": 0, "gid": 0, "atime_ns": 0, "mtime_ns": 0, "ctime_ns": 0,
+        "created_at": 0.0,
+    }  # fmt: skip
+
+
+def _refcounts(index: PgRegionIndex) -> dict[bytes, int]:
+    return dict(index.db.execute("SELECT id, refcount FROM blocks").fetchall())
+
+
+# --- regions -------------------------------------------------------------------------------
+
+
+def test_a_second_region_of_a_name_is_refused_and_attach_finds_the_first(pg_dsn: str) -> None:
+    first = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    first.set_setting("compression", "zstd")
+    with pytest.raises(RegionAlreadyExists) as refused:
+        PgRegionIndex.create(pg_dsn, "us-east-1", created_at=2.0)
+    assert refused.value.code == "InvalidRegionId.Duplicate"
+    assert "us-east-1" in refused.value.message
+    other_host = PgRegionIndex.attach(pg_dsn, "us-east-1")
+    assert other_host.region_id == first.region_id
+    assert other_host.get_setting("compression") == "zstd"
+    with pytest.raises(RegionNotFound):
+        PgRegionIndex.attach(pg_dsn, "eu-west-1")
+    assert region_names(pg_dsn) == ["us-east-1"]
+    first.close()
+    other_host.close()
+
+
+def test_two_regions_in_one_database_do_not_see_each_others_rows(pg_dsn: str) -> None:
+    """The same snapshot ids and block ids in two regions (a copy keeps ids): each index
+    reads, counts, collects and deletes only its own rows."""
+    east = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    west = PgRegionIndex.create(pg_dsn, "us-west-1", created_at=1.0)
+    for index in (east, west):
+        index.insert_snapshot(_row("s-1", "day1"), tags={"env": index.name})
+    east.commit_blocks("s-1", [NewBlock(A, 10, 5, 1), NewBlock(B, 10, 5, 1)], [(0, A), (1, B)], {})
+    west.commit_blocks("s-1", [NewBlock(A, 10, 5, 1)], [(0, A), (1, A), (2, A)], {})
+    east.set_setting("compression", "lz4")
+
+    assert east.block_map("s-1", 0, 9) == {0: A, 1: B}
+    assert west.block_map("s-1", 0, 9) == {0: A, 1: A, 2: A}
+    assert _refcounts(east) == {A: 1, B: 1} and _refcounts(west) == {A: 3}
+    assert east.tags("s-1") == {"env": "us-east-1"} and west.tags("s-1") == {"env": "us-west-1"}
+    assert west.get_setting("compression") is None
+    assert [r["name"] for r in west.snapshots()] == ["day1"]
+    assert "region_id" not in west.snapshots()[0]  # rows look as SQLite's do
+
+    east.delete_snapshot("s-1")
+    assert east.drop_unreferenced([A, B]) == [A, B]
+    assert west.drop_unreferenced([A]) == []  # still west's three map rows
+    assert east.snapshots() == [] and west.block_map("s-1", 0, 9) == {0: A, 1: A, 2: A}
+    assert _refcounts(west) == {A: 3}
+    assert [(b, r, u) for b, r, u in west.block_refcounts() if r != u] == []
+    east.close()
+    west.close()
+
+
+def test_a_reader_sees_commits_and_writes_nothing(pg_dsn: str) -> None:
+    writer = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    reader = writer.reader()
+    writer.insert_snapshot(_row("s-1"))
+    writer.commit_blocks("s-1", [NewBlock(A, 10, 5, 1)], [(0, A)], {"size": 10})
+    assert reader.snapshot_row("s-1")["size"] == 10 and reader.block_map("s-1", 0, 0) == {0: A}
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        reader.update_snapshot("s-1", size=20)
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        reader.db.execute("UPDATE snapshots SET size = 30")
+    assert writer.snapshot_row("s-1")["size"] == 10
+    reader.close()
+    writer.close()
+
+
+# --- concurrency: the region lock and the triggers' locks ----------------------------------
+
+
+def test_concurrent_refcount_increments_from_two_connections_lose_no_update(
+    pg_dsn: str,
+) -> None:
+    """Two hosts' indexes of one region commit map rows naming the same blocks at once, in
+    threads: every reference counts, and allocated_blocks is each snapshot's."""
+    PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0).close()
+    hosts = [PgRegionIndex.attach(pg_dsn, "us-east-1") for _ in range(2)]
+    hosts[0].commit_blocks("x", [NewBlock(A, 10, 5, 1), NewBlock(B, 10, 5, 1)], [], {})
+    commits, rows = 40, 8
+    start = threading.Barrier(2)
+    failures: list[BaseException] = []
+
+    def write(n: int) -> None:
+        index = hosts[n]
+        try:
+            start.wait()
+            for i in range(commits):
+                sid = f"s-{n}-{i}"
+                index.insert_snapshot(_row(sid))
+                index.commit_blocks(sid, [], [(no, (A, B)[no % 2]) for no in range(rows)], {})
+        except BaseException as exc:  # surfaced below: a thread's failure fails the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    total = 2 * commits * rows
+    assert _refcounts(hosts[0]) == {A: total // 2, B: total // 2}
+    assert {hosts[1].allocated_blocks(f"s-{n}-{i}") for n in range(2) for i in range(commits)} == {
+        rows
+    }
+    for index in hosts:
+        index.close()
+
+
+def _in_thread(fn, *args) -> tuple[threading.Thread, list]:
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # handed to the test through `result`
+            result.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def test_garbage_collection_waits_for_a_commit_that_names_its_block(pg_dsn: str) -> None:
+    """A block at refcount 0 is named by a map row in a transaction not yet committed; a
+    collector on another connection waits for it (the region lock), then finds the block
+    referenced and keeps it. Without the lock it would delete the row the map names."""
+    committer = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    collector = PgRegionIndex.attach(pg_dsn, "us-east-1")
+    committer.insert_snapshot(_row("s-1"))
+    committer.commit_blocks("x", [NewBlock(A, 10, 5, 1)], [], {})
+    assert collector.unreferenced_blocks() == [A]
+    with committer.db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?)",
+            ["s-1", 0, A],
+        )
+        thread, result = _in_thread(collector.drop_unreferenced, [A])
+        thread.join(0.5)
+        assert thread.is_alive(), f"the collector did not wait: {result}"
+    thread.join(10)
+    assert result == [[]]
+    assert _refcounts(collector) == {A: 1} and collector.block_map("s-1", 0, 0) == {0: A}
+    committer.close()
+    collector.close()
+
+
+def test_writers_of_a_region_take_turns_and_other_regions_do_not_wait(pg_dsn: str) -> None:
+    """The region lock: while one transaction of a region is open, another host's write to
+    the same region (even to other rows) waits for it; a write to another region does not.
+    This is what makes commit_blocks' and fold_step's read-then-write steps safe."""
+    first = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    second = PgRegionIndex.attach(pg_dsn, "us-east-1")
+    elsewhere = PgRegionIndex.create(pg_dsn, "us-west-1", created_at=1.0)
+    first.insert_snapshot(_row("s-1"))
+    first.insert_snapshot(_row("s-2"))
+    with first.db.transaction():
+        first.db.execute("UPDATE snapshots SET size = 1 WHERE id = 's-1'")
+        elsewhere.set_setting("compression", "lz4")  # returns: another region's lock
+        thread, result = _in_thread(lambda: second.update_snapshot("s-2", size=2))
+        thread.join(0.5)
+        assert thread.is_alive(), f"the second writer did not wait: {result}"
+    thread.join(10)
+    assert result == [None]
+    assert [r["size"] for r in second.snapshots()] == [1, 2]
+    for index in (first, second, elsewhere):
+        index.close()
+
+
+def test_a_delete_outside_the_index_waits_for_the_map_row_that_names_the_block(
+    pg_server: PgServer, pg_dsn: str
+) -> None:
+    """The triggers' own lock (the second line): even a DELETE that does not take the
+    region lock waits for the transaction naming the block, then re-checks its refcount."""
+    index = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    index.insert_snapshot(_row("s-1"))
+    index.commit_blocks("x", [NewBlock(A, 10, 5, 1)], [], {})
+    raw = psycopg.connect(pg_dsn, autocommit=True)
+
+    def delete_if_unreferenced() -> int:
+        return raw.execute(
+            "DELETE FROM snapfs.blocks WHERE region_id = %s AND id = %s AND refcount <= 0",
+            [index.region_id, A],
+        ).rowcount
+
+    with index.db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) VALUES (?, ?, ?)",
+            ["s-1", 0, A],
+        )
+        thread, result = _in_thread(delete_if_unreferenced)
+        thread.join(0.5)
+        assert thread.is_alive(), f"the DELETE did not wait: {result}"
+    thread.join(10)
+    assert result == [0]
+    assert _refcounts(index) == {A: 1}
+    raw.close()
+    index.close()
+
+
+def test_a_map_row_naming_a_block_deleted_meanwhile_is_refused(pg_dsn: str) -> None:
+    """The other order: the collector's transaction deletes the block first; a commit
+    naming it waits, then is refused (IntegrityError), never left naming no block."""
+    collector = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    committer = PgRegionIndex.attach(pg_dsn, "us-east-1")
+    committer.insert_snapshot(_row("s-1"))
+    committer.commit_blocks("x", [NewBlock(A, 10, 5, 1)], [], {})
+    with collector.db.transaction() as conn:
+        conn.execute("DELETE FROM blocks WHERE id = ? AND refcount <= 0", [A])
+        thread, result = _in_thread(committer.commit_blocks, "s-1", [], [(0, A)], {})
+        thread.join(0.5)
+        assert thread.is_alive(), f"the commit did not wait: {result}"
+    thread.join(10)
+    assert len(result) == 1 and isinstance(result[0], psycopg.IntegrityError), result
+    assert committer.block_map("s-1", 0, 0) == {} and _refcounts(committer) == {}
+    committer.close()
+    collector.close()
+
+
+# --- sessions, packs and block locations ----------------------------------------------------
+
+
+def test_sessions_of_a_region(pg_dsn: str) -> None:
+    east = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    west = PgRegionIndex.create(pg_dsn, "us-west-1", created_at=1.0)
+    one = east.open_session("host-a", 100, now=10.0)
+    two = east.open_session("host-b", 200, now=11.0)
+    assert east.heartbeat(one, now=15.0)
+    east.set_session_state(two, "ended")
+    assert not east.heartbeat(two, now=16.0)  # an ended session beats no more
+    assert not west.heartbeat(one, now=16.0)  # nor through another region
+    assert [(s["host"], s["heartbeat_at"], s["state"]) for s in east.sessions()] == [
+        ("host-a", 15.0, "active"),
+        ("host-b", 11.0, "ended"),
+    ]
+    assert [s["id"] for s in east.sessions(state="active")] == [one]
+    assert west.sessions() == []
+    with pytest.raises(ValueError):
+        east.set_session_state(one, "asleep")
+    east.close()
+    west.close()
+
+
+def test_packs_count_the_live_bytes_of_the_blocks_located_in_them(pg_dsn: str) -> None:
+    index = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    pack = index.add_pack(size=0, now=5.0)
+    assert index.packs() == [
+        {"id": pack, "size": 0, "live_bytes": 0, "state": "open", "created_at": 5.0}
+    ]
+    index.insert_snapshot(_row("s-1"))
+    blocks = [NewBlock(A, 10, 100, 1), NewBlock(B, 10, 50, 1), NewBlock(C, 10, 7, 1)]
+    index.commit_blocks("s-1", blocks, [(0, A), (1, B)], {})
+    index.set_block_locations([(A, pack, 0, 100), (B, pack, 100, 50), (C, pack, 150, 7)])
+    index.update_pack(pack, size=157, state="sealed")
+    assert index.block_location(B) == (pack, 100, 50)
+    assert index.blocks_in_pack(pack) == [(A, 0, 100), (B, 100, 50), (C, 150, 7)]
+    assert index.packs(state="sealed")[0]["live_bytes"] == 157
+
+    assert index.drop_unreferenced([C]) == [C]  # its row goes, and its bytes with it
+    assert index.packs()[0]["live_bytes"] == 150
+    index.set_block_locations([(B, pack, 100, 40)])  # a location rewritten moves its bytes
+    assert index.packs()[0]["live_bytes"] == 140
+    with pytest.raises(psycopg.IntegrityError):  # still holds A and B
+        index.delete_pack(pack)
+    with pytest.raises(psycopg.IntegrityError):
+        index.update_pack(pack, state="lost")
+    with pytest.raises(psycopg.IntegrityError):  # a location is all three columns or none
+        index.db.execute("UPDATE blocks SET pack_offset = NULL WHERE id = ?", [A])
+
+    index.delete_snapshot("s-1")
+    assert index.drop_unreferenced([A, B]) == [A, B]
+    assert index.packs()[0]["live_bytes"] == 0 and index.block_location(A) is None
+    index.delete_pack(pack)
+    assert index.packs() == []
+    index.close()
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def test_the_schema_is_made_once_and_a_newer_one_is_refused(pg_dsn: str) -> None:
+    """Hosts that attach at once migrate one after the other (the advisory lock); a
+    database of a newer snapfs is refused, read-write or read-only."""
+    made: list = []
+    threads = [
+        threading.Thread(
+            target=lambda n=n: made.append(
+                PgRegionIndex.create(pg_dsn, f"region-{n}", created_at=1.0)
+            )
+        )
+        for n in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(made) == 3, "a concurrent first migration failed"
+    for index in made:
+        index.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT value FROM snapfs.schema_info").fetchall() == [
+            (str(len(PG_MIGRATIONS)),)
+        ]
+        conn.execute("UPDATE snapfs.schema_info SET value = '99'")
+    with pytest.raises(StoreFormat):
+        PgRegionIndex.attach(pg_dsn, "region-0")
+    with pytest.raises(StoreFormat):
+        PgRegionIndex.attach(pg_dsn, "region-0", readonly=True)
+
+
+# --- a bad URL, server or credentials ------------------------------------------------------
+
+
+def test_a_bad_url_server_or_credentials_is_a_clear_error_without_the_password(
+    pg_server: PgServer, pg_dsn: str
+) -> None:
+    database = urlsplit(pg_dsn).path.lstrip("/")
+    with pytest.raises(InvalidIndexUrl) as not_pg:
+        PgRegionIndex.create("mysql://u:secret@host/db", "r", created_at=1.0)
+    assert not_pg.value.code == "InvalidParameter.IndexUrl"
+    assert "secret" not in str(not_pg.value) and "mysql://u:***@host/db" in str(not_pg.value)
+
+    wrong = pg_server.url(database, user=PG_PASSWORD_ROLE, password="not-the-password")
+    with pytest.raises(IndexDenied) as denied:
+        PgRegionIndex.create(wrong, "r", created_at=1.0)
+    assert denied.value.code == "Forbidden.RegionIndex"
+    assert "not-the-password" not in str(denied.value)
+    assert f"postgresql://{PG_PASSWORD_ROLE}:***@/{database}" in str(denied.value)
+    assert "password authentication failed" in str(denied.value)
+
+    with pytest.raises(IndexUnavailable) as down:
+        PgRegionIndex.attach(f"postgresql://postgres@/{database}?host=/nonexistent", "r")
+    assert down.value.code == "ServiceUnavailable.RegionIndex"
+    assert "host=/nonexistent" in str(down.value) and "cannot be reached" in str(down.value)
+
+    with pytest.raises(InvalidIndexUrl) as no_database:
+        PgRegionIndex.attach(pg_server.url("no_such_database"), "r")
+    assert "no_such_database" in str(no_database.value)
+
+    with pytest.raises(InvalidIndexUrl):
+        PgRegionIndex.attach(pg_dsn + "&no_such_option=1", "r")
+
+    # The right password works (the role may create the schema in a database it owns).
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {database} OWNER TO {PG_PASSWORD_ROLE}")
+    right = pg_server.url(database, user=PG_PASSWORD_ROLE, password=PG_PASSWORD)
+    index = PgRegionIndex.create(right, "r", created_at=1.0)
+    assert (
+        index.url == f"postgresql://{PG_PASSWORD_ROLE}:***@/{database}?host={pg_server.socket_dir}"
+    )
+    index.reader().close()  # a reader connects again, with the password
+    index.close()
+
+
+def test_redacted_hides_passwords_in_the_user_part_and_the_query() -> None:
+    assert redacted("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redacted("postgresql://u@h/db?password=pw&sslmode=require") == (
+        "postgresql://u@h/db?password=***&sslmode=require"
+    )
+    assert redacted("postgresql://h/db") == "postgresql://h/db"
