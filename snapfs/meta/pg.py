@@ -524,7 +524,10 @@ class PgConnection:
         try:
             yield
         except psycopg.OperationalError as exc:
-            if exc.sqlstate is None or exc.sqlstate.startswith("08"):  # connection_exception
+            # No SQLSTATE: the client lost the connection; class 08: connection exception;
+            # 57P: the server shut down, crashed or is starting.
+            state = exc.sqlstate
+            if state is None or state.startswith(("08", "57P")):
                 raise IndexUnavailable(f"the region index: {_one_line(exc)}") from exc
             raise
 
