@@ -554,7 +554,7 @@ class PgRegionIndex(RegionIndex):
         date first); RegionAlreadyExists if the database has a region of that name."""
         conn = connect(url)
         try:
-            migrate(conn)
+            _migrate_as_allowed(conn, url)
             try:
                 row = conn.execute(
                     "INSERT INTO snapfs.regions (name, created_at) VALUES (%s, %s) RETURNING id",
@@ -585,7 +585,7 @@ class PgRegionIndex(RegionIndex):
                         f"this snapfs reads version {len(PG_MIGRATIONS)}"
                     )
             else:
-                migrate(conn)
+                _migrate_as_allowed(conn, url)
             row = conn.execute("SELECT id FROM snapfs.regions WHERE name = %s", [name]).fetchone()
             if row is None:
                 raise RegionNotFound(f"no region {name} in the region index {redacted(url)}")
@@ -706,6 +706,17 @@ class PgRegionIndex(RegionIndex):
             [pack_id],
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _migrate_as_allowed(conn: psycopg.Connection, url: str) -> None:
+    """migrate(), with a role that may not make the schema told as IndexDenied."""
+    try:
+        migrate(conn)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise IndexDenied(
+            f"the region index {redacted(url)} does not let its user make snapfs's tables "
+            f"(grant CREATE on the database, or make the schema as its owner): {_one_line(exc)}"
+        ) from None
 
 
 def _has_schema(conn: psycopg.Connection) -> bool:

@@ -379,10 +379,16 @@ def test_a_bad_url_server_or_credentials_is_a_clear_error_without_the_password(
     with pytest.raises(InvalidIndexUrl):
         PgRegionIndex.attach(pg_dsn + "&no_such_option=1", "r")
 
-    # The right password works (the role may create the schema in a database it owns).
+    # The right password, but a role that may not create the schema in that database.
+    right = pg_server.url(database, user=PG_PASSWORD_ROLE, password=PG_PASSWORD)
+    with pytest.raises(IndexDenied) as not_allowed:
+        PgRegionIndex.create(right, "r", created_at=1.0)
+    assert "does not let its user make snapfs's tables" in str(not_allowed.value)
+    assert PG_PASSWORD not in str(not_allowed.value)
+
+    # Once the role owns the database, the same URL works.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f"ALTER DATABASE {database} OWNER TO {PG_PASSWORD_ROLE}")
-    right = pg_server.url(database, user=PG_PASSWORD_ROLE, password=PG_PASSWORD)
     index = PgRegionIndex.create(right, "r", created_at=1.0)
     assert (
         index.url == f"postgresql://{PG_PASSWORD_ROLE}:***@/{database}?host={pg_server.socket_dir}"
