@@ -53,6 +53,7 @@ POINTS: dict[str, str] = {
     "retention_released": "retention released one expired snapshot; others may be due",
     "recover_removed": "mount: an unfinished snapshot's rows were removed, others may remain",
     "orphan_deleted": "mount: one orphaned object deleted, the scan not finished",
+    "pack_uploaded": "a pack of a bucket region is uploaded, its locations not committed",
     "pack_reclaimed": "mount: one pack's unmapped bytes punched out, other packs not yet",
 }
 

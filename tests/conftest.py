@@ -370,9 +370,11 @@ class S3Server:
         from snapfs.objects.s3packs import decode_trailer
 
         found = []
-        packs = self.data / bucket / prefix / "packs"
-        for pack in sorted(packs.iterdir()) if packs.exists() else []:
-            trailer = decode_trailer(pack.name, pack.read_bytes(), None)
+        for pack in self.packs(bucket, prefix):
+            try:
+                trailer = decode_trailer(pack.name, pack.read_bytes(), None)
+            except FileNotFoundError:  # deleted while we looked
+                continue
             found += [key for key, _, _ in trailer.entries]
             found += [f"{pack.name}#{n}" for n in range(trailer.sealed)]
         root = self.data / bucket / prefix / "blocks"
@@ -380,8 +382,10 @@ class S3Server:
         return found
 
     def packs(self, bucket: str, prefix: str = "") -> list[Path]:
+        """The region's pack objects (not rclone's temp files of a PUT under way)."""
         root = self.data / bucket / prefix / "packs"
-        return sorted(root.iterdir()) if root.exists() else []
+        found = sorted(root.iterdir()) if root.exists() else []
+        return [p for p in found if not p.name.startswith(".")]
 
 
 @pytest.fixture

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from snapfs import durable
 from snapfs.errors import BackendUnavailable, BlockCorrupt, SnapfsError
+from snapfs.faults import fault_point
 from snapfs.objects.local import _write_all
 from snapfs.objects.protocol import Buffers, pieces
 from snapfs.objects.s3 import S3Backend
@@ -384,6 +385,7 @@ class PackedS3Backend:
         try:
             data = os.pread(pack.fd, pack.size, 0)  # closed: nobody writes to it any more
             self.packs.put(pack.id, data)
+            fault_point("pack_uploaded")
             with self._lock:
                 pack.uploaded = True
                 self.puts += 1
@@ -551,7 +553,10 @@ class PackedS3Backend:
         old packs, so the region republishes them)."""
         now = time.time() if now is None else now
         self._delete_dead(now)
-        return self._repack(now)
+        moved = self._repack(now)
+        if moved and not self.grace:
+            self._delete_dead(now)  # the packs just emptied, where no grace keeps them
+        return moved
 
     def _delete_dead(self, now: float) -> None:
         with self._lock:

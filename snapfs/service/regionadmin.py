@@ -161,17 +161,25 @@ def locate_blocks(
     if not missing:
         return located
     packs = region_store.sibling(PACKS_PREFIX)
-    unnamed = sorted(set(sizes) - {where.pack for where in located.values()})
+    named = {where.pack for where in located.values()}
+    # Packs no manifest names first (a repack's new ones), then the others, until found.
+    order = sorted(set(sizes) - named) + sorted(named & set(sizes))
+    read = 0
     with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
-        trailers = pool.map(lambda pack: read_trailer(packs, pack, sealer), unnamed)
-        for trailer in trailers:
-            for key, offset, length in trailer.entries:
-                if key in missing:
-                    located[key] = PackLocation(trailer.pack, offset, length)
-            for note in trailer.unreadable:
-                log.warning("pack %s: %s", trailer.pack, note)
-    log.info("rebuild: %d blocks found by pack trailers (%d packs read)",
-             len(missing & set(located)), len(unnamed))  # fmt: skip
+        for start in range(0, len(order), FETCH_THREADS * 4):
+            batch = order[start : start + FETCH_THREADS * 4]
+            for trailer in pool.map(lambda pack: read_trailer(packs, pack, sealer), batch):
+                for key, offset, length in trailer.entries:
+                    if key in missing:
+                        located[key] = PackLocation(trailer.pack, offset, length)
+                        missing.discard(key)
+                for note in trailer.unreadable:
+                    log.warning("pack %s: %s", trailer.pack, note)
+            read += len(batch)
+            if not missing:
+                break
+    log.info("rebuild: blocks looked up in the trailers of %d packs, %d not found",
+             read, len(missing))  # fmt: skip
     return located
 
 

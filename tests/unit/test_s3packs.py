@@ -140,7 +140,8 @@ def test_a_trailer_lists_its_objects_and_seals_the_encrypted_ones(open_store) ->
 def test_a_trailer_section_moved_to_another_pack_does_not_open() -> None:
     sealer = Sealer()
     trailer = encode_trailer("a" * 32, [(key(1), 0, 10, Sealer.K)], sealer)
-    tampered = decode_trailer("a" * 32, b"x" * 10 + trailer[:-20] + b"y" * 4 + trailer[-16:], sealer)
+    bent = b"x" * 10 + trailer[:-20] + b"y" * 4 + trailer[-16:]
+    tampered = decode_trailer("a" * 32, bent, sealer)
     assert tampered.entries == [] and "authentication" in tampered.unreadable[0]
     assert decode_trailer("a" * 32, b"x" * 10 + trailer, sealer).entries == [(key(1), 0, 10)]
     moved = decode_trailer("b" * 32, b"x" * 10 + trailer, sealer)
@@ -243,3 +244,29 @@ def test_objects_of_the_one_object_per_block_layout_are_still_read(
     calls: list[int] = []
     store.delete_many([key(7), key(8)], lambda: calls.append(1))
     assert len(calls) == 2 and list(old.keys()) == [] and set(store.keys()) == set()
+
+
+def test_a_rebuild_finds_blocks_by_trailers_where_a_manifest_names_a_gone_pack(
+    open_store, base: S3Backend
+) -> None:
+    from snapfs.service.regionadmin import locate_blocks
+
+    store = open_store()
+    for n in range(4):
+        store.put(key(n), (b"\1" if n % 2 else b"\0") + os.urandom(5000))  # plain and sealed
+    store.sync()
+    where = {key(n): store.locate(key(n)) for n in range(4)}
+    sizes = dict(store.packs.sized_keys())
+    gone = "0" * 32  # repacked away since this manifest was written
+    doc = {
+        "blocks": [[n, key(n), 5001, 5001, 2] for n in range(4)],
+        "bases": [],
+        "locations": {
+            key(0): [where[key(0)].pack, where[key(0)].offset, where[key(0)].length],
+            **{key(n): [gone, 0, 5001] for n in range(1, 4)},
+        },
+    }
+    located = locate_blocks(base, [doc], set(), sizes, Sealer())
+    assert located == where
+    blind = locate_blocks(base, [doc], set(), sizes, NoKeys())
+    assert set(blind) == {key(0), key(2)}  # the sealed ones need their key
