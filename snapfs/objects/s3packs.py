@@ -269,12 +269,8 @@ class PackedS3Backend:
         self._closed: dict[str, _Pack] = {}
         self._pending: dict[str, tuple[_Pack, int, int]] = {}  # key -> pack, offset, length
         self.puts = 0  # PUTs of packs done by this instance (for the bench and the log)
-        self._spool_cleared = 0  # bytes of unsynced puts an earlier process left in the spool
         if not readonly:
             durable.make_dirs(self.spool)
-            for leftover in self.spool.iterdir():  # never synced: nothing names them
-                self._spool_cleared += leftover.stat().st_size
-                leftover.unlink()
         self._db = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -286,13 +282,15 @@ class PackedS3Backend:
                 return conn
             uri = f"file:{path}?mode=ro"
             return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        conn = sqlite3.connect(
-            str(self.state_dir / "packs.db"), check_same_thread=False, isolation_level=None
-        )
+        path = self.state_dir / "packs.db"
+        new = not path.exists()
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.executescript(STATE_SCHEMA)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT),))
+        if new:  # its entry must survive a power loss before the first location commits
+            durable.fsync_dir(self.state_dir)
         return conn
 
     @property
@@ -647,13 +645,34 @@ class PackedS3Backend:
             known.update(self._closed)
             if self._open is not None:
                 known.add(self._open.id)
-        cleared, self._spool_cleared = self._spool_cleared, 0
+        cleared = 0
+        for leftover in self.spool.iterdir():  # an earlier process's unsynced puts
+            if leftover.name not in known:
+                cleared += leftover.stat().st_size
+                leftover.unlink()
         stray = [(key, size) for key, size in self.packs.sized_keys() if key not in known]
         if stray:
             self.packs.delete_many([key for key, _ in stray])
             log.warning("deleted %d packs that no location named (a crash after their "
                         "upload)", len(stray))  # fmt: skip
         return cleared + sum(size for _, size in stray)
+
+    def pack_problems(self) -> list[str]:
+        """Where packs.db and the bucket disagree (for `snapfs check`): a pack it names that
+        the bucket lacks or holds at another size."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, size, live FROM packs").fetchall()
+        present = dict(self.packs.sized_keys())
+        problems = []
+        for pack_id, size, live in rows:
+            if pack_id not in present:
+                if live > 0:
+                    problems.append(f"pack {pack_id} ({live} live bytes) is not in the bucket")
+            elif present[pack_id] != size:
+                problems.append(
+                    f"pack {pack_id} is {present[pack_id]} bytes in the bucket, {size} recorded"
+                )
+        return problems
 
     def close(self) -> None:
         with self._lock:
