@@ -54,6 +54,7 @@ repository): this layer does not read block headers itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -68,7 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from snapfs import durable
-from snapfs.errors import BackendUnavailable, BlockCorrupt, SnapfsError
+from snapfs.errors import BackendUnavailable, BlockCorrupt, SnapfsError, StoreFull
 from snapfs.faults import fault_point
 from snapfs.objects.local import _write_all
 from snapfs.objects.protocol import Buffers, pieces
@@ -93,6 +94,7 @@ SECTION = struct.Struct("<16s12sII")
 ENTRY = struct.Struct("<32sQI")
 TAIL_GUESS = 64 << 10  # bytes of a pack's end fetched to read its trailer in one GET
 HEAD_BYTES = 64  # what the sealer sees of an object to tell its key
+CLOSE_WAIT = 60.0  # seconds close() waits for uploads under way (unmount interrupts them)
 PLAIN = bytes(16)
 
 STATE_SCHEMA = """
@@ -322,7 +324,12 @@ class PackedS3Backend:
                 return  # a repack copy of an object deleted or put again meanwhile: drop it
             pack = self._open if self._open is not None else self._start_pack()
             offset = pack.size
-            _write_all(pack.fd, buffers, offset)  # the spool is local: microseconds
+            try:
+                _write_all(pack.fd, buffers, offset)  # the spool is local: microseconds
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(f"no space left for the upload spool at {self.spool}") from exc
+                raise
             pack.size += size
             pack.entries[key] = (offset, size, group)
             if moved_from is not None:
@@ -676,6 +683,13 @@ class PackedS3Backend:
 
     def close(self) -> None:
         with self._lock:
+            # An upload reads its pack's fd outside the lock: closing that fd under it would
+            # let the number be reused and another file's bytes be uploaded as the pack.
+            deadline = time.monotonic() + CLOSE_WAIT
+            while any(p.uploading for p in self._closed.values()):
+                if not self._uploaded.wait(max(0.0, deadline - time.monotonic())):
+                    log.warning("closing with a pack upload still running")
+                    return  # its fds stay open: the process is ending
             for pack in [*self._closed.values(), *([self._open] if self._open else [])]:
                 with contextlib.suppress(OSError):
                     os.close(pack.fd)
