@@ -511,8 +511,9 @@ def _open_to(path: Path, user: str) -> None:
             parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
-@pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def start_pg_server(root: Path) -> PgServer:
+    """initdb into `root` and start the server on a Unix socket there (as `postgres` under
+    root); the caller stops it. Also used by scripts/bench_index.py."""
     import pwd
 
     bindir = pg_bindir()
@@ -522,7 +523,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
             user = pwd.getpwnam("postgres").pw_name
         except KeyError:
             pytest.fail("running as root, and there is no postgres user to run PostgreSQL as")
-    server = PgServer(tmp_path_factory.mktemp("pg"), bindir, user)
+    server = PgServer(root, bindir, user)
     if user:
         _open_to(server.root, user)
     server.socket_dir.mkdir()
@@ -538,6 +539,12 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
         f"local all {PG_PASSWORD_ROLE} scram-sha-256\nlocal all all trust\n"
     )
     server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    server = start_pg_server(tmp_path_factory.mktemp("pg"))
     try:
         import psycopg
 
