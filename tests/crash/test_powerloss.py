@@ -492,3 +492,39 @@ def test_check_reports_packs_the_index_names_but_the_disk_lost(rig: Rig) -> None
     assert result.returncode != 0
     assert "bytes but its objects reach byte" in result.stdout
     assert "store ok" not in result.stdout
+
+
+@pytest.mark.parametrize("moment", ["after-cp", "mid-ingest"])
+def test_power_loss_with_packs_on_a_bucket(
+    s3: S3Server, tmp_path: Path, disk: PowerCutFS, moment: str
+) -> None:
+    """A bucket region's pack locations (s3packs/packs.db) and upload spool are on the
+    power-cut disk: what `cp` and status acknowledged reads back, a pack uploaded for an
+    ingest the cut stopped is collected, and every pack the bucket keeps is one packs.db
+    names."""
+    import sqlite3
+
+    from ..mount.test_s3 import BUCKET, create_s3_region
+
+    with mounted_rig(tmp_path, disk) as rig:
+        prefix = f"cut-{moment}"
+        remote = create_s3_region(rig.m, s3, "eu-west-1", prefix)
+        image, digest = rig.image("kept.img", 24 * MiB, seed=71)
+        run("cp", image, remote)
+        assert status(remote / "kept.img") == "available"
+        if moment == "mid-ingest":
+            second, _ = rig.image("cut.img", 64 * MiB, seed=72)
+            writer = subprocess.Popen(["cp", str(second), str(remote)])
+            assert wait_for(lambda: len(s3.packs(BUCKET, prefix)) >= 3, 60)  # one uploaded
+            rig.power_loss()
+            writer.wait(30)
+        else:
+            rig.power_loss()
+        rig.remount()
+        kept = remote / "kept.img"
+        assert status(kept) == "available" and sha256(kept) == digest
+        db = rig.m.store / "regions" / "eu-west-1" / "s3packs" / "packs.db"
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            named = {row[0] for row in conn.execute("SELECT id FROM packs")}
+        assert {p.name for p in s3.packs(BUCKET, prefix)} <= named
+        rig.verify({kept: digest})
