@@ -270,3 +270,67 @@ def test_a_rebuild_finds_blocks_by_trailers_where_a_manifest_names_a_gone_pack(
     assert located == where
     blind = locate_blocks(base, [doc], set(), sizes, NoKeys())
     assert set(blind) == {key(0), key(2)}  # the sealed ones need their key
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_puts_deletes_syncs_and_upkeep_at_once_match_a_model(open_store, seed: int) -> None:
+    """Threads put (new blocks, and blocks deleted before: a collected id written again),
+    delete, sync and run the upkeep (repacks, dead packs with no grace) at once; then every
+    synced live key reads back its bytes, from this instance and a new one, nothing else is
+    listed, and the live bytes add up."""
+    import random
+    import time
+
+    store = open_store(grace=0, pack_target=256 * KiB)
+    lock = threading.Lock()
+    live: dict[str, bytes] = {}  # what the region believes is stored (put and not deleted)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        rng = random.Random(seed * 100 + n)
+        try:
+            for _ in range(150):
+                k = key(rng.randrange(60))
+                with lock:
+                    if k in live and rng.random() < 0.5:
+                        store.delete_many([k])
+                        del live[k]
+                        continue
+                    if k in live:
+                        continue
+                    data = rng.randbytes(rng.randrange(1, 40 * KiB))
+                    live[k] = data
+                    store.put(k, data)  # under the lock: the model and the store agree
+                if rng.random() < 0.1:
+                    store.sync()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    def upkeep() -> None:
+        try:
+            while not stop.is_set():
+                store.sync()
+                store.maintain(now=time.time() + 1)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    keeper = threading.Thread(target=upkeep)
+    keeper.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    keeper.join()
+    assert not errors, errors
+    store.sync()
+    store.maintain(now=time.time() + 1)
+    assert set(store.keys()) == set(live)
+    for k, data in live.items():
+        assert store.get(k) == data, k
+    assert store.pack_stats()[2] == sum(len(d) for d in live.values())
+    again = open_store(grace=0)
+    assert set(again.keys()) == set(live)
+    assert all(again.get(k) == data for k, data in live.items())
