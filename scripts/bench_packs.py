@@ -10,7 +10,9 @@ tree on PYTHONPATH; before 9f9d5d7 a bucket region stored one object per block):
   3. after a remount (no cache in the daemon, none in the kernel), a cold `cat` of day 1:
      ranged GETs of packs against one GET per block object;
   4. `rm` of day 1 and the bucket's bytes once garbage collection (and, packed, the pack
-     upkeep with no grace: SNAPFS_PACK_GRACE=0) is done.
+     upkeep with no grace: SNAPFS_PACK_GRACE=0) is done;
+  5. (current tree) a new host's cold start: a region of --cold-start snapshots is attached
+     into a fresh store from the bucket alone, mounted, listed and read.
 
 Counted from the bucket itself (objects written = PUTs of data: nothing is overwritten in
 it but the manifests, which are counted apart), for every step: objects, PUTs per GiB of
@@ -145,6 +147,59 @@ def run_tree(tree: Tree, work: Path, day1: Path, day2: Path) -> dict[str, float 
     return r
 
 
+def cold_start(work: Path, count: int, block: int = 512 << 10) -> dict[str, float | int]:
+    """A bucket region with `count` snapshots (16 MiB each, a few pages apart), then a new
+    host: `snapfs region attach` into a fresh store (its index rebuilt from manifests and
+    pack locations), its mount, a listing, and a cold read of one snapshot."""
+    env = dict(_env(), SNAPFS_PACK_GRACE="0")
+    snapfs = [sys.executable, "-m", "snapfs"]
+    here = work / "cold-start"
+    here.mkdir()
+    server = Server(here)
+    first, second = here / "mnt1", here / "mnt2"
+    first.mkdir()
+    second.mkdir()
+    r: dict[str, float | int] = {"snapshots": count}
+    try:
+        timed(*snapfs, "mount", first, "--store", here / "store1", env=env)
+        timed(*snapfs, "region", "create", "eu-west-1", "--backend", f"s3://{BUCKET}/cold",
+              "--endpoint", server.endpoint, "--store", here / "store1", env=env)  # fmt: skip
+        base = here / "base.img"
+        diskimage.create(base, 16 * MiB, seed=9)
+        print(f"  cold start: writing {count} snapshots ...", flush=True)
+        for n in range(count):
+            variant = here / "variant.img"
+            shutil.copy(base, variant)
+            diskimage.mutate(variant, 0.001, block_size=4096, seed=100 + n)
+            subprocess.run(["cp", str(variant), str(first / "eu-west-1" / f"day{n:03}.img")],
+                           check=True)  # fmt: skip
+        wait_available(first / "eu-west-1" / f"day{count - 1:03}.img")
+        timed(*snapfs, "umount", first, env=env)  # publishes the last manifests
+        print("  cold start: a new host attaches the region ...", flush=True)
+        r["attach_s"] = timed(*snapfs, "region", "attach", "eu-west-1", "--backend",
+                              f"s3://{BUCKET}/cold", "--endpoint", server.endpoint, "--store",
+                              here / "store2", env=env)  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run([*snapfs, "mount", str(second), "--store", str(here / "store2")],
+                       check=True, env=env, capture_output=True)  # fmt: skip
+        listed = os.listdir(second / "eu-west-1")
+        r["mount_and_list_s"] = time.perf_counter() - start
+        r["listed"] = len(listed)
+        start = time.perf_counter()
+        subprocess.run(f"cat {second / 'eu-west-1' / 'day050.img'} > /dev/null", shell=True,
+                       check=True)  # fmt: skip
+        r["first_read_s"] = time.perf_counter() - start
+        timed(*snapfs, "umount", second, env=env)
+    finally:
+        for mnt in (first, second):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        server.stop()
+    print(f"\nA new host's cold start on a bucket region of {count} snapshots of 16 MiB: "
+          f"attach {r['attach_s']:.2f} s, mount and list {r['mount_and_list_s']:.2f} s "
+          f"({r['listed']} listed), a first cold read of one {r['first_read_s']:.2f} s")
+    return r
+
+
 def run_restic(work: Path, day1: Path, day2: Path) -> dict[str, float | int]:
     here = work / "restic"
     here.mkdir()
@@ -233,6 +288,8 @@ def main() -> int:
                         help="1 MiB extents rewritten on day 2 (default 4)")
     parser.add_argument("--baseline", help="a git revision to compare with")
     parser.add_argument("--no-restic", action="store_true")
+    parser.add_argument("--cold-start", type=int, default=100, metavar="N",
+                        help="snapshots of the cold-start section (0: skip it; default 100)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench-packs.json")
     args = parser.parse_args()
@@ -255,11 +312,13 @@ def main() -> int:
             results[tree.name] = run_tree(tree, work, day1, day2)
         if not args.no_restic and shutil.which("restic"):
             results["restic"] = run_restic(work, day1, day2)
+        cold = cold_start(work, args.cold_start) if args.cold_start else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(size, changed, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"size": size, "results": results}, indent=2))
+    args.json.write_text(json.dumps({"size": size, "results": results, "cold_start": cold},
+                                    indent=2))
     return 0
 
 
