@@ -239,6 +239,26 @@ def read_trailer(packs: S3Backend, pack_id: str, sealer: TrailerSealer | None) -
     return decode_trailer(pack_id, tail, sealer)
 
 
+RANGE_GAP = 64 << 10  # dead bytes a repack reads through rather than start another GET
+
+
+def live_ranges(
+    rows: Sequence[tuple[bytes, int, int]],
+) -> list[tuple[int, int, list[tuple[bytes, int, int]]]]:
+    """Rows (key, offset, length) in offset order as byte ranges to GET: neighbours closer
+    than RANGE_GAP share a range. Each item: start, end, the rows inside."""
+    ranges: list[tuple[int, int, list[tuple[bytes, int, int]]]] = []
+    for row in rows:
+        _, offset, length = row
+        if ranges and offset - ranges[-1][1] <= RANGE_GAP:
+            start, _, members = ranges[-1]
+            members.append(row)
+            ranges[-1] = (start, max(ranges[-1][1], offset + length), members)
+        else:
+            ranges.append((offset, offset + length, [row]))
+    return ranges
+
+
 class PackedS3Backend:
     """A region's objects in packs under `PREFIX/packs/`; see the module docstring."""
 
@@ -608,9 +628,11 @@ class PackedS3Backend:
             ).fetchall()
         if not rows:
             return 0
-        data = self.packs.get_range(pack_id, 0, size)
-        for key, offset, length in rows:
-            self._append(bytes(key).hex(), [data[offset : offset + length]], moved_from=pack_id)
+        for start, end, members in live_ranges(rows):  # the live ranges only, not the dead
+            data = self.packs.get_range(pack_id, start, end - start) if end > start else b""
+            for key, offset, length in members:
+                piece = data[offset - start : offset - start + length]
+                self._append(bytes(key).hex(), [piece], moved_from=pack_id)
         log.debug("pack %s: %d of %d bytes live, %d objects repacked", pack_id, live, size,
                   len(rows))  # fmt: skip
         return len(rows)

@@ -178,8 +178,17 @@ def test_repack_moves_live_objects_and_keeps_them_readable(open_store) -> None:
     store.sync()
     (old,) = packs_in_bucket(store)
     store.delete_many([key(0), key(1), key(2)])  # 60% dead
+    fetched: list[int] = []
+    ranged = store.packs.get_range
+
+    def counting(pack: str, offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return ranged(pack, offset, length)
+
+    store.packs.get_range = counting  # type: ignore[method-assign]
     moved = store.maintain(now=time.time() + 1)
     assert moved == 2
+    assert fetched == [400 * KiB]  # the live range only: one GET, no dead bytes
     for k in (key(3), key(4)):
         where = store.locate(k)
         assert where is not None and where.pack != old
@@ -334,3 +343,12 @@ def test_puts_deletes_syncs_and_upkeep_at_once_match_a_model(open_store, seed: i
     again = open_store(grace=0)
     assert set(again.keys()) == set(live)
     assert all(again.get(k) == data for k, data in live.items())
+
+
+def test_live_ranges_join_neighbours_and_skip_dead_gaps() -> None:
+    from snapfs.objects.s3packs import RANGE_GAP, live_ranges
+
+    rows = [(b"a", 0, 10), (b"b", 10, 5), (b"c", 15 + RANGE_GAP, 7), (b"d", 1 << 30, 0)]
+    got = [(start, end, [r[0] for r in members]) for start, end, members in live_ranges(rows)]
+    assert got == [(0, 15 + RANGE_GAP + 7, [b"a", b"b", b"c"]), (1 << 30, 1 << 30, [b"d"])]
+    assert live_ranges([(b"a", 0, 10), (b"b", 11 + RANGE_GAP, 1)])[1][0] == 11 + RANGE_GAP
