@@ -188,6 +188,14 @@ class NotPermitted(SnapfsError):
     errno = errno_mod.EPERM
 
 
+class ReadOnlyRegion(SnapfsError):
+    """A change to a region attached read-only (`snapfs region attach --read-only`: a
+    disaster-recovery view of a bucket another store owns): nothing in it changes here."""
+
+    code = "OperationNotPermitted.ReadOnlyRegion"
+    errno = errno_mod.EROFS
+
+
 class RegionNotEmpty(SnapfsError):
     code = "InvalidRegion.NotEmpty"
     errno = errno_mod.ENOTEMPTY

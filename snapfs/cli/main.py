@@ -439,6 +439,10 @@ _COPY_ERRORS = {
         "of another region, or an encrypted source and no key in the destination",
     ),
     errno.EKEYREVOKED: ("InvalidParameter.KMSKeyId.CMKNotEnabled", "the key is disabled"),
+    errno.EROFS: (
+        "OperationNotPermitted.ReadOnlyRegion",
+        "the destination region is attached read-only",
+    ),
 }
 
 
@@ -622,6 +626,7 @@ _REGION_ERRORS = {
     errno.EACCES: ("Forbidden.ObjectStore", "the object store refused the credentials"),
     errno.EIO: ("ServiceUnavailable.ObjectStore", "the object store did not answer"),
     errno.EINVAL: ("InvalidParameter", "a parameter was refused"),
+    errno.EROFS: ("OperationNotPermitted.ReadOnlyRegion", "the region is attached read-only"),
 }
 
 
@@ -639,6 +644,12 @@ def cmd_region(args: argparse.Namespace) -> int:
         location = S3Location.parse(args.backend, args.endpoint)
     if args.region_command == "attach" and location is None:
         return _fail("InvalidParameter", "attach needs --backend s3://BUCKET[/PREFIX]")
+    read_only = getattr(args, "read_only", False)
+    refresh = getattr(args, "refresh", None)
+    if refresh is not None:
+        if not read_only:
+            return _fail("InvalidParameter", "--refresh goes with --read-only")
+        refresh = regionadmin.check_refresh(refresh)
     mounted = mounts.find_by_store(store)
     if mounted is not None:
         return _region_through_mount(args, Path(mounted.mountpoint), location)
@@ -650,10 +661,15 @@ def cmd_region(args: argparse.Namespace) -> int:
         print(f"created region {args.name}" + (f" on {location}" if location else ""))
         return 0
     assert location is not None
-    report = regionadmin.attach_offline(store, args.name, location)
+    report = regionadmin.attach_offline(
+        store, args.name, location, read_only=read_only, refresh=refresh
+    )
     for reason in report.skipped:
         print(f"not restored: {reason}", file=sys.stderr)
-    print(f"attached region {args.name} from {location}: {len(report.restored)} snapshots")
+    print(
+        f"attached region {args.name} from {location}{' read-only' if read_only else ''}: "
+        f"{len(report.restored)} snapshots"
+    )
     return 0
 
 
@@ -676,9 +692,11 @@ def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) 
             os.mkdir(mountpoint / args.name)
         else:
             attr = regionadmin.CREATE_ATTR
+            options = {}
             if args.region_command == "attach":
                 attr = regionadmin.ATTACH_ATTR
-            os.setxattr(mountpoint, attr, regionadmin.request(args.name, location))
+                options = {"read_only": args.read_only, "refresh": args.refresh}
+            os.setxattr(mountpoint, attr, regionadmin.request(args.name, location, **options))
     except OSError as exc:
         code, message = _REGION_ERRORS.get(exc.errno or 0, ("InternalError", str(exc)))
         record = mounts.lookup(mountpoint)
@@ -688,7 +706,8 @@ def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) 
         print(f"created region {args.name}" + (f" on {location}" if location else ""))
     else:
         count = len(os.listdir(mountpoint / args.name))
-        print(f"attached region {args.name} from {location}: {count} snapshots")
+        mode = " read-only" if args.read_only else ""
+        print(f"attached region {args.name} from {location}{mode}: {count} snapshots")
     return 0
 
 
@@ -784,6 +803,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", help="s3://BUCKET[/PREFIX] (default: local disk)")
     r = verbs.add_parser("attach", help="rebuild a region from its bucket (disaster recovery)")
     r.add_argument("--backend", required=True, help="s3://BUCKET[/PREFIX]")
+    r.add_argument(
+        "--read-only",
+        action="store_true",
+        help="a disaster-recovery view of a bucket another store goes on writing: refuses "
+        "every change, never deletes or uploads, follows what the owner publishes",
+    )
+    r.add_argument(
+        "--refresh",
+        type=float,
+        metavar="SECONDS",
+        help="with --read-only: how often the bucket's manifests are re-read (default 30)",
+    )
     for r in verbs.choices.values():
         r.add_argument(
             "name", help="region name, e.g. eu-west-1, or a path into a mount: MNT/eu-west-1"

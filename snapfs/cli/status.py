@@ -4,7 +4,8 @@ It opens the databases read-only (WAL lets it read while the daemon writes), so 
 whether or not the store is mounted. The JSON form is a stable interface for scripts:
 
     {"store": PATH, "block_size": N, "regions": [
-        {"name": R, "backend": "local" | "s3://BUCKET/PREFIX[ at ENDPOINT]", "snapshots": [
+        {"name": R, "backend": "local" | "s3://BUCKET/PREFIX[ at ENDPOINT]",
+         "read_only": true | false (attached with --read-only), "snapshots": [
             {"name", "id", "status", "progress", "size", "allocated_bytes", "stored_bytes",
              "encrypted", "kms_key_id", "source_snapshot_id", "source_region",
              "transferred_bytes", "description", "tags": {K: V}, "retention_days",
@@ -61,6 +62,7 @@ def collect(
         catalogue.close()
     names = [r["name"] for r in rows]
     backends = {r["name"]: _backend(r) for r in rows}
+    read_only = {r["name"]: bool(r.get("read_only")) for r in rows}
     if region is not None:
         if region not in names:
             raise RegionNotFound(f"region {region!r} does not exist")
@@ -69,6 +71,7 @@ def collect(
     for name in names:
         regions.append(_region(store_path / "regions" / name, name, block_size, snapshot))
         regions[-1]["backend"] = backends[name]
+        regions[-1]["read_only"] = read_only[name]
     if snapshot is not None and not regions[0]["snapshots"]:
         raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
     from snapfs import __version__
@@ -188,6 +191,8 @@ def render(data: dict[str, Any]) -> None:
         console.print("no regions yet: mkdir MOUNTPOINT/<region> creates one")
     for region in data["regions"]:
         where = "" if region["backend"] == "local" else f" on {region['backend']}"
+        if region.get("read_only"):
+            where += " (read-only)"
         table = Table(title=f"region {region['name']}{where}", title_justify="left")
         for column in (
             "snapshot",

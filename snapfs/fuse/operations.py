@@ -223,6 +223,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT_INO:
+            self.store.region_by_ino(parent_inode).check_writable("mkdir")
             raise NotPermitted("a region holds snapshot files only, not directories")
         return self._attrs(self.store.create_region(_name(name)))
 
@@ -279,6 +280,8 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INO:
+            self.store.region_by_ino(parent_inode).check_writable("mknod")
         if parent_inode == ROOT_INO or not stat.S_ISREG(mode):
             raise NotPermitted("a region holds regular files (snapshots) only")
         region = self.store.region_by_ino(parent_inode)
@@ -351,6 +354,8 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if new_parent_inode != ROOT_INO:
+            self.store.region_by_ino(new_parent_inode).check_writable("link")
         raise NotPermitted("snapshots cannot have hard links")
 
     @translate_errors
@@ -361,6 +366,8 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INO:
+            self.store.region_by_ino(parent_inode).check_writable("symlink")
         raise NotPermitted("a region holds regular files (snapshots) only")
 
     @translate_errors

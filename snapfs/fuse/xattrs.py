@@ -13,6 +13,9 @@ every write gets a cheap answer).
 
 Setting `user.snapfs.seal` on a snapshot (any value) is `snapfs seal`.
 
+In a region attached read-only (`user.snapfs.read_only` is `true`) every set and remove,
+of the region's settings and of its snapshots' metadata, is refused with EROFS.
+
 Setting `user.snapfs.copy` on a region directory is the CopySnapshot API that `snapfs copy`
 uses: the value is JSON {"source": "REGION/NAME", "name": N, "description": D,
 "retention_days": R, "tags": {K: V}}; the new snapshot appears in the region as `copying`.
@@ -119,6 +122,7 @@ REGION_ATTRIBUTES: dict[str, RegionAttribute] = {
     "deltas": RegionAttribute(lambda st, r: "on" if r.deltas else "off", _setting("deltas")),
     "copies_running": RegionAttribute(lambda st, r: str(st.copies.running(r))),
     "copies_queued": RegionAttribute(lambda st, r: str(st.copies.queued(r))),
+    "read_only": RegionAttribute(lambda st, r: "true" if r.read_only else "false"),
 }
 
 # Writes that are commands rather than stored values.
@@ -182,6 +186,7 @@ async def set(store: Store, node: Region | Snapshot | None, name: str, raw: byte
     if node is None and (root_command := ROOT_COMMANDS.get(name)) is not None:
         await root_command(store, raw)
         return
+    _check_writable(node, name)
     value = _text(raw)
     if isinstance(node, Snapshot):
         if (command := SNAPSHOT_COMMANDS.get(name)) is not None:
@@ -215,7 +220,15 @@ def _refuse_unless_writable(name: str, known: bool, writable: object) -> None:
         raise NotPermitted(f"{name} is read-only")
 
 
+def _check_writable(node: Region | Snapshot | None, name: str) -> None:
+    """EROFS for any attribute change in a region attached read-only."""
+    region = node.region if isinstance(node, Snapshot) else node
+    if region is not None:
+        region.check_writable(f"setting {name}")
+
+
 async def remove(store: Store, node: Region | Snapshot | None, name: str) -> None:
+    _check_writable(node, name)
     if isinstance(node, Snapshot):
         if name.startswith(TAG_PREFIX):
             metadata.remove_tag(node, name[len(TAG_PREFIX) :], name)

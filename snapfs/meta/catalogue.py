@@ -1,8 +1,9 @@
 """The store's catalogue (`store.db`): its schema and migrations, and the store lock.
 
-The catalogue lists the regions (name, backend, endpoint), holds the customer master keys
-(meta/keys.py) and the store's meta (format, block size, the clean-stop flag). The lock file
-is flock()ed by whoever has the store open for writing (the daemon, `check --repair`).
+The catalogue lists the regions (name, backend, endpoint, read_only and refresh), holds
+the customer master keys (meta/keys.py) and the store's meta (format, block size, the
+clean-stop flag). The lock file is flock()ed by whoever has the store open for writing
+(the daemon, `check --repair`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,15 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE regions ADD COLUMN endpoint TEXT")
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Regions attached read-only (issue 19, disaster recovery): `read_only` 1 for a view of
+    a bucket another store owns, `refresh` its seconds between re-reads of the bucket's
+    manifests (NULL: the default). Older rows are read-write, as they were."""
+    db.execute("ALTER TABLE regions ADD COLUMN read_only INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE regions ADD COLUMN refresh REAL")
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4]
 
 
 def make_private(path: Path) -> None:

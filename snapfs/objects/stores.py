@@ -19,16 +19,26 @@ def open_block_store(
     *,
     readonly: bool = False,
     max_wait: float | None = None,
+    bucket_readonly: bool = False,
 ) -> ObjectStore:
     """The block objects of the region whose catalogue row says `backend_url` ('local' or
     None: packs under `region_directory/blocks`; s3://BUCKET/PREFIX: that bucket, at
-    `endpoint`). `max_wait` bounds an object store's retries (None: its default)."""
+    `endpoint`). `max_wait` bounds an object store's retries (None: its default).
+    `readonly`: the local state is only read (a check beside the daemon);
+    `bucket_readonly`: a region attached read-only, whose bucket is never changed
+    (objects/s3mirror.py)."""
     if (backend_url or LOCAL) == LOCAL:
         return LocalBackend(region_directory / "blocks", readonly=readonly)
     from snapfs.objects.s3 import S3Backend, S3Location  # boto3 only when a bucket is used
     from snapfs.objects.s3packs import PackedS3Backend
 
     location = S3Location.parse(backend_url or "", endpoint)
+    if bucket_readonly:
+        from snapfs.objects.s3mirror import open_mirror
+
+        return open_mirror(
+            location, region_directory / PACKED_STATE, readonly=readonly, max_wait=max_wait
+        )
     region = S3Backend(location) if max_wait is None else S3Backend(location, max_wait=max_wait)
     # New writes pack (issue 19); objects of the one-object-per-block layout under
     # BLOCKS_PREFIX are still read, listed and deleted there.

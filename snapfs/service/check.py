@@ -59,6 +59,7 @@ from snapfs.meta.index import RegionIndex
 from snapfs.meta.keys import MASTER_FILE, MASTER_KEY_BYTES, KeyRing, unlock_master
 from snapfs.objects.local import LocalBackend
 from snapfs.objects.protocol import ObjectStore
+from snapfs.objects.s3packs import PackedS3Backend
 from snapfs.objects.stores import open_block_store
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class RegionReport:
     unverified: list[str] = field(default_factory=list)  # under a disabled key
     wrong_refcounts: list[dict[str, Any]] = field(default_factory=list)
     wrong_allocated: list[dict[str, Any]] = field(default_factory=list)
-    orphans: int = 0
+    orphans: int = 0  # never counted in a read-only region: its bucket's owner writes there
+    read_only: bool = False  # attached read-only: nothing in its bucket is repaired or deleted
     unreferenced: int = 0  # rows with no references left (normally collected at once)
     index_problems: list[str] = field(default_factory=list)  # SQLite's integrity check
     # Files a mount needs that are missing, empty or short (a layout marker, packs): what a
@@ -148,9 +150,15 @@ def _store_lock(store: Path, repair: bool) -> Iterator[bool]:
 
 
 def _backend_of(directory: Path, row: dict[str, Any], *, readonly: bool) -> ObjectStore:
-    """The region's objects as check sees them: local packs, or a bucket (objects/s3.py)."""
+    """The region's objects as check sees them: local packs, or a bucket (objects/s3.py);
+    the bucket of a region attached read-only through a backend that refuses any change."""
     return open_block_store(
-        directory, row.get("backend"), row.get("endpoint"), readonly=readonly, max_wait=60.0
+        directory,
+        row.get("backend"),
+        row.get("endpoint"),
+        readonly=readonly,
+        max_wait=60.0,
+        bucket_readonly=bool(row.get("read_only")),
     )
 
 
@@ -388,7 +396,7 @@ def _check_region(
     pool: concurrent.futures.Executor,
 ) -> RegionReport:
     name = row["name"]
-    report = RegionReport(name)
+    report = RegionReport(name, read_only=bool(row.get("read_only")))
     directory = store / "regions" / name
     if not (directory / "index.db").exists():
         report.error = f"RegionIndex.NotFound: {directory / 'index.db'} is missing"
@@ -409,6 +417,8 @@ def _check_region(
             backend = _backend_of(directory, row, readonly=False)  # rewrites the marker
             if layout:
                 report.repaired["layout"] = 1
+    elif isinstance(backend, PackedS3Backend):
+        report.file_problems = backend.pack_problems()
     try:
         report.index_problems = _index_problems(index)
         if report.index_problems:
@@ -416,7 +426,8 @@ def _check_region(
             return report  # never repaired automatically: what is lost must stay visible
         _count_checks(index, report)
         known = {block_id.hex() for block_id in index.all_block_ids()}
-        stored = backend.keys()
+        # In a read-only region, objects no row names here are the owner's, not strays.
+        stored = iter(()) if report.read_only else backend.keys()
         orphans = [key for key in stored if key.removesuffix(".tmp") not in known]
         report.orphans = len(orphans)
         referenced = index.referenced_block_ids()

@@ -66,6 +66,8 @@ class SnapshotCopies(StoreParts):
     ) -> Snapshot:
         """`mv` across regions: the destination appears at once as `copying`, the source
         name disappears at once, a job transfers the missing blocks in the background."""
+        src_region.check_writable(f"moving {name} out of it")
+        dst_region.check_writable(f"moving {name} into it")
         if flags & RENAME_EXCHANGE:
             raise InvalidParameter("snapshots in different regions cannot be exchanged")
         source = await self._sealed_source(src_region, name)
@@ -116,6 +118,7 @@ class SnapshotCopies(StoreParts):
     ) -> Snapshot:
         """The CopySnapshot API (`snapfs copy`): a new snapshot, filled by a job. The
         description is the source's unless one is given; tags are only those given."""
+        dst_region.check_writable(f"copying {name} into it")
         source = await self._sealed_source(src_region, name)
         return self._start_copy(
             source,

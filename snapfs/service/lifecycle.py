@@ -56,6 +56,7 @@ class SnapshotLifecycle(StoreParts):
         reading that nobody writes (`cp SRC DST`), that one is sealed now if it was settling
         and the new one is provisionally a copy of it (`copying`); the written blocks must
         then match the source's, or it becomes an ordinary snapshot."""
+        region.check_writable(f"creating {name}")
         region.check_new_name(name)
         region.check_quota()
         source = await self._source_read_by(pid)
@@ -129,6 +130,7 @@ class SnapshotLifecycle(StoreParts):
 
     def open(self, snap: Snapshot, writable: bool, pid: int = 0) -> OpenFile:
         if writable:
+            snap.region.check_writable(f"opening {snap.name} for writing")
             if snap.writer is not None and snap.writer.sealing:
                 raise NotReady(f"snapshot {snap.name} ({snap.id}) is being sealed")
             if snap.sealed:
@@ -237,6 +239,7 @@ class SnapshotLifecycle(StoreParts):
         Its map is relative to the parent's (meta/index.py, schema 5): it costs no rows until
         written, then the rows it changes (a full copy of the map only where the chain
         would grow past MAX_CHAIN_DEPTH)."""
+        snap.region.check_writable(f"cloning into {snap.name}")
         parent = snap.region.snapshots.get(parent_name.strip())
         if parent is None or parent is snap:
             where = "/" in parent_name and " (a clone stays in its parent's region)" or ""
@@ -505,6 +508,7 @@ class SnapshotLifecycle(StoreParts):
             self._drop(source)
 
     async def set_size(self, snap: Snapshot, size: int) -> None:
+        snap.region.check_writable(f"truncating {snap.name}")
         if size < 0:
             raise InvalidParameter(f"size {size} is negative")
         if snap.sealed or snap.writer is None:
@@ -537,7 +541,9 @@ class SnapshotLifecycle(StoreParts):
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> None:
-        """Metadata changes, allowed in every state (tar and rsync set them after writing)."""
+        """Metadata changes, allowed in every state (tar and rsync set them after writing),
+        but not in a read-only region."""
+        snap.region.check_writable(f"changing the attributes of {snap.name}")
         fields: dict[str, int] = {}
         if mode is not None:
             fields["mode"] = stat.S_IMODE(mode)

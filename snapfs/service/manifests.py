@@ -365,12 +365,13 @@ def rebuild(
             continue
         docs.append(doc)
     docs.sort(key=lambda d: d["created_at"])
-    index.restore(settings, [_restored(doc) for doc in docs])
+    index.restore(settings, [restored_snapshot(doc) for doc in docs])
     report.restored.extend(doc["name"] for doc in docs)
     return report
 
 
-def _restored(doc: dict[str, Any]) -> RestoredSnapshot:
+def restored_snapshot(doc: dict[str, Any]) -> RestoredSnapshot:
+    """The index rows of an opened manifest (a rebuild, a read-only region's refresh)."""
     row = {field: doc[field] for field in FIELDS}
     row.update(status=SnapshotStatus.AVAILABLE, deleted=0)
     blocks = [

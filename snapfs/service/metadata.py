@@ -115,7 +115,8 @@ async def create_region_request(store: Store, raw: bytes) -> None:
 async def attach_region_request(store: Store, raw: bytes) -> None:
     """`snapfs region attach` on a mounted store: the region rebuilt from its bucket."""
     name, location = regionadmin.parse_request(raw)
-    await store.attach_region(name, location)
+    read_only, refresh = regionadmin.attach_options(raw)
+    await store.attach_region(name, location, read_only=read_only, refresh=refresh)
 
 
 async def copy_request(store: Store, dst_region: Region, value: str) -> None:

@@ -28,7 +28,8 @@ class StoreRecovery(StoreParts):
         - but a snapshot whose last writer had closed it, everything committed and nothing
           written since (the close mark, see SnapshotWriter.flush), is sealed: the daemon
           died between the close that `cp` saw succeed and the release that seals;
-        - after an unclean stop, objects no index row names are deleted;
+        - after an unclean stop, objects no index row names are deleted (never in a
+          region attached read-only: the bucket is its owner's);
         - unreferenced blocks are collected.
         """
         rows = {
@@ -82,7 +83,8 @@ class StoreRecovery(StoreParts):
                 # Cheap insurance that the bucket can rebuild the region: a stop may have
                 # come between a change and its upload (done in the background).
                 region.publisher.republish_all()
-            if not self.was_clean:
+            # A read-only region's bucket holds its owner's new objects, never orphans.
+            if not self.was_clean and not region.read_only:
                 await region.collect_orphans()
             await region.collect_garbage()
 

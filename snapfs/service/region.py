@@ -10,7 +10,7 @@ import trio
 
 from snapfs.blocks.cache import BlockCache
 from snapfs.blocks.repository import BlockRepository, PendingFrees
-from snapfs.errors import AlreadyExists, NotFound, NotPermitted, QuotaExceeded
+from snapfs.errors import AlreadyExists, NotFound, NotPermitted, QuotaExceeded, ReadOnlyRegion
 from snapfs.meta.keys import KeyNotFound
 from snapfs.model.names import check_snapshot_filename
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from snapfs.meta.keys import KeyRing
     from snapfs.objects.protocol import ObjectStore
     from snapfs.service.manifests import ManifestPublisher
+    from snapfs.service.refresh import RegionRefresher
     from snapfs.service.snapshots import Snapshot
 
 DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
@@ -48,12 +49,25 @@ class Region(BlockRepository):
         # Set by the store for a region on an object store: publishes what disaster recovery
         # needs (manifests.py) into the region's own backend.
         self.publisher: ManifestPublisher | None = None
+        # A region attached read-only (disaster recovery from a bucket another store owns):
+        # every change through the mount is refused, and its refresher (refresh.py) follows
+        # what the bucket's owner publishes.
+        self.read_only = False
+        self.refresher: RegionRefresher | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.created_ns = time.time_ns()
         # Held by each structural change of the region's chains of maps (a fold on delete,
         # a rebase after a seal: service/chains.py), which are several transactions with
         # awaits between them: one at a time, so none sees another half done.
         self.chain_lock = trio.Lock()
+
+    def check_writable(self, what: str) -> None:
+        """Refuse `what` (a change) in a region attached read-only: EROFS."""
+        if self.read_only:
+            raise ReadOnlyRegion(
+                f"region {self.name} is attached read-only (its bucket belongs to another "
+                f"store): {what} is refused"
+            )
 
     # --- settings (region xattrs) ----------------------------------------------------------
 

@@ -12,11 +12,16 @@ opens the store itself, holding its lock like a mount would).
   of encrypted snapshots must have been imported with `snapfs key import`), the bucket's
   block objects are listed, and the index is rebuilt from the manifests whose blocks are all
   there. The bucket is then this store's: one store owns a region's prefix at a time.
+- attach `--read-only`: the same rebuild, but the bucket stays its owner's (a disaster-
+  recovery host beside a primary that goes on writing, or a replica of its bucket): the
+  region refuses every change, never deletes, uploads or publishes anything there, and
+  follows what the owner publishes every `--refresh` seconds (refresh.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -35,6 +40,7 @@ from snapfs.errors import (
 )
 from snapfs.meta.index import RegionIndex
 from snapfs.objects.s3 import S3Backend, S3Location
+from snapfs.objects.s3mirror import ReadOnlyS3Backend
 from snapfs.objects.s3packs import (
     PACKS_PREFIX,
     PackedS3Backend,
@@ -56,8 +62,31 @@ CREATE_ATTR = "user.snapfs.create_region"
 ATTACH_ATTR = "user.snapfs.attach_region"
 
 
+MAX_REFRESH = 86_400.0  # seconds: a read-only region re-reads its manifests at least daily
+
+
 def _meta(location: S3Location) -> S3Backend:
     return S3Backend(location, "meta/", max_wait=ADMIN_WAIT)
+
+
+def _bucket(location: S3Location, read_only: bool) -> S3Backend:
+    """The region's prefix; one that refuses every change for a read-only attach."""
+    if read_only:
+        return ReadOnlyS3Backend(location, max_wait=ADMIN_WAIT)
+    return S3Backend(location, max_wait=ADMIN_WAIT)
+
+
+def check_refresh(value: object) -> float:
+    """A read-only region's refresh interval: seconds, more than 0, at most a day."""
+    seconds = -1.0
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            seconds = float(value)
+    if not 0 < seconds <= MAX_REFRESH:
+        raise InvalidParameter(
+            f"--refresh is seconds, more than 0 and at most {MAX_REFRESH:.0f}, got {value!r}"
+        )
+    return seconds
 
 
 def read_region_document(meta: S3Backend) -> dict[str, Any] | None:
@@ -106,10 +135,16 @@ def region_block_size(location: S3Location, name: str) -> int:
 
 
 def rebuild_from_bucket(
-    location: S3Location, name: str, block_size: int, index_path: Path, ring: KeyRing | None
+    location: S3Location,
+    name: str,
+    block_size: int,
+    index_path: Path,
+    ring: KeyRing | None,
+    read_only: bool = False,
 ) -> manifests.RebuildReport:
-    """Build a new region index at `index_path` from the bucket (worker thread)."""
-    meta = _meta(location)
+    """Build a new region index at `index_path` from the bucket (worker thread); only
+    reads the bucket (`read_only`: through a backend that refuses any change)."""
+    meta = _bucket(location, read_only).sibling("meta/")
     doc = read_region_document(meta)
     if region_block_size(location, name) != block_size:
         raise InvalidBlockSize(
@@ -123,7 +158,7 @@ def rebuild_from_bucket(
     found = {k[len(manifests.SNAPSHOTS) :]: data for k, data in blobs.items()}
     keys_for = manifests.key_lookup(ring)
     docs, report = manifests.decode_all(name, found, keys_for)
-    region_store = S3Backend(location, max_wait=ADMIN_WAIT)
+    region_store = _bucket(location, read_only)
     legacy = set(region_store.sibling(BLOCKS_PREFIX).keys())
     sizes = dict(region_store.sibling(PACKS_PREFIX).sized_keys())
     located = locate_blocks(region_store, docs, legacy, sizes, TrailerKeys(keys_for))
@@ -199,7 +234,14 @@ def create_offline(store_path: Path, name: str, location: S3Location) -> None:
     trio.run(run)
 
 
-def attach_offline(store_path: Path, name: str, location: S3Location) -> manifests.RebuildReport:
+def attach_offline(
+    store_path: Path,
+    name: str,
+    location: S3Location,
+    *,
+    read_only: bool = False,
+    refresh: float | None = None,
+) -> manifests.RebuildReport:
     from snapfs.service.store import Store
 
     block_size = region_block_size(location, name)
@@ -207,18 +249,36 @@ def attach_offline(store_path: Path, name: str, location: S3Location) -> manifes
     async def run() -> manifests.RebuildReport:
         store = Store(store_path, block_size=block_size)
         try:
-            return await store.attach_region(name, location)
+            return await store.attach_region(
+                name, location, read_only=read_only, refresh=refresh
+            )
         finally:
             store.close()
 
     return trio.run(run)
 
 
-def request(name: str, location: S3Location) -> bytes:
+def request(
+    name: str, location: S3Location, *, read_only: bool = False, refresh: float | None = None
+) -> bytes:
     """The control attribute's value for the daemon."""
-    return json.dumps(
-        {"name": name, "backend": location.url, "endpoint": location.endpoint}
-    ).encode()
+    data: dict[str, Any] = {"name": name, "backend": location.url, "endpoint": location.endpoint}
+    if read_only:
+        data |= {"read_only": True, "refresh": refresh}
+    return json.dumps(data).encode()
+
+
+def attach_options(raw: bytes) -> tuple[bool, float | None]:
+    """An attach request's read-only flag and refresh interval (None: the default)."""
+    try:
+        data = json.loads(raw)
+        read_only = data.get("read_only", False)
+        refresh = data.get("refresh")
+    except (ValueError, AttributeError):
+        raise InvalidParameter("a region request is JSON") from None
+    if not isinstance(read_only, bool):
+        raise InvalidParameter(f"read_only is true or false, got {read_only!r}")
+    return read_only, None if refresh is None else check_refresh(refresh)
 
 
 def parse_request(raw: bytes) -> tuple[str, S3Location]:

@@ -48,8 +48,23 @@ class SnapshotRemoval(StoreParts):
             del self.by_ino[snap.ino]
 
     async def unlink(self, region: Region, name: str) -> None:
+        region.check_writable(f"deleting {name}")
         snap = region.lookup(name)
         await self._cancel_copy(snap, "deletion")  # deleting a copy's destination cancels it
+        await self._remove(snap)
+
+    async def vanished(self, snap: Snapshot) -> None:
+        """A snapshot of a read-only region that its bucket no longer describes (deleted by
+        the bucket's owner; refresh.py): out of the namespace like `rm`. One open for
+        reading, or read by a copy out of the region, is only hidden and reads on until
+        closed (its map stays in the local index, its packs are the owner's to keep for
+        their grace period)."""
+        name = snap.name
+        await self._remove(snap)
+        self.names.forget_entry(snap.region.ino, name)
+
+    async def _remove(self, snap: Snapshot) -> None:
+        region, name = snap.region, snap.name
         if snap.in_use:
             self._hide(snap)
         else:
@@ -122,6 +137,8 @@ class SnapshotRemoval(StoreParts):
     async def rename(
         self, old_region: Region, old: str, new_region: Region, new: str, flags: int
     ) -> None:
+        old_region.check_writable(f"renaming {old}")
+        new_region.check_writable(f"renaming into it ({new})")
         if old_region is not new_region:
             await self.move_snapshot(old_region, old, new_region, new, flags)
             return

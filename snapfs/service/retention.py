@@ -41,6 +41,8 @@ async def release_expired(store: Store, now: float) -> int:
     """Release every snapshot whose retention has run out; returns how many."""
     released = 0
     for region in list(store.regions.values()):
+        if region.read_only:
+            continue  # its owner releases them; the refresh then removes them here
         for snap in [s for s in region.snapshots.values() if expired(s, now)]:
             if region.snapshots.get(snap.name) is not snap:
                 continue  # renamed or deleted while an earlier release awaited

@@ -152,7 +152,12 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 dbutil.set_meta(conn, "open", "1")
             for row in self.db["regions"].rows_where(order_by="id"):
                 self._load_region_if_readable(
-                    row["name"], row["id"], row["backend"], row["endpoint"]
+                    row["name"],
+                    row["id"],
+                    row["backend"],
+                    row["endpoint"],
+                    read_only=bool(row.get("read_only")),
+                    refresh=row.get("refresh"),
                 )
         except BaseException:
             self._unlock()
@@ -192,13 +197,22 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         return size
 
     def _load_region_if_readable(
-        self, name: str, region_id: int, backend_url: str, endpoint: str | None
+        self,
+        name: str,
+        region_id: int,
+        backend_url: str,
+        endpoint: str | None,
+        *,
+        read_only: bool = False,
+        refresh: float | None = None,
     ) -> None:
         """Load a region at mount; one whose index cannot be read is left out, logged, and
         kept out of the namespace's reach (mkdir of its name is refused, so its data is
         never replaced), while the other regions are served."""
         try:
-            self._load_region(name, region_id, backend_url, endpoint)
+            self._load_region(
+                name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh
+            )
         except sqlite3.DatabaseError as exc:
             error = from_sqlite(exc) or IndexDamaged(str(exc))
             self.damaged_regions[name] = str(error)
@@ -216,10 +230,17 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             )
 
     def _load_region(
-        self, name: str, region_id: int, backend_url: str = "local", endpoint: str | None = None
+        self,
+        name: str,
+        region_id: int,
+        backend_url: str = "local",
+        endpoint: str | None = None,
+        *,
+        read_only: bool = False,
+        refresh: float | None = None,
     ) -> Region:
         directory = self.path / "regions" / name
-        backend = open_block_store(directory, backend_url, endpoint)
+        backend = open_block_store(directory, backend_url, endpoint, bucket_readonly=read_only)
         region = Region(
             name,
             ROOT_INO + region_id,
@@ -232,7 +253,13 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             io_limiter=self.io_limiter,
             frees=self.frees,
         )
-        if region.remote:  # a bucket region publishes what disaster recovery needs
+        region.read_only = read_only
+        if read_only:  # follows what the bucket's owner publishes, and publishes nothing
+            from snapfs.service.refresh import DEFAULT_REFRESH, RegionRefresher
+
+            every = DEFAULT_REFRESH if refresh is None else refresh
+            region.refresher = RegionRefresher(self, region, every, self.keys)
+        elif region.remote:  # a bucket region publishes what disaster recovery needs
             from snapfs.objects.s3packs import PackedS3Backend
             from snapfs.service.manifests import ManifestPublisher
 
@@ -257,6 +284,11 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 self.by_ino[snap.ino] = snap
         return region
 
+    def appeared(self, snap: Snapshot) -> None:
+        """A snapshot a read-only region's refresh found in its bucket (refresh.py)."""
+        self._add(snap)
+        self.names.forget_entry(snap.region.ino, snap.name)
+
     def attach_name_cache(self, names: NameCache) -> None:
         """The FUSE layer: told when a name goes or changes without a request through it."""
         self.names = names
@@ -275,6 +307,8 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         self.nursery.start_soon(region.gc_loop, name=f"gc {region.name}")
         if region.publisher is not None:
             self.nursery.start_soon(region.publisher.run, name=f"publish {region.name}")
+        if region.refresher is not None:
+            self.nursery.start_soon(region.refresher.run, name=f"refresh {region.name}")
 
     async def shutdown(self) -> None:
         """Stop copy jobs where they are (they resume at the next mount), store what open
@@ -373,7 +407,13 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         return directory
 
     def _register_region(
-        self, name: str, backend_url: str = "local", endpoint: str | None = None
+        self,
+        name: str,
+        backend_url: str = "local",
+        endpoint: str | None = None,
+        *,
+        read_only: bool = False,
+        refresh: float | None = None,
     ) -> Region:
         # The catalogue row is the commit point: a crash or power loss before it leaves only
         # a directory, so everything the row will name (index, block store, layout marker,
@@ -385,9 +425,13 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         durable.sync_tree(directory)
         row = {"name": name, "created_at": time.time(), "backend": backend_url}
         row["endpoint"] = endpoint
+        row["read_only"] = int(read_only)
+        row["refresh"] = refresh
         # `id` is the INTEGER PRIMARY KEY: last_pk is the new row's rowid.
         region_id = cast(int, self.db.table("regions").insert(row).last_pk)
-        region = self._load_region(name, region_id, backend_url, endpoint)
+        region = self._load_region(
+            name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh
+        )
         self._start_region(region)
         return region
 
@@ -416,8 +460,17 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         log.info("created region %s on %s", name, location)
         return region
 
-    async def attach_region(self, name: str, location: S3Location) -> RebuildReport:
-        """Disaster recovery: rebuild a region and its snapshots from its bucket alone."""
+    async def attach_region(
+        self,
+        name: str,
+        location: S3Location,
+        *,
+        read_only: bool = False,
+        refresh: float | None = None,
+    ) -> RebuildReport:
+        """Disaster recovery: rebuild a region and its snapshots from its bucket alone.
+        `read_only`: a view of a bucket another store goes on owning (refresh.py), which
+        this store never changes."""
         from snapfs.service import regionadmin
 
         self._check_new_region(name)
@@ -432,19 +485,23 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 self.block_size,
                 directory / "index.db",
                 self.keys,
+                read_only,
                 limiter=self.io_limiter,
             )
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self._check_new_region(name)
-        region = self._register_region(name, location.url, location.endpoint)
+        region = self._register_region(
+            name, location.url, location.endpoint, read_only=read_only, refresh=refresh
+        )
         if region.publisher is not None:
             region.publisher.changed(None)
         log.info(
-            "attached region %s from %s: %d snapshots restored, %d skipped",
+            "attached region %s from %s%s: %d snapshots restored, %d skipped",
             name,
             location,
+            " read-only" if read_only else "",
             len(report.restored),
             len(report.skipped),
         )
@@ -454,6 +511,8 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
 
     async def remove_region(self, name: str) -> None:
         region = self.region(name)
+        # Removing an empty bucket region clears its prefix, which is the owner's.
+        region.check_writable("rmdir")
         # `rm REGION/*; rmdir REGION`: what rm deleted is purged in the background; wait for
         # that (bounded), but not for a deleted snapshot a copy still reads from.
         with trio.move_on_after(PURGE_WAIT):
