@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import SNAPFS, S3Server, SnapfsMount, run, sha256, wait_for
+from ..conftest import SNAPFS, S3Server, SnapfsMount, make_key, run, sha256, wait_for
 from .test_s3 import BUCKET, attr, create_s3_region
 from .test_s3packs import random_image
 
@@ -71,7 +71,7 @@ def shares_a_quarter(a: Path, out: Path, block: int) -> Path:
 
 
 def test_a_read_only_region_reads_refuses_changes_and_follows_the_primary(
-    s3: S3Server, tmp_path: Path
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary = SnapfsMount(tmp_path / "primary", tmp_path / "primary-mnt")
     # Dead packs stay a while, as in production: a snapshot the DR host has open when the
@@ -86,6 +86,12 @@ def test_a_read_only_region_reads_refuses_changes_and_follows_the_primary(
         run("cp", a, remote / "a.img")
         run("cp", b, remote / "b.img")
         assert wait_for(lambda: manifests_published(s3, 2), 15), primary.log()
+        # The primary's key, for the encrypted snapshot it writes later (key export/import).
+        key_id = make_key(primary, REGION)
+        monkeypatch.setenv("SNAPFS_EXPORT_PASSPHRASE", "move-the-key")
+        exported = tmp_path / "key.json"
+        primary.cli("key", "export", key_id, "--out", exported, "--store", primary.store)
+        run(*SNAPFS, "key", "import", exported, "--store", dr.store)
         dr.mount()
         out = attach_read_only(dr.store, s3, "--refresh", "1")  # through the mounted store
         assert "read-only: 2 snapshots" in out, out
@@ -138,8 +144,10 @@ def test_a_read_only_region_reads_refuses_changes_and_follows_the_primary(
         assert attr(local / "acopy", "status") == "available"
         assert sha256(local / "acopy") == sha256(a)
 
-        # The primary goes on: a new snapshot appears, a deleted one goes; one open on the
-        # DR host when it is deleted reads on until closed.
+        # The primary goes on: a new snapshot (encrypted) appears, a deleted one goes; one
+        # open on the DR host when it is deleted reads on until closed.
+        os.setxattr(remote, "user.snapfs.default_kms_key_id", key_id.encode())
+        os.setxattr(remote, "user.snapfs.encrypt_by_default", b"true")
         with open(region / "a.img", "rb") as reader:
             first = reader.read(block)
             c = random_image(tmp_path / "c.img", 6, block)
@@ -148,6 +156,7 @@ def test_a_read_only_region_reads_refuses_changes_and_follows_the_primary(
             listed = wait_for(lambda: sorted(os.listdir(region)) == ["b.img", "c.img"], 15)
             assert listed, dr.log()
             assert sha256(region / "c.img") == sha256(c)
+            assert attr(region / "c.img", "kms_key_id") == key_id
             rest = reader.read()
         assert hashlib.sha256(first + rest).hexdigest() == sha256(a)
         assert attr(region / "c.img", "id") == attr(remote / "c.img", "id")
