@@ -68,7 +68,7 @@ class Fetched:
 
 
 class RegionRefresher:
-    """Keeps a read-only region's snapshots those its bucket's manifests describe."""
+    """Keeps a read-only region's snapshots the ones its bucket's manifests describe."""
 
     def __init__(self, store: Store, region: Region, every: float, ring: KeyRing):
         self.store = store
@@ -81,6 +81,7 @@ class RegionRefresher:
         self.root = backend.packs.sibling("")
         self.manifests = self.root.sibling("meta/" + manifests.SNAPSHOTS)
         self.seen: dict[str, str] = {}  # snapshot id -> the tag of its manifest applied here
+        self._told: set[str] = set()  # why manifests wait, each logged once (refresh: 1 s)
 
     async def run(self) -> None:
         while not self.region.closed:
@@ -114,8 +115,9 @@ class RegionRefresher:
         backend = self.region.backend
         sealer = backend.sealer if isinstance(backend, PackedS3Backend) else None
         fetched: Fetched = await self._io(self._fetch, sorted(wanted), sealer)
-        for reason in fetched.waiting:
+        for reason in set(fetched.waiting) - self._told:
             log.info("region %s: not shown yet: %s", self.region.name, reason)
+        self._told = set(fetched.waiting)
         added = changed = 0
         for snapshot_id, doc in fetched.docs.items():
             if self.region.closed:
@@ -125,7 +127,7 @@ class RegionRefresher:
                 self.seen[snapshot_id] = wanted[snapshot_id]
                 added += done == "added"
                 changed += done == "changed"
-            await trio.sleep(0)  # one snapshot per transaction; requests in between
+            await trio.sleep(0)  # requests in between snapshots
         if added or changed:
             log.info("region %s: refreshed from the bucket: %d snapshots new, %d changed",
                      self.region.name, added, changed)  # fmt: skip
@@ -174,8 +176,7 @@ class RegionRefresher:
     async def _apply(self, doc: dict[str, Any], fetched: Fetched) -> str | None:
         """A fetched manifest into the index and the namespace: "added", "changed", "same"
         (its locations recorded again), "hidden" (deleted here, still read), or None when it
-        has to wait (its name is taken
-        here, for now)."""
+        has to wait (its name is taken here, for now)."""
         region = self.region
         backend = region.backend
         assert isinstance(backend, PackedS3Backend)  # a read-only region is a bucket's
@@ -191,8 +192,9 @@ class RegionRefresher:
             await self._io(backend.adopt, locations, fetched.sizes)
             updated = self._update(snap, doc)
             return None if updated is None else "changed" if updated else "same"
-        # Its locations first, then its rows and its name in one step: a stop between the
-        # two leaves locations no row names, which a later attach or refresh overwrites.
+        # Its locations first, then its rows (hidden until complete), then its name: a stop
+        # after the locations leaves only locations no row names, which a later refresh
+        # records again.
         await self._io(backend.adopt, locations, fetched.sizes)
         if doc["name"] in region.snapshots:
             log.info("region %s: %s (%s) waits: the name is still %s's here", region.name,

@@ -278,7 +278,9 @@ def attach_options(raw: bytes) -> tuple[bool, float | None]:
         raise InvalidParameter("a region request is JSON") from None
     if not isinstance(read_only, bool):
         raise InvalidParameter(f"read_only is true or false, got {read_only!r}")
-    return read_only, None if refresh is None else check_refresh(refresh)
+    if not read_only or refresh is None:
+        return read_only, None  # a refresh only means something to a read-only region
+    return read_only, check_refresh(refresh)
 
 
 def parse_request(raw: bytes) -> tuple[str, S3Location]:
