@@ -408,6 +408,18 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         server.stop()
 
 
+@pytest.fixture
+def s3mnt(s3: S3Server, tmp_path: Path) -> Iterator[SnapfsMount]:
+    """A mount started after the S3 server, so the daemon has its credentials (bucket
+    regions: tests/mount/test_s3.py, test_s3packs.py)."""
+    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
+    m.mount()
+    try:
+        yield m
+    finally:
+        m.teardown()
+
+
 # The layer a test lives in says whether it mounts (each layer's __init__.py says what it
 # holds): unit/ and service/ run in-process without the kernel, so `pytest -m 'not mount'`
 # runs just them, in seconds; every other test (mount/, crash/) mounts a real snapfs, or

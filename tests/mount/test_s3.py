@@ -7,7 +7,6 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,16 +47,6 @@ def image(path: Path, size: int, seed: int) -> Path:
     diskimage.create(path, size, seed=seed, zeros=0.0)  # every block holds data
     return path
 
-
-@pytest.fixture
-def s3mnt(s3: S3Server, tmp_path: Path) -> Iterator[SnapfsMount]:
-    """A mount started after the S3 server, so the daemon has its credentials."""
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
-    m.mount()
-    try:
-        yield m
-    finally:
-        m.teardown()
 
 
 def test_region_create_unmounted_and_mounted(s3: S3Server, tmp_path: Path) -> None:

@@ -27,17 +27,21 @@ def random_image(path: Path, blocks: int, block: int) -> Path:
     return path
 
 
-def live_objects(m: SnapfsMount, region: str) -> int:
+def packs_db(m: SnapfsMount, region: str, query: str) -> list[tuple]:
+    """Rows of a query on the region's pack locations (s3packs/packs.db), read-only."""
     db = m.store / "regions" / region / "s3packs" / "packs.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM objects").fetchone()[0])
+        return conn.execute(query).fetchall()
+
+
+def live_objects(m: SnapfsMount, region: str) -> int:
+    return int(packs_db(m, region, "SELECT count(*) FROM objects")[0][0])
 
 
 def test_blocks_are_packed_repacked_and_found_again_by_a_new_store(
-    s3: S3Server, tmp_path: Path
+    s3: S3Server, s3mnt: SnapfsMount, tmp_path: Path
 ) -> None:
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
-    m.mount()
+    m = s3mnt
     try:
         remote = create_s3_region(m, s3, "eu-west-1", "eu")
         block = m.status()["block_size"]
@@ -88,10 +92,9 @@ def test_blocks_are_packed_repacked_and_found_again_by_a_new_store(
 
 
 def test_a_crash_between_a_pack_upload_and_its_locations_leaves_nothing(
-    s3: S3Server, tmp_path: Path
+    s3: S3Server, s3mnt: SnapfsMount, tmp_path: Path
 ) -> None:
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
-    m.mount()
+    m = s3mnt
     try:
         remote = create_s3_region(m, s3, "eu-west-1", "eu")
         block = m.status()["block_size"]
@@ -111,19 +114,17 @@ def test_a_crash_between_a_pack_upload_and_its_locations_leaves_nothing(
         run("cp", doomed, remote / "again.img")
         assert sha256(remote / "again.img") == sha256(doomed)
         names = {p.name for p in s3.packs(BUCKET, "eu")}
-        db = m.store / "regions" / "eu-west-1" / "s3packs" / "packs.db"
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            known = {row[0] for row in conn.execute("SELECT id FROM packs")}
-        assert names == known
+        assert names == {row[0] for row in packs_db(m, "eu-west-1", "SELECT id FROM packs")}
         report = json.loads(m.cli("check", "--store", m.store, "--json").stdout)
         assert report["ok"], report
     finally:
         m.teardown()
 
 
-def test_a_region_of_one_object_per_block_keeps_reading(s3: S3Server, tmp_path: Path) -> None:
-    m = SnapfsMount(tmp_path / "store", tmp_path / "mnt")
-    m.mount()
+def test_a_region_of_one_object_per_block_keeps_reading(
+    s3: S3Server, s3mnt: SnapfsMount, tmp_path: Path
+) -> None:
+    m = s3mnt
     try:
         remote = create_s3_region(m, s3, "eu-west-1", "eu")
         block = m.status()["block_size"]
