@@ -28,7 +28,9 @@ bytes from the pack's live count; a pack with no live bytes is marked dead and i
 is deleted `grace` seconds later (a reader that looked up a location just before a repack,
 and a disaster-recovery copy of the bucket whose manifests still name the old pack, keep
 reading it meanwhile). `maintain()` (the region's collector calls it) deletes dead packs past
-their grace and repacks packs whose dead share passed `REPACK_DEAD_SHARE`: the live objects
+their grace, merges small packs (a writer that fsyncs often uploads one per `sync()`) once
+at least `SMALL_MERGE_MIN` of them have settled, and repacks packs whose dead share passed
+`REPACK_DEAD_SHARE`: the live objects
 are copied as they are stored, into the open pack, and their rows switched to the new pack
 in the commit of that pack, each only if it still points at the old one (an object deleted
 meanwhile stays deleted). Bytes are copied verbatim: an encrypted block's AEAD is bound to
@@ -87,6 +89,9 @@ PACK_AGE = 5.0  # seconds: a pack is closed this long after its first object at 
 GRACE = 900.0  # seconds a dead pack stays readable (SNAPFS_PACK_GRACE overrides, for tests)
 REPACK_DEAD_SHARE = 0.5  # a pack more dead than this is repacked
 REPACK_BYTES = 256 << 20  # live bytes copied per maintain() call at most
+SMALL_SHARE = 0.25  # a pack under a quarter of the target size is small
+SMALL_AGE = 600.0  # seconds a small pack settles before it is merged (its blocks may die)
+SMALL_MERGE_MIN = 4  # small packs merged at once at the least (else it saves too little)
 FORMAT = 1
 MAGIC = b"SNFPACK\0"
 FOOTER = struct.Struct("<IHBB8s")
@@ -609,6 +614,7 @@ class PackedS3Backend:
                 "ORDER BY live * 1.0 / size LIMIT 64",
                 (1 - REPACK_DEAD_SHARE,),
             ).fetchall()
+            candidates += self._small_packs(now, {str(row[0]) for row in candidates})
         moved = budget = 0
         for pack_id, size, live in candidates:
             if budget >= REPACK_BYTES:
@@ -619,6 +625,26 @@ class PackedS3Backend:
             self.sync()
             log.info("repacked %d objects out of %d packs", moved, len(candidates))
         return moved
+
+    def _small_packs(self, now: float, taken: set[str]) -> list[tuple[str, int, int]]:
+        """Under `_lock`: packs far below the target size (each `sync()` of a writer that
+        fsyncs often uploads one) that have settled, when there are enough of them that
+        merging makes the bucket hold fewer objects; at most a target's worth at a time."""
+        rows = self._db.execute(
+            "SELECT id, size, live FROM packs WHERE live > 0 AND size < ? AND created_at <= ? "
+            "ORDER BY created_at LIMIT 256",
+            (self.pack_target * SMALL_SHARE, now - SMALL_AGE),
+        ).fetchall()
+        rows = [row for row in rows if str(row[0]) not in taken]
+        if len(rows) < SMALL_MERGE_MIN:
+            return []
+        chosen, total = [], 0
+        for row in rows:
+            if total + row[2] > self.pack_target:
+                break
+            chosen.append(row)
+            total += row[2]
+        return chosen if len(chosen) >= SMALL_MERGE_MIN else []
 
     def _repack_one(self, pack_id: str, size: int, live: int) -> int:
         with self._lock:

@@ -352,3 +352,24 @@ def test_live_ranges_join_neighbours_and_skip_dead_gaps() -> None:
     got = [(start, end, [r[0] for r in members]) for start, end, members in live_ranges(rows)]
     assert got == [(0, 15 + RANGE_GAP + 7, [b"a", b"b", b"c"]), (1 << 30, 1 << 30, [b"d"])]
     assert live_ranges([(b"a", 0, 10), (b"b", 11 + RANGE_GAP, 1)])[1][0] == 11 + RANGE_GAP
+
+
+def test_small_packs_of_a_writer_that_syncs_often_are_merged_once_settled(open_store) -> None:
+    import time
+
+    from snapfs.objects.s3packs import SMALL_AGE
+
+    store = open_store(grace=0)
+    objects = {key(n): os.urandom(20 * KiB) for n in range(6)}
+    for k, data in objects.items():  # an fsync after every block: one small pack each
+        store.put(k, data)
+        store.sync()
+    assert len(packs_in_bucket(store)) == 6
+    assert store.maintain(now=time.time() + 1) == 0  # not settled yet: left alone
+    store.put(key(99), b"one of a kind")
+    store.sync()
+    assert store.maintain(now=time.time() + SMALL_AGE + 1) == 7
+    assert len(packs_in_bucket(store)) == 1
+    for k, data in {**objects, key(99): b"one of a kind"}.items():
+        assert store.get(k) == data
+    assert store.maintain(now=time.time() + SMALL_AGE + 1) == 0  # ...and one alone stays
