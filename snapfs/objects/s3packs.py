@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from snapfs import durable
 from snapfs.errors import BackendUnavailable, BlockCorrupt, SnapfsError, StoreFull
@@ -247,12 +247,15 @@ def read_trailer(packs: S3Backend, pack_id: str, sealer: TrailerSealer | None) -
 RANGE_GAP = 64 << 10  # dead bytes a repack reads through rather than start another GET
 
 
+K = TypeVar("K")
+
+
 def live_ranges(
-    rows: Sequence[tuple[bytes, int, int]],
-) -> list[tuple[int, int, list[tuple[bytes, int, int]]]]:
+    rows: Sequence[tuple[K, int, int]],
+) -> list[tuple[int, int, list[tuple[K, int, int]]]]:
     """Rows (key, offset, length) in offset order as byte ranges to GET: neighbours closer
     than RANGE_GAP share a range. Each item: start, end, the rows inside."""
-    ranges: list[tuple[int, int, list[tuple[bytes, int, int]]]] = []
+    ranges: list[tuple[int, int, list[tuple[K, int, int]]]] = []
     for row in rows:
         _, offset, length = row
         if ranges and offset - ranges[-1][1] <= RANGE_GAP:
@@ -525,6 +528,34 @@ class PackedS3Backend:
                 return b""
             return self.packs.get_range(found.pack, found.offset, found.length)
         return self.legacy.get(key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of those of `keys` that are packed or spooled, with one ranged GET per
+        run of neighbours in a pack (a sequential reader's read-ahead: blocks written one
+        after another lie one after another). Keys of the old layout, or not stored, are
+        left out: the caller gets them one by one."""
+        found: dict[str, bytes] = {}
+        by_pack: dict[str, list[tuple[str, int, int]]] = {}
+        with self._lock:
+            for key in keys:
+                spooled = self._pending.get(key)
+                if spooled is not None:
+                    pack, offset, length = spooled
+                    found[key] = os.pread(pack.fd, length, offset)
+                    continue
+                row = self._db.execute(
+                    "SELECT pack, offset, length FROM objects WHERE key = ?",
+                    (bytes.fromhex(key),),
+                ).fetchone()
+                if row is not None:
+                    by_pack.setdefault(str(row[0]), []).append((key, int(row[1]), int(row[2])))
+        for pack_id, rows in by_pack.items():
+            rows.sort(key=lambda row: row[1])
+            for start, end, members in live_ranges(rows):
+                data = self.packs.get_range(pack_id, start, end - start) if end > start else b""
+                for key, offset, length in members:
+                    found[key] = data[offset - start : offset - start + length]
+        return found
 
     def exists(self, key: str) -> bool:
         with self._lock:

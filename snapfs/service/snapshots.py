@@ -51,6 +51,7 @@ COMMIT_EVERY = 256  # blocks per index transaction while writing
 ENCODES_IN_FLIGHT = 4  # full blocks a writer may have queued for storing
 DIRTY_BLOCKS_MAX = 16  # partly written blocks a writer keeps before storing the oldest
 READ_AHEAD = 8  # blocks fetched ahead of a sequential reader
+READ_AHEAD_REMOTE = 32  # from a bucket: 16 MiB ahead, fetched READ_AHEAD or more at a time
 DELTA_MISSES = 8  # delta attempts in a row that did not pay before a writer mostly stops
 DELTA_PROBE = 32  # then one block in this many still tries
 # A read of at most 1/this of a block that does not follow the last one is a random read:
@@ -308,10 +309,19 @@ class Snapshot:
         if first not in (self.last_read_block, self.last_read_block + 1):
             return
         bs = self.region.block_size
-        end = min(last + READ_AHEAD, (self.size - 1) // bs)
+        window = READ_AHEAD_REMOTE if self.region.remote else READ_AHEAD
+        end = min(last + window, (self.size - 1) // bs)
         if end <= last:
             return
-        for block_id in self._block_ids(last + 1, end).values():
+        ids = self._block_ids(last + 1, end)
+        if self.region.remote:
+            # From a bucket, ahead in batches: a run of neighbours in a pack is one ranged
+            # GET, so wait until a batch's worth is wanted (or the next block is).
+            ahead = [b for b in ids.values() if self.region.wants_fetch(b)]
+            if len(ahead) >= READ_AHEAD or ids.get(last + 1) in ahead:
+                nursery.start_soon(self.region.prefetch_many, ahead)
+            return
+        for block_id in ids.values():
             if block_id not in self.region.cache:
                 nursery.start_soon(self.region.prefetch, block_id)
 

@@ -373,3 +373,25 @@ def test_small_packs_of_a_writer_that_syncs_often_are_merged_once_settled(open_s
     for k, data in {**objects, key(99): b"one of a kind"}.items():
         assert store.get(k) == data
     assert store.maintain(now=time.time() + SMALL_AGE + 1) == 0  # ...and one alone stays
+
+
+def test_get_many_reads_neighbours_in_one_ranged_get(open_store, base: S3Backend) -> None:
+    store = open_store(pack_target=4 * MiB)
+    objects = {key(n): os.urandom(100 * KiB) for n in range(10)}
+    for k, data in objects.items():
+        store.put(k, data)
+    store.sync()
+    store.put(key(50), b"still in the spool")
+    base.sibling(LEGACY_PREFIX).put(key(60), b"old layout")
+    fetched: list[int] = []
+    ranged = store.packs.get_range
+
+    def counting(pack: str, offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return ranged(pack, offset, length)
+
+    store.packs.get_range = counting  # type: ignore[method-assign]
+    wanted = [key(n) for n in (3, 4, 5, 6, 9, 50, 60, 70)]
+    got = store.get_many(wanted)
+    assert got == {k: objects[k] for k in wanted[:5]} | {key(50): b"still in the spool"}
+    assert fetched == [400 * KiB, 100 * KiB]  # 3..6 in one GET, 9 in another
