@@ -11,7 +11,9 @@ whether or not the store is mounted. The JSON form is a stable interface for scr
              "transferred_bytes", "description", "tags": {K: V}, "retention_days",
              "expires_at", "error", "created_at", "sealed_at"}, ...],
          "totals": {"snapshots", "logical_bytes", "allocated_bytes", "unique_bytes",
-                    "stored_bytes", "dedup_ratio", "compression_ratio"}}]}
+                    "stored_bytes", "dedup_ratio", "compression_ratio"},
+         "packs": null | {"count", "bytes", "live_bytes"} (a bucket region's pack objects:
+                  bytes - live_bytes waits for a repack or for its pack's grace)}]}
 
 Times are seconds since the epoch (`expires_at` is null without a retention); `progress` is
 0-100 like `user.snapfs.progress`; keys are only ever added, never renamed or removed.
@@ -72,6 +74,7 @@ def collect(
         regions.append(_region(store_path / "regions" / name, name, block_size, snapshot))
         regions[-1]["backend"] = backends[name]
         regions[-1]["read_only"] = read_only[name]
+        regions[-1]["packs"] = _packs(store_path / "regions" / name)
     if snapshot is not None and not regions[0]["snapshots"]:
         raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
     from snapfs import __version__
@@ -146,6 +149,20 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
     finally:
         index.close()
     return {"name": name, "snapshots": snapshots, "totals": totals}
+
+
+def _packs(directory: Path) -> dict[str, int] | None:
+    """A bucket region's pack objects: how many, their bytes, the live share of them."""
+    from snapfs.objects.s3packs import pack_summary
+    from snapfs.objects.stores import PACKED_STATE
+
+    try:
+        summary = pack_summary(directory / PACKED_STATE)
+    except sqlite3.Error:
+        return None
+    if summary is None:
+        return None
+    return {"count": summary.packs, "bytes": summary.bytes, "live_bytes": summary.live_bytes}
 
 
 def human(n: int) -> str:
@@ -231,8 +248,16 @@ def render(data: dict[str, Any]) -> None:
             f"  {t['snapshots']} snapshots, {human(t['logical_bytes'])} logical, "
             f"{human(t['allocated_bytes'])} allocated, {human(t['unique_bytes'])} unique, "
             f"{human(t['stored_bytes'])} stored; dedup {t['dedup_ratio']:g}x, "
-            f"compression {t['compression_ratio']:g}x\n"
+            f"compression {t['compression_ratio']:g}x"
         )
+        packs = region.get("packs")
+        if packs:
+            live = 100.0 * packs["live_bytes"] / packs["bytes"] if packs["bytes"] else 100.0
+            console.print(
+                f"  {packs['count']} pack objects in the bucket, {human(packs['bytes'])} "
+                f"({live:.0f}% live)"
+            )
+        console.print()
 
 
 # --- monitoring: `snapfs status --metrics` and `--watch` (issue 18) ----------------------
@@ -299,6 +324,15 @@ def metrics(data: dict[str, Any], mountpoint: Path | None) -> str:
         for key in ("logical_bytes", "allocated_bytes", "unique_bytes", "stored_bytes"):
             add(f"snapfs_{key}", "gauge", f"The region's {key.replace('_', ' ')}.", r,
                 totals[key])  # fmt: skip
+        packs = region.get("packs")
+        if packs:
+            add("snapfs_pack_objects", "gauge", "Pack objects of the region in its bucket.", r,
+                packs["count"])  # fmt: skip
+            add("snapfs_pack_bytes", "gauge", "Bytes of the region's pack objects.", r,
+                packs["bytes"])  # fmt: skip
+            add("snapfs_pack_live_bytes", "gauge",
+                "Bytes of blocks the region's packs still hold for it.", r,
+                packs["live_bytes"])  # fmt: skip
     for block in series.values():
         lines += block
     return "\n".join(lines) + "\n"

@@ -267,6 +267,30 @@ def live_ranges(
     return ranges
 
 
+@dataclass(frozen=True)
+class PackSummary:
+    packs: int
+    bytes: int  # of the pack objects, trailers included
+    live_bytes: int  # of blocks a location names; the rest waits for a repack or its grace
+
+
+def pack_summary(state_dir: Path) -> PackSummary | None:
+    """What a bucket region's `packs.db` says of its packs (for `snapfs status`), read-only
+    and beside a running daemon; None where there is no packs.db."""
+    path = state_dir / "packs.db"
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(live), 0) FROM packs "
+            "WHERE live > 0 OR dead_since IS NOT NULL"
+        ).fetchone()
+    finally:
+        conn.close()
+    return PackSummary(int(row[0]), int(row[1]), int(row[2]))
+
+
 class PackedS3Backend:
     """A region's objects in packs under `PREFIX/packs/`; see the module docstring."""
 

@@ -66,6 +66,14 @@ def test_blocks_are_packed_repacked_and_found_again_by_a_new_store(
         assert "repacked 20 objects" in m.log()
         stored = sum(p.stat().st_size for p in s3.packs(BUCKET, "eu"))
         assert 40 * MiB <= stored < 41 * MiB
+        # snapfs status and its metrics show the packs as the bucket holds them.
+        packs = m.region_status("eu-west-1")["packs"]
+        assert packs["count"] == len(s3.packs(BUCKET, "eu")) and packs["bytes"] == stored
+        assert 80 * block <= packs["live_bytes"] < stored
+        text = m.cli("status", "--store", m.store, "--metrics").stdout
+        assert f'snapfs_pack_objects{{region="eu-west-1"}} {packs["count"]}' in text
+        assert f'snapfs_pack_live_bytes{{region="eu-west-1"}} {packs["live_bytes"]}' in text
+        assert "pack objects in the bucket" in m.cli("status", "--store", m.store).stdout
         assert sha256(remote / "b.img") == sha256(b)
         m.remount()
         assert sha256(remote / "b.img") == sha256(b)
