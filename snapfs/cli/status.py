@@ -102,52 +102,59 @@ def _region(directory: Path, name: str, block_size: int, only: str | None) -> di
     except sqlite3.Error as exc:
         raise IndexDamaged(f"region {name}: index unreadable: {exc}") from None
     try:
-        stored = index.snapshot_stored_bytes()
-        jobs = {job["dst_snapshot_id"]: job for job in index.copy_jobs()}
-        stats = index.stats()
-        snapshots = []
-        for row in index.snapshots():
-            if only is not None and row["name"] != only:
-                continue
-            allocated = min(row["allocated_blocks"] * block_size, row["size"])
-            snapshots.append(
-                {
-                    "name": row["name"],
-                    "id": row["id"],
-                    "status": row["status"],
-                    "progress": _progress(row, jobs.get(row["id"])),
-                    "size": row["size"],
-                    "allocated_bytes": allocated,
-                    "stored_bytes": stored.get(row["id"], 0),
-                    "encrypted": bool(row["encrypted"]),
-                    "kms_key_id": row["kms_key_id"],
-                    "source_snapshot_id": row["source_snapshot_id"],
-                    "source_region": row["source_region"],
-                    "transferred_bytes": row["transferred_bytes"],
-                    "description": row["description"],
-                    "tags": index.tags(row["id"]),
-                    "retention_days": row["retention_days"],
-                    "expires_at": expires_at(row["created_at"], row["retention_days"]),
-                    "error": row["error"] if row["status"] == SnapshotStatus.FAILED else None,
-                    "created_at": row["created_at"],
-                    # while `creating`, sealed_at is the close mark (see SnapshotWriter.flush)
-                    "sealed_at": row["sealed_at"]
-                    if row["status"] == SnapshotStatus.AVAILABLE
-                    else None,
-                }
-            )
-        all_rows = index.snapshots()
-        totals = {
-            "snapshots": len(all_rows),
-            "logical_bytes": sum(r["size"] for r in all_rows),
-            "allocated_bytes": stats.referenced_plain_bytes,
-            "unique_bytes": stats.plain_bytes,
-            "stored_bytes": stats.stored_bytes,
-            "dedup_ratio": _ratio(stats.referenced_plain_bytes, stats.plain_bytes),
-            "compression_ratio": _ratio(stats.plain_bytes, stats.stored_bytes),
-        }
+        with index.db.snapshot():  # every figure from one committed state of the index
+            return _region_figures(index, name, block_size, only)
     finally:
         index.close()
+
+
+def _region_figures(
+    index: RegionIndex, name: str, block_size: int, only: str | None
+) -> dict[str, Any]:
+    stored = index.snapshot_stored_bytes()
+    jobs = {job["dst_snapshot_id"]: job for job in index.copy_jobs()}
+    stats = index.stats()
+    snapshots = []
+    for row in index.snapshots():
+        if only is not None and row["name"] != only:
+            continue
+        allocated = min(row["allocated_blocks"] * block_size, row["size"])
+        snapshots.append(
+            {
+                "name": row["name"],
+                "id": row["id"],
+                "status": row["status"],
+                "progress": _progress(row, jobs.get(row["id"])),
+                "size": row["size"],
+                "allocated_bytes": allocated,
+                "stored_bytes": stored.get(row["id"], 0),
+                "encrypted": bool(row["encrypted"]),
+                "kms_key_id": row["kms_key_id"],
+                "source_snapshot_id": row["source_snapshot_id"],
+                "source_region": row["source_region"],
+                "transferred_bytes": row["transferred_bytes"],
+                "description": row["description"],
+                "tags": index.tags(row["id"]),
+                "retention_days": row["retention_days"],
+                "expires_at": expires_at(row["created_at"], row["retention_days"]),
+                "error": row["error"] if row["status"] == SnapshotStatus.FAILED else None,
+                "created_at": row["created_at"],
+                # while `creating`, sealed_at is the close mark (see SnapshotWriter.flush)
+                "sealed_at": row["sealed_at"]
+                if row["status"] == SnapshotStatus.AVAILABLE
+                else None,
+            }
+        )
+    all_rows = index.snapshots()
+    totals = {
+        "snapshots": len(all_rows),
+        "logical_bytes": sum(r["size"] for r in all_rows),
+        "allocated_bytes": stats.referenced_plain_bytes,
+        "unique_bytes": stats.plain_bytes,
+        "stored_bytes": stats.stored_bytes,
+        "dedup_ratio": _ratio(stats.referenced_plain_bytes, stats.plain_bytes),
+        "compression_ratio": _ratio(stats.plain_bytes, stats.stored_bytes),
+    }
     return {"name": name, "snapshots": snapshots, "totals": totals}
 
 

@@ -63,6 +63,12 @@ class IndexConnection(Protocol):
         """One transaction that writes; no other writer of the region runs meanwhile."""
         ...
 
+    def snapshot(self) -> contextlib.AbstractContextManager[IndexConnection]:
+        """A read of several statements that all see one committed state (no writer's
+        commit in between), without taking the write lock: what a reader beside the
+        daemon needs when it adds up what two queries return."""
+        ...
+
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """The rows of a query as dicts of column name to value."""
         ...
@@ -115,6 +121,19 @@ class SqliteConnection:
     def transaction(self) -> Iterator[SqliteConnection]:
         with dbutil.transaction(self.database):
             yield self
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[SqliteConnection]:
+        # A deferred transaction: its first read fixes the WAL snapshot every later
+        # statement sees; a read-only connection can take it (BEGIN IMMEDIATE could not).
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN DEFERRED")
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return dict_rows(self.conn.execute(sql, params))

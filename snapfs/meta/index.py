@@ -1409,6 +1409,14 @@ class RegionIndex:
                         todo.append((child, child_name))
 
     def stats(self) -> RegionStats:
+        # One read snapshot: a rebase or fold committing between the queries below would
+        # count a snapshot both as a full map and through its chain.
+        with self.db.snapshot():
+            if self.readonly:  # beside the daemon: chains cached before may have changed
+                self._invalidate()
+            return self._stats()
+
+    def _stats(self) -> RegionStats:
         blocks, plain, stored = self.db.execute(
             # CAST: PostgreSQL sums a bigint column as numeric (a Decimal in Python).
             "SELECT count(*), CAST(coalesce(sum(plain_size), 0) AS BIGINT), "

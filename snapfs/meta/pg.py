@@ -488,6 +488,15 @@ class PgConnection:
                 raise RegionNotFound(f"region {self.region_id} is no longer in the index")
             yield self
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[PgConnection]:
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            yield self  # inside a transaction already: it has its snapshot
+            return
+        with self._mapped(), self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield self
+
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return dict_rows(self.execute(sql, params), skip=frozenset({"region_id"}))
 

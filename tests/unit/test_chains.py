@@ -230,3 +230,32 @@ def test_random_chains_stay_right_through_every_step(new_region_index) -> None:
         m.index.close()
 
     run()
+
+
+def test_a_reader_beside_a_rebase_counts_every_snapshot_once(tmp_path) -> None:
+    """`snapfs status` reads the index beside the daemon: a rebase committing while it adds
+    up the full maps and the chained ones must not count a snapshot twice (stats() reads
+    one snapshot of the index; a CI run once saw dedup 3.0 for two identical files)."""
+    writer = RegionIndex(tmp_path / "index.db")
+    writer.commit_blocks("blocks", [NewBlock(i, 10, 5, 1) for i in IDS], [], {})
+    full = [(n, IDS[n % len(IDS)]) for n in range(BLOCKS)]
+    for name in ("a", "b"):
+        writer.insert_snapshot(_row(name, 1.0))
+        writer.commit_blocks(name, [], full, {})
+    reader = RegionIndex(tmp_path / "index.db", readonly=True)
+    try:
+        before = reader.stats()
+        assert before.referenced_plain_bytes == 2 * BLOCKS * 10
+        with reader.db.snapshot():
+            inside = reader.stats()
+            writer.put_tombstones("b", "a", 0, BLOCKS - 1)
+            writer.set_parent("b", "a")  # committed between two statements of a stats()
+            writer.insert_snapshot(_row("c", 2.0))
+            writer.commit_blocks("c", [], full, {})
+            assert reader.stats() == inside  # the reader still sees its snapshot
+        writer.drop_redundant("b", 0, BLOCKS - 1)
+        after = reader.stats()
+        assert after.referenced_plain_bytes == 3 * BLOCKS * 10 and writer.parent_of("b") == "a"
+    finally:
+        reader.close()
+        writer.close()

@@ -105,6 +105,23 @@ def test_a_reader_sees_commits_and_writes_nothing(pg_dsn: str) -> None:
     writer.close()
 
 
+def test_a_readers_snapshot_sees_one_committed_state(pg_dsn: str) -> None:
+    """`stats()` adds up several queries: inside `snapshot()` a commit in between is not
+    seen (REPEATABLE READ), and a nested snapshot is the outer one."""
+    writer = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
+    reader = writer.reader()
+    writer.insert_snapshot(_row("s-1"))
+    writer.commit_blocks("s-1", [NewBlock(A, 10, 5, 1)], [(0, A)], {"size": 10})
+    with reader.db.snapshot():
+        before = reader.stats()  # its own snapshot() nests in this one
+        writer.insert_snapshot(_row("s-2"))
+        writer.commit_blocks("s-2", [], [(0, A)], {"size": 10})
+        assert reader.stats() == before
+    assert reader.stats().referenced_plain_bytes == 2 * before.referenced_plain_bytes
+    reader.close()
+    writer.close()
+
+
 # --- concurrency: the region lock and the triggers' locks ----------------------------------
 
 
