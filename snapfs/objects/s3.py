@@ -302,19 +302,24 @@ class S3Backend:
 
         return self._call("GET", key, fetch)
 
-    def sized_keys(self) -> Iterator[tuple[str, int]]:
-        """Every object key under the prefix with its size, page by page."""
+    def listing(self) -> Iterator[dict[str, Any]]:
+        """Every object under the prefix as LIST gives it (Key, Size, ETag, LastModified),
+        page by page."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call("LIST", "", functools.partial(self.client.list_objects_v2, **kwargs))
-            for item in page.get("Contents", []):
-                yield item["Key"][len(self.prefix) :], int(item["Size"])
+            yield from page.get("Contents", [])
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
+
+    def sized_keys(self) -> Iterator[tuple[str, int]]:
+        """Every object key under the prefix (relative to it) with its size."""
+        for item in self.listing():
+            yield item["Key"][len(self.prefix) :], int(item["Size"])
 
     def exists(self, key: str) -> bool:
         try:

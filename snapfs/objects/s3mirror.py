@@ -19,12 +19,11 @@ the primary's new objects as orphans or delete a pack a manifest still needs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from snapfs.errors import ReadOnlyRegion
 from snapfs.objects.protocol import Buffers
@@ -75,18 +74,9 @@ class ReadOnlyS3Backend(S3Backend):
         """Every key under the prefix with a tag that changes when its object does (ETag,
         size, time), page by page: how a refresh tells which manifests changed without
         fetching them."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self._call("LIST", "", functools.partial(self.client.list_objects_v2, **kwargs))
-            for item in page.get("Contents", []):
-                tag = f"{item.get('ETag', '')}/{item['Size']}/{item.get('LastModified', '')}"
-                yield item["Key"][len(self.prefix) :], tag
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
+        for item in self.listing():
+            tag = f"{item.get('ETag', '')}/{item['Size']}/{item.get('LastModified', '')}"
+            yield item["Key"][len(self.prefix) :], tag
 
 
 class MirroredPackedS3Backend(PackedS3Backend):
