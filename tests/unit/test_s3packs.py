@@ -92,6 +92,19 @@ def open_store(base: S3Backend, tmp_path: Path) -> Iterator:
         store.close()
 
 
+def count_ranged_gets(store: PackedS3Backend) -> list[int]:
+    """The lengths of the ranged GETs the store makes of its packs from now on."""
+    fetched: list[int] = []
+    ranged = store.packs.get_range
+
+    def counting(pack: str, offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return ranged(pack, offset, length)
+
+    store.packs.get_range = counting  # type: ignore[method-assign]
+    return fetched
+
+
 def packs_in_bucket(store: PackedS3Backend) -> dict[str, int]:
     return dict(store.packs.sized_keys())
 
@@ -178,14 +191,7 @@ def test_repack_moves_live_objects_and_keeps_them_readable(open_store) -> None:
     store.sync()
     (old,) = packs_in_bucket(store)
     store.delete_many([key(0), key(1), key(2)])  # 60% dead
-    fetched: list[int] = []
-    ranged = store.packs.get_range
-
-    def counting(pack: str, offset: int, length: int) -> bytes:
-        fetched.append(length)
-        return ranged(pack, offset, length)
-
-    store.packs.get_range = counting  # type: ignore[method-assign]
+    fetched = count_ranged_gets(store)
     moved = store.maintain(now=time.time() + 1)
     assert moved == 2
     assert fetched == [400 * KiB]  # the live range only: one GET, no dead bytes
@@ -383,14 +389,7 @@ def test_get_many_reads_neighbours_in_one_ranged_get(open_store, base: S3Backend
     store.sync()
     store.put(key(50), b"still in the spool")
     base.sibling(LEGACY_PREFIX).put(key(60), b"old layout")
-    fetched: list[int] = []
-    ranged = store.packs.get_range
-
-    def counting(pack: str, offset: int, length: int) -> bytes:
-        fetched.append(length)
-        return ranged(pack, offset, length)
-
-    store.packs.get_range = counting  # type: ignore[method-assign]
+    fetched = count_ranged_gets(store)
     wanted = [key(n) for n in (3, 4, 5, 6, 9, 50, 60, 70)]
     got = store.get_many(wanted)
     assert got == {k: objects[k] for k in wanted[:5]} | {key(50): b"still in the spool"}
