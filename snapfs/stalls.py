@@ -33,7 +33,8 @@ class StallWatch(trio.abc.Instrument):
         self.step_task = ""
         self.reported = False
         self.stop = threading.Event()
-        threading.Thread(target=self._watch, name="snapfs-stallwatch", daemon=True).start()
+        self.watcher = threading.Thread(target=self._watch, name="snapfs-stallwatch", daemon=True)
+        self.watcher.start()
 
     def before_task_step(self, task: Any) -> None:
         self.step_task, self.reported = task.name, False
@@ -47,7 +48,10 @@ class StallWatch(trio.abc.Instrument):
             )
 
     def after_run(self) -> None:
+        # Wait for the watcher: a stall it is still describing (formatting the stacks takes
+        # a while on a busy machine) is logged before trio.run returns, not after.
         self.stop.set()
+        self.watcher.join(timeout=5)
 
     def _watch(self) -> None:
         while not self.stop.wait(self.threshold / 4):
