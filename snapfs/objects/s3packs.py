@@ -640,7 +640,9 @@ class PackedS3Backend:
         self._delete_dead(now)
         moved = self._repack(now)
         if moved and not self.grace:
-            self._delete_dead(now)  # the packs just emptied, where no grace keeps them
+            # The packs just emptied, where no grace keeps them: their dead_since is later
+            # than `now`, so ask with the clock as it is after the repack.
+            self._delete_dead(max(now, time.time()))
         return moved
 
     def _delete_dead(self, now: float) -> None:
