@@ -5,6 +5,7 @@ publishes later (new snapshots appear, deleted ones go, a repack does not break 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -106,7 +107,7 @@ def test_a_read_only_region_reads_refuses_changes_and_follows_the_primary(
         assert attr(local, "read_only") == "false"
         assert dr.region_status(REGION)["read_only"] is True
         assert dr.region_status("us-east-1")["read_only"] is False
-        with sqlite3.connect(dr.store / "store.db") as db:
+        with contextlib.closing(sqlite3.connect(dr.store / "store.db")) as db:
             rows = dict(db.execute("SELECT name, read_only FROM regions").fetchall())
         assert rows == {REGION: 1, "us-east-1": 0}
 

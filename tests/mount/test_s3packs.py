@@ -5,6 +5,7 @@ leaves nothing behind, and a region of the old one-object-per-block layout keeps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ def random_image(path: Path, blocks: int, block: int) -> Path:
 def packs_db(m: SnapfsMount, region: str, query: str) -> list[tuple]:
     """Rows of a query on the region's pack locations (s3packs/packs.db), read-only."""
     db = m.store / "regions" / region / "s3packs" / "packs.db"
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return conn.execute(query).fetchall()
 
 
