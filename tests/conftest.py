@@ -26,6 +26,16 @@ from snapfs.objects.local import is_object_name, object_path
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
+# Under pytest-xdist (scripts/test runs two workers), each worker keeps its mount records
+# in a runtime directory of its own: commands that look for "the one store mounted"
+# (snapfs key create, snapfs status with no path) must not see the other worker's mounts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(
+        prefix=f"snapfs-test-{os.environ['PYTEST_XDIST_WORKER']}-"
+    )
+
 
 def run(*args: str | os.PathLike, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a tool; with `check`, a failure names its exit status and stderr (CI logs show
