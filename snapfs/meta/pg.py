@@ -5,7 +5,8 @@
 every query is the one in meta/index.py, run through `PgConnection` (meta/engine.py's
 interface). This module holds only what is PostgreSQL's own: the schema and its triggers
 (PG_MIGRATIONS), the connection (URL, errors, placeholders, the region's views), and the
-accessors of the tables only this engine has (regions, sessions, packs, block locations).
+connection to a region's rows. What only a shared region uses (sessions, packs, block
+locations, change numbers) is read and written by meta/ledger.py.
 
 Schema (`snapfs` schema; version in `snapfs.schema_info`)
 ---------------------------------------------------------
@@ -17,8 +18,11 @@ Schema (`snapfs` schema; version in `snapfs.schema_info`)
 - `blocks.pack_id, pack_offset, pack_length`: where a block's object is inside a pack object
   (all three or none); `packs(region_id, id, size, live_bytes, state, created_at)`, with
   `live_bytes` kept by a trigger on `blocks` (the lengths of the blocks located in it).
-- `sessions(id, region_id, host, pid, started_at, heartbeat_at, state)`: who has a region
-  open (for hosts to see each other; nothing acts on them yet).
+- `sessions(id, region_id, host, pid, started_at, heartbeat_at, state, ttl)`: who has a
+  shared region mounted (meta/ledger.py).
+- Schema 2: `snapshots.seq` (a change number from a sequence, set by a trigger on every
+  insert and update), `owner`, `closed`, `changed_by`, `changed_at`, `purged`; packs keyed
+  by the bucket's pack ids (text) with `dead_since` and the registering `session_id`.
 - The refcount triggers of SQLite's schema (map rows and deltas count on `blocks.refcount`),
   and the check that a map row names a block with a row, in PL/pgSQL.
 
@@ -67,7 +71,6 @@ import contextlib
 import functools
 import logging
 import re
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -102,8 +105,10 @@ REGION_TABLES = (
     "snapshot_tags",
     "id_translations",
 )
-PACK_STATES = ("open", "sealed", "deleting")
-SESSION_STATES = ("active", "ended", "expired")
+# Columns of the shared tables that SQLite's index does not have (schema 2: the ledger's).
+_NOT_IN_SQLITE = frozenset(
+    {"region_id", "seq", "owner", "closed", "changed_by", "changed_at", "purged"}
+)
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 _MIGRATION_LOCK = 0x736E617066730001  # pg_advisory_xact_lock key: "snapfs" + 1
 
@@ -317,7 +322,56 @@ def _v1(conn: psycopg.Connection) -> None:
     )
 
 
-PG_MIGRATIONS: list[PgMigration] = [_v1]
+def _v2(conn: psycopg.Connection) -> None:
+    """What shared regions need (meta/ledger.py): a change number on every snapshot row
+    (hosts pull what changed since the last one they saw), who owns an unfinished snapshot
+    and whether its writer closed it, purged deletions; packs named by the bucket's pack ids
+    (text), owned by the session that registered them, dead since when; sessions' ttl."""
+    conn.execute(
+        """
+        ALTER TABLE snapfs.snapshots
+            ADD COLUMN seq BIGINT NOT NULL DEFAULT 0,
+            ADD COLUMN owner TEXT COLLATE "C",
+            ADD COLUMN closed INTEGER NOT NULL DEFAULT 0,
+            ADD COLUMN changed_by TEXT COLLATE "C",
+            ADD COLUMN changed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+            ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
+        CREATE SEQUENCE snapfs.changes;
+        CREATE FUNCTION snapfs.snapshot_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.seq := nextval('snapfs.changes');
+            NEW.changed_at := extract(epoch from clock_timestamp());
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER snapshots_changed BEFORE INSERT OR UPDATE ON snapfs.snapshots
+            FOR EACH ROW EXECUTE FUNCTION snapfs.snapshot_changed();
+        CREATE INDEX snapshots_seq ON snapfs.snapshots(region_id, seq);
+        CREATE INDEX snapshots_owner ON snapfs.snapshots(region_id, owner)
+            WHERE owner IS NOT NULL;
+
+        ALTER TABLE snapfs.blocks DROP CONSTRAINT blocks_region_id_pack_id_fkey;
+        DROP TRIGGER blocks_pack_update ON snapfs.blocks;
+        ALTER TABLE snapfs.packs ALTER COLUMN id DROP IDENTITY;
+        ALTER TABLE snapfs.packs ALTER COLUMN id TYPE TEXT COLLATE "C";
+        ALTER TABLE snapfs.blocks ALTER COLUMN pack_id TYPE TEXT COLLATE "C";
+        CREATE TRIGGER blocks_pack_update AFTER UPDATE OF pack_id, pack_length ON snapfs.blocks
+            FOR EACH ROW WHEN (OLD.pack_id IS DISTINCT FROM NEW.pack_id
+                OR OLD.pack_length IS DISTINCT FROM NEW.pack_length)
+            EXECUTE FUNCTION snapfs.pack_bytes_counted();
+        ALTER TABLE snapfs.blocks ADD FOREIGN KEY (region_id, pack_id)
+            REFERENCES snapfs.packs(region_id, id);
+        ALTER TABLE snapfs.packs
+            ADD COLUMN dead_since DOUBLE PRECISION,
+            ADD COLUMN session_id TEXT COLLATE "C";
+        CREATE INDEX packs_state ON snapfs.packs(region_id, state);
+        CREATE INDEX blocks_unreferenced_all ON snapfs.blocks(region_id) WHERE refcount <= 0;
+
+        ALTER TABLE snapfs.sessions ADD COLUMN ttl DOUBLE PRECISION NOT NULL DEFAULT 30;
+        """
+    )
+
+
+PG_MIGRATIONS: list[PgMigration] = [_v1, _v2]
 
 
 # --- URLs and connecting ---------------------------------------------------------------------
@@ -337,7 +391,20 @@ def redacted(url: str) -> str:
         return "<an unparsable URL>"
 
 
-def _check_url(url: str) -> dict[str, Any]:
+def without_password(url: str) -> str:
+    """The URL as a store records it: no password (in the user part or a `password=`
+    parameter). libpq then takes it from PGPASSWORD, ~/.pgpass or a service file, as psql
+    does, so a secret never lands in store.db."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}@{host}"
+    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("password="))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_url(url: str) -> dict[str, Any]:
     shown = redacted(url)
     if urlsplit(url).scheme not in ("postgresql", "postgres"):
         raise InvalidIndexUrl(f"the region index {shown} is not a postgresql:// URL")
@@ -361,7 +428,7 @@ def connect(url: str) -> psycopg.Connection:
     """An autocommit connection to the database at `url`; a clear SnapfsError when the URL
     is malformed (InvalidIndexUrl), the server unreachable (IndexUnavailable) or the
     credentials wrong (IndexDenied), naming the URL without its password."""
-    params = _check_url(url)
+    params = check_url(url)
     params.setdefault("connect_timeout", CONNECT_TIMEOUT)
     shown = redacted(url)
     try:
@@ -498,6 +565,12 @@ class PgConnection:
             yield self
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as the shared queries expect them: as SQLite's, without the region id and
+        the columns only a shared region's ledger keeps (meta/ledger.py reads those with
+        `all_rows`)."""
+        return dict_rows(self.execute(sql, params), skip=_NOT_IN_SQLITE)
+
+    def all_rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return dict_rows(self.execute(sql, params), skip=frozenset({"region_id"}))
 
     def conflict(self, columns: str) -> str:
@@ -512,7 +585,7 @@ class PgConnection:
             "WHERE table_schema = 'snapfs' AND table_name = ?",
             [table],
         )
-        return {r[0] for r in rows} - {"region_id"}
+        return {r[0] for r in rows} - _NOT_IN_SQLITE
 
     def quick_check(self, limit: int) -> list[str]:
         """SQLite's page check has no counterpart here: the server checks its own pages
@@ -545,8 +618,8 @@ class PgConnection:
 
 
 class PgRegionIndex(RegionIndex):
-    """A region's index in PostgreSQL: RegionIndex's methods, plus the region's sessions,
-    packs and block locations."""
+    """A region's index in PostgreSQL: RegionIndex's methods on the region's rows (a shared
+    region's own tables are meta/ledger.py's)."""
 
     db: PgConnection
 
@@ -607,114 +680,15 @@ class PgRegionIndex(RegionIndex):
     def reader(self) -> PgRegionIndex:
         return PgRegionIndex.attach(self._url, self.name, readonly=True)
 
-    # --- sessions: who has the region open ---------------------------------------------------
-
-    def open_session(self, host: str, pid: int, now: float) -> str:
-        """Record that `host`'s process `pid` has the region open; its session id."""
-        session_id = uuid.uuid4().hex
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO snapfs.sessions (id, region_id, host, pid, started_at, heartbeat_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [session_id, self.region_id, host, pid, now, now],
-            )
-        return session_id
-
-    def heartbeat(self, session_id: str, now: float) -> bool:
-        """The session is still alive at `now`; False if it is no longer active."""
-        cur = self.db.execute(
-            "UPDATE snapfs.sessions SET heartbeat_at = ? WHERE id = ? AND region_id = ? "
-            "AND state = 'active'",
-            [now, session_id, self.region_id],
-        )
-        return cur.rowcount == 1
-
-    def set_session_state(self, session_id: str, state: str) -> None:
-        """'ended' (closed cleanly) or 'expired' (its heartbeats stopped)."""
-        if state not in SESSION_STATES:
-            raise ValueError(f"not a session state: {state!r}")
-        self.db.execute(
-            "UPDATE snapfs.sessions SET state = ? WHERE id = ? AND region_id = ?",
-            [state, session_id, self.region_id],
-        )
-
-    def sessions(self, *, state: str | None = None) -> list[dict[str, Any]]:
-        where = "" if state is None else " AND state = ?"
-        return self.db.rows(
-            "SELECT id, host, pid, started_at, heartbeat_at, state FROM snapfs.sessions "
-            f"WHERE region_id = ?{where} ORDER BY started_at, id",
-            [self.region_id, *([] if state is None else [state])],
-        )
-
-    # --- packs and where a block is in one ---------------------------------------------------
-
-    def add_pack(self, size: int, now: float, *, state: str = "open") -> int:
-        """A new pack object's row; its id (unique in the database, not only the region)."""
-        with self.db.transaction() as conn:
-            row = conn.execute(
-                "INSERT INTO snapfs.packs (region_id, size, state, created_at) "
-                "VALUES (?, ?, ?, ?) RETURNING id",
-                [self.region_id, size, state, now],
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def update_pack(
-        self, pack_id: int, *, size: int | None = None, state: str | None = None
-    ) -> None:
-        fields = {k: v for k, v in (("size", size), ("state", state)) if v is not None}
-        if not fields:
-            return
-        with self.db.transaction() as conn:
-            conn.execute(
-                f"UPDATE snapfs.packs SET {', '.join(f'{k} = ?' for k in fields)} "
-                "WHERE region_id = ? AND id = ?",
-                [*fields.values(), self.region_id, pack_id],
-            )
-
-    def packs(self, *, state: str | None = None) -> list[dict[str, Any]]:
-        where = "" if state is None else " AND state = ?"
-        return self.db.rows(
-            "SELECT id, size, live_bytes, state, created_at FROM snapfs.packs "
-            f"WHERE region_id = ?{where} ORDER BY id",
-            [self.region_id, *([] if state is None else [state])],
-        )
-
-    def delete_pack(self, pack_id: int) -> None:
-        """Drop a pack's row; refused (IntegrityError) while a block is located in it."""
-        with self.db.transaction() as conn:
-            conn.execute(
-                "DELETE FROM snapfs.packs WHERE region_id = ? AND id = ?",
-                [self.region_id, pack_id],
-            )
-
-    def set_block_locations(self, locations: Iterable[tuple[bytes, int, int, int]]) -> None:
-        """(block id, pack id, offset, length) of blocks whose rows exist, in one
-        transaction; the packs' live bytes follow by trigger."""
-        with self.db.transaction() as conn:
-            conn.executemany(
-                "UPDATE blocks SET pack_id = ?, pack_offset = ?, pack_length = ? WHERE id = ?",
-                [(pack, offset, length, bid) for bid, pack, offset, length in locations],
-            )
-
-    def block_location(self, block_id: bytes) -> tuple[int, int, int] | None:
-        """(pack id, offset, length) of a block in a pack; None if it is in none (or has
-        no row)."""
-        row = self.db.execute(
-            "SELECT pack_id, pack_offset, pack_length FROM blocks WHERE id = ? "
-            "AND pack_id IS NOT NULL",
-            [block_id],
-        ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
-
-    def blocks_in_pack(self, pack_id: int) -> list[tuple[bytes, int, int]]:
-        """(block id, offset, length) of every block located in the pack, by offset."""
-        rows = self.db.execute(
-            "SELECT id, pack_offset, pack_length FROM blocks WHERE pack_id = ? "
-            "ORDER BY pack_offset",
-            [pack_id],
-        )
-        return [(r[0], r[1], r[2]) for r in rows]
+    def drop_region(self) -> None:
+        """Take the region out of the database with all its rows (a create whose other
+        half, claiming the bucket, failed)."""
+        with self.db.conn.transaction():
+            for table in (*reversed(REGION_TABLES), "sessions", "packs"):
+                self.db.conn.execute(
+                    f"DELETE FROM snapfs.{table} WHERE region_id = %s", [self.region_id]
+                )
+            self.db.conn.execute("DELETE FROM snapfs.regions WHERE id = %s", [self.region_id])
 
 
 def _migrate_as_allowed(conn: psycopg.Connection, url: str) -> None:

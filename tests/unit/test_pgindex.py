@@ -273,64 +273,6 @@ def test_a_map_row_naming_a_block_deleted_meanwhile_is_refused(pg_dsn: str) -> N
     collector.close()
 
 
-# --- sessions, packs and block locations ----------------------------------------------------
-
-
-def test_sessions_of_a_region(pg_dsn: str) -> None:
-    east = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
-    west = PgRegionIndex.create(pg_dsn, "us-west-1", created_at=1.0)
-    one = east.open_session("host-a", 100, now=10.0)
-    two = east.open_session("host-b", 200, now=11.0)
-    assert east.heartbeat(one, now=15.0)
-    east.set_session_state(two, "ended")
-    assert not east.heartbeat(two, now=16.0)  # an ended session beats no more
-    assert not west.heartbeat(one, now=16.0)  # nor through another region
-    assert [(s["host"], s["heartbeat_at"], s["state"]) for s in east.sessions()] == [
-        ("host-a", 15.0, "active"),
-        ("host-b", 11.0, "ended"),
-    ]
-    assert [s["id"] for s in east.sessions(state="active")] == [one]
-    assert west.sessions() == []
-    with pytest.raises(ValueError):
-        east.set_session_state(one, "asleep")
-    east.close()
-    west.close()
-
-
-def test_packs_count_the_live_bytes_of_the_blocks_located_in_them(pg_dsn: str) -> None:
-    index = PgRegionIndex.create(pg_dsn, "us-east-1", created_at=1.0)
-    pack = index.add_pack(size=0, now=5.0)
-    assert index.packs() == [
-        {"id": pack, "size": 0, "live_bytes": 0, "state": "open", "created_at": 5.0}
-    ]
-    index.insert_snapshot(_row("s-1"))
-    blocks = [NewBlock(A, 10, 100, 1), NewBlock(B, 10, 50, 1), NewBlock(C, 10, 7, 1)]
-    index.commit_blocks("s-1", blocks, [(0, A), (1, B)], {})
-    index.set_block_locations([(A, pack, 0, 100), (B, pack, 100, 50), (C, pack, 150, 7)])
-    index.update_pack(pack, size=157, state="sealed")
-    assert index.block_location(B) == (pack, 100, 50)
-    assert index.blocks_in_pack(pack) == [(A, 0, 100), (B, 100, 50), (C, 150, 7)]
-    assert index.packs(state="sealed")[0]["live_bytes"] == 157
-
-    assert index.drop_unreferenced([C]) == [C]  # its row goes, and its bytes with it
-    assert index.packs()[0]["live_bytes"] == 150
-    index.set_block_locations([(B, pack, 100, 40)])  # a location rewritten moves its bytes
-    assert index.packs()[0]["live_bytes"] == 140
-    with pytest.raises(psycopg.IntegrityError):  # still holds A and B
-        index.delete_pack(pack)
-    with pytest.raises(psycopg.IntegrityError):
-        index.update_pack(pack, state="lost")
-    with pytest.raises(psycopg.IntegrityError):  # a location is all three columns or none
-        index.db.execute("UPDATE blocks SET pack_offset = NULL WHERE id = ?", [A])
-
-    index.delete_snapshot("s-1")
-    assert index.drop_unreferenced([A, B]) == [A, B]
-    assert index.packs()[0]["live_bytes"] == 0 and index.block_location(A) is None
-    index.delete_pack(pack)
-    assert index.packs() == []
-    index.close()
-
-
 # --- schema ----------------------------------------------------------------------------------
 
 
