@@ -317,6 +317,10 @@ class PackedS3Backend:
         self.pack_target = pack_target
         self.pack_age = pack_age
         self.sealer: TrailerSealer | None = None  # set by the region before its first put
+        # Called (in the uploading thread) with a pack's id before its PUT: a shared region
+        # registers the pack in its ledger first (service/shared.py), so that a pack of a
+        # host that dies is found and deleted, never mistaken for a live one.
+        self.on_upload: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._uploaded = threading.Condition(self._lock)
         self._open: _Pack | None = None
@@ -440,6 +444,8 @@ class PackedS3Backend:
                 return
             pack.uploading = True
         try:
+            if self.on_upload is not None:
+                self.on_upload(pack.id)
             data = os.pread(pack.fd, pack.size, 0)  # closed: nobody writes to it any more
             self.packs.put(pack.id, data)
             fault_point("pack_uploaded")
@@ -536,6 +542,23 @@ class PackedS3Backend:
                 "SELECT pack, offset, length FROM objects WHERE key = ?", (bytes.fromhex(key),)
             ).fetchone()
         return None if row is None else PackLocation(str(row[0]), int(row[1]), int(row[2]))
+
+    def locations(self, keys: Sequence[str]) -> tuple[dict[str, PackLocation], dict[str, int]]:
+        """Where committed objects are, and the sizes of their packs (objects still in the
+        spool, or of the old layout, are left out)."""
+        found: dict[str, PackLocation] = {}
+        sizes: dict[str, int] = {}
+        with self._lock:
+            for key in keys:
+                row = self._db.execute(
+                    "SELECT o.pack, o.offset, o.length, p.size FROM objects o "
+                    "JOIN packs p ON p.id = o.pack WHERE o.key = ?",
+                    (bytes.fromhex(key),),
+                ).fetchone()
+                if row is not None:
+                    found[key] = PackLocation(str(row[0]), int(row[1]), int(row[2]))
+                    sizes[str(row[0])] = int(row[3])
+        return found, sizes
 
     def get(self, key: str) -> bytes:
         with self._lock:

@@ -20,13 +20,15 @@ def open_block_store(
     readonly: bool = False,
     max_wait: float | None = None,
     bucket_readonly: bool = False,
+    shared: bool = False,
 ) -> ObjectStore:
     """The block objects of the region whose catalogue row says `backend_url` ('local' or
     None: packs under `region_directory/blocks`; s3://BUCKET/PREFIX: that bucket, at
     `endpoint`). `max_wait` bounds an object store's retries (None: its default).
     `readonly`: the local state is only read (a check beside the daemon);
     `bucket_readonly`: a region attached read-only, whose bucket is never changed
-    (objects/s3mirror.py)."""
+    (objects/s3mirror.py); `shared`: a region several hosts write, whose objects only its
+    ledger's collector deletes (objects/s3shared.py)."""
     if (backend_url or LOCAL) == LOCAL:
         return LocalBackend(region_directory / "blocks", readonly=readonly)
     from snapfs.objects.s3 import S3Backend, S3Location  # boto3 only when a bucket is used
@@ -40,6 +42,10 @@ def open_block_store(
             location, region_directory / PACKED_STATE, readonly=readonly, max_wait=max_wait
         )
     region = S3Backend(location) if max_wait is None else S3Backend(location, max_wait=max_wait)
+    if shared:
+        from snapfs.objects.s3shared import SharedPackedS3Backend
+
+        return SharedPackedS3Backend(region, region_directory / PACKED_STATE, readonly=readonly)
     # New writes pack (issue 19); objects of the one-object-per-block layout under
     # BLOCKS_PREFIX are still read, listed and deleted there.
     return PackedS3Backend(region, region_directory / PACKED_STATE, readonly=readonly)

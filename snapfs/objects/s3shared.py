@@ -1,0 +1,82 @@
+"""The packed store of a region shared by several hosts (issue 19, service/shared.py).
+
+Every host of a shared region writes packs into the one bucket prefix, and the region's
+ledger in PostgreSQL (meta/ledger.py) decides what lives there: a block's row names its
+pack, a pack's live bytes are counted by the ledger's triggers, and the region's collector
+(one host at a time) deletes dead packs after their grace. This host's `packs.db` is only a
+cache of where the blocks it has seen are.
+
+So `SharedPackedS3Backend` writes and reads as `PackedS3Backend` does, but never deletes an
+object in the bucket on its own: deleting objects (the local collector, once no local row
+names a block) only forgets their locations here; upkeep (repacks, dead packs) is the
+ledger's collector's; and reclaiming after a crash clears this host's spool, never a pack
+in the bucket (another host's packs are unknown here by nature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from snapfs.objects.s3packs import PackedS3Backend
+
+if TYPE_CHECKING:
+    from snapfs.objects.protocol import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class SharedPackedS3Backend(PackedS3Backend):
+    """A shared region's packs: written and read here, deleted only by the region."""
+
+    def delete_many(self, keys: Sequence[str], each: Callable[[], None] | None = None) -> None:
+        """Forget where the objects are (their bytes are the region's to delete)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for key in keys:
+                    spooled = self._pending.pop(key, None)
+                    if spooled is not None and not spooled[0].closed:
+                        spooled[0].entries.pop(key, None)
+                    self._drop_row(key, now)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        if each is not None:
+            for _ in keys:
+                each()
+
+    def maintain(self, *, now: float | None = None) -> int:
+        return 0  # the region's collector (service/shared.py) keeps the packs
+
+    def reclaim_unmapped(self) -> int:
+        """Only this host's spool: what an earlier process put and never uploaded."""
+        with self._lock:
+            known = set(self._closed)
+            if self._open is not None:
+                known.add(self._open.id)
+        cleared = 0
+        for leftover in self.spool.iterdir():
+            if leftover.name not in known:
+                cleared += leftover.stat().st_size
+                leftover.unlink()
+        return cleared
+
+    def pack_problems(self) -> list[str]:
+        return []  # which packs should be there is the ledger's to say
+
+    def destroy(self) -> None:
+        """This host leaves the region: its local state goes, the bucket stays the region's."""
+        self.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.state_dir)
+
+
+if TYPE_CHECKING:
+    _conforms: type[ObjectStore] = SharedPackedS3Backend
