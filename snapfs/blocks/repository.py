@@ -31,7 +31,7 @@ import functools
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,6 +187,9 @@ class BlockRepository:
         self._compression: str | None = None
         self._deltas: bool | None = None
         self.closed = False
+        # A shared region's lookup of blocks other hosts stored (service/shared.py): a new
+        # block found there is recorded here instead of uploaded again (None: not shared).
+        self.shared_lookup: Callable[[bytes], Awaitable[NewBlock | None]] | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -395,6 +398,13 @@ class BlockRepository:
             return StoredBlock(block_id, known, written=False)
         done = self._writing[block_id] = trio.Event()
         try:
+            if self.shared_lookup is not None:
+                # After the claim above (`_writing`): other writers here of this block wait
+                # for the answer rather than ask too.
+                found = await self.shared_lookup(block_id)
+                if found is not None:
+                    self._uncommitted[block_id] = found
+                    return StoredBlock(block_id, found, written=False)
             if self.remote:
                 encoded = await workers.run_sync(make_object, limiter=self.limiter)
                 await workers.run_sync(

@@ -623,8 +623,8 @@ def cmd_key(args: argparse.Namespace) -> int:
 _REGION_ERRORS = {
     errno.EEXIST: ("InvalidRegionId.Duplicate", "the region exists, or the prefix holds one"),
     errno.ENOENT: ("InvalidRegionId.NotFound", "no snapfs region (or bucket) at that location"),
-    errno.EACCES: ("Forbidden.ObjectStore", "the object store refused the credentials"),
-    errno.EIO: ("ServiceUnavailable.ObjectStore", "the object store did not answer"),
+    errno.EACCES: ("Forbidden", "the object store or the shared index refused the credentials"),
+    errno.EIO: ("ServiceUnavailable", "the object store or the shared index did not answer"),
     errno.EINVAL: ("InvalidParameter", "a parameter was refused"),
     errno.EROFS: ("OperationNotPermitted.ReadOnlyRegion", "the region is attached read-only"),
 }
@@ -644,6 +644,19 @@ def cmd_region(args: argparse.Namespace) -> int:
         location = S3Location.parse(args.backend, args.endpoint)
     if args.region_command == "attach" and location is None:
         return _fail("InvalidParameter", "attach needs --backend s3://BUCKET[/PREFIX]")
+    index = args.index
+    if index is not None:
+        from snapfs.meta.pg import check_url
+
+        check_url(index)  # InvalidIndexUrl before anything is made
+        if location is None:
+            return _fail("InvalidParameter", "a shared region (--index) needs --backend s3://...")
+        if getattr(args, "read_only", False):
+            return _fail(
+                "InvalidParameter",
+                "--read-only attaches a bucket alone (disaster recovery); --index joins a "
+                "shared region to write",
+            )
     read_only = getattr(args, "read_only", False)
     refresh = getattr(args, "refresh", None)
     if refresh is not None:
@@ -657,10 +670,16 @@ def cmd_region(args: argparse.Namespace) -> int:
         if location is None:
             _create_local_offline(store, args.name)
         else:
-            regionadmin.create_offline(store, args.name, location)
-        print(f"created region {args.name}" + (f" on {location}" if location else ""))
+            regionadmin.create_offline(store, args.name, location, index)
+        print(f"created region {args.name}" + (f" on {location}" if location else "")
+              + _shared_note(index))  # fmt: skip
         return 0
     assert location is not None
+    if index is not None:
+        count = regionadmin.attach_shared_offline(store, args.name, location, index)
+        print(f"attached region {args.name} from {location}{_shared_note(index)}: {count} "
+              "snapshots (they arrive at the next mount)")  # fmt: skip
+        return 0
     report = regionadmin.attach_offline(
         store, args.name, location, read_only=read_only, refresh=refresh
     )
@@ -671,6 +690,14 @@ def cmd_region(args: argparse.Namespace) -> int:
         f"{len(report.restored)} snapshots"
     )
     return 0
+
+
+def _shared_note(index: str | None) -> str:
+    if index is None:
+        return ""
+    from snapfs.meta.pg import redacted
+
+    return f", shared through {redacted(index)}"
 
 
 def _create_local_offline(store: Path, name: str) -> None:
@@ -692,10 +719,10 @@ def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) 
             os.mkdir(mountpoint / args.name)
         else:
             attr = regionadmin.CREATE_ATTR
-            options = {}
+            options: dict = {"index": args.index}
             if args.region_command == "attach":
                 attr = regionadmin.ATTACH_ATTR
-                options = {"read_only": args.read_only, "refresh": args.refresh}
+                options |= {"read_only": args.read_only, "refresh": args.refresh}
             os.setxattr(mountpoint, attr, regionadmin.request(args.name, location, **options))
     except OSError as exc:
         code, message = _REGION_ERRORS.get(exc.errno or 0, ("InternalError", str(exc)))
@@ -703,10 +730,11 @@ def _region_through_mount(args: argparse.Namespace, mountpoint: Path, location) 
         where = f" (see the daemon log in {record.store})" if record else ""
         return _fail(code, message + where)
     if args.region_command == "create":
-        print(f"created region {args.name}" + (f" on {location}" if location else ""))
+        print(f"created region {args.name}" + (f" on {location}" if location else "")
+              + _shared_note(args.index))  # fmt: skip
     else:
         count = len(os.listdir(mountpoint / args.name))
-        mode = " read-only" if args.read_only else ""
+        mode = " read-only" if args.read_only else _shared_note(args.index)
         print(f"attached region {args.name} from {location}{mode}: {count} snapshots")
     return 0
 
@@ -821,6 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         r.add_argument("--endpoint", help="URL of an S3-compatible server (default: AWS)")
         r.add_argument("--store", help="store directory (default: $XDG_DATA_HOME/snapfs)")
+        r.add_argument(
+            "--index",
+            metavar="postgresql://...",
+            help="share the region with other stores through this PostgreSQL database "
+            "(its password from PGPASSWORD or ~/.pgpass; needs --backend s3://...)",
+        )
     p.set_defaults(func=cmd_region)
 
     p = sub.add_parser("diff", help="byte ranges where two snapshots differ (block-aligned)")

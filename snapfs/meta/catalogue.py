@@ -1,6 +1,7 @@
 """The store's catalogue (`store.db`): its schema and migrations, and the store lock.
 
-The catalogue lists the regions (name, backend, endpoint, read_only and refresh), holds
+The catalogue lists the regions (name, backend, endpoint, read_only, refresh and the
+shared index's URL), holds
 the customer master keys (meta/keys.py) and the store's meta (format, block size, the
 clean-stop flag). The lock file is flock()ed by whoever has the store open for writing
 (the daemon, `check --repair`).
@@ -73,7 +74,14 @@ def _v4(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE regions ADD COLUMN refresh REAL")
 
 
-MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Regions shared by several stores (issue 19): `index_url` names the PostgreSQL
+    database of the region's ledger (meta/ledger.py), without a password (libpq takes it
+    from PGPASSWORD or ~/.pgpass, as psql does); NULL: the region is this store's alone."""
+    db.execute("ALTER TABLE regions ADD COLUMN index_url TEXT")
+
+
+MIGRATIONS: list[dbutil.Migration] = [_v1, _v2, _v3, _v4, _v5]
 
 
 def make_private(path: Path) -> None:

@@ -1329,6 +1329,23 @@ class RegionIndex:
         with self.db.transaction() as conn:
             conn.execute("UPDATE blocks SET base_id = ? WHERE id = ?", [base_id, block_id])
 
+    def block_rows(self, block_ids: Sequence[bytes]) -> dict[bytes, NewBlock]:
+        """The rows of those of `block_ids` the index has (a shared region's commit sends
+        them to its ledger, meta/ledger.py)."""
+        found: dict[bytes, NewBlock] = {}
+        for i in range(0, len(block_ids), _IN_CHUNK):
+            part = list(block_ids[i : i + _IN_CHUNK])
+            for row in self.db.execute(
+                "SELECT id, plain_size, stored_size, codec, key_id, base_id FROM blocks "
+                f"WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                found[bytes(row[0])] = NewBlock(
+                    bytes(row[0]), row[1], row[2], row[3], row[4],
+                    bytes(row[5]) if row[5] is not None else None,
+                )  # fmt: skip
+        return found
+
     def has_block(self, block_id: bytes) -> bool:
         row = self.db.execute("SELECT 1 FROM blocks WHERE id = ?", [block_id]).fetchone()
         return row is not None

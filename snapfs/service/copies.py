@@ -74,7 +74,7 @@ class SnapshotCopies(StoreParts):
         displaced = dst_region.snapshots.get(new_name)
         if displaced is not None and flags & RENAME_NOREPLACE:
             raise AlreadyExists(f"snapshot {new_name!r} already exists in region {dst_region.name}")
-        dst = self._start_copy(
+        dst = await self._start_copy(
             source,
             dst_region,
             new_name,
@@ -120,7 +120,7 @@ class SnapshotCopies(StoreParts):
         description is the source's unless one is given; tags are only those given."""
         dst_region.check_writable(f"copying {name} into it")
         source = await self._sealed_source(src_region, name)
-        return self._start_copy(
+        return await self._start_copy(
             source,
             dst_region,
             new_name,
@@ -161,7 +161,7 @@ class SnapshotCopies(StoreParts):
             )
         return None
 
-    def _start_copy(
+    async def _start_copy(
         self,
         source: Snapshot,
         dst_region: Region,
@@ -219,6 +219,14 @@ class SnapshotCopies(StoreParts):
         )
         if parent is not None:
             dst.allocated_blocks = parent.allocated_blocks
+        # A shared region's ledger first: the name is the region's (with a parent, the
+        # ledger's map starts as the parent's, copied in the server).
+        await dst_region.link.reserve(
+            dst.to_row(), tags, replace.id if replace else None,
+            parent.id if parent is not None else None,
+        )  # fmt: skip
+        if dst_region.snapshots.get(name) is not replace:  # taken meanwhile (never, unshared)
+            raise AlreadyExists(f"snapshot {name!r} already exists in region {dst_region.name}")
         dst_region.index.insert_snapshot(
             dst.to_row(),
             tags=tags,

@@ -570,6 +570,10 @@ class CopyEngine:
             if job.compare:
                 next_block = done = max(next_block, job.scanned_to)
             transferred = dst.transferred_bytes + written
+            await dst_region.link.commit(  # a shared region's ledger first
+                dst.id, list(new_blocks.values()), sorted(mapping.items()),
+                {"transferred_bytes": transferred},
+            )  # fmt: skip
             dst_region.index.commit_blocks(
                 dst.id,
                 list(new_blocks.values()),

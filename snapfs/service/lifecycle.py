@@ -44,6 +44,24 @@ class OpenFile:
     pid: int = 0
 
 
+def _empty_writer(snap: Snapshot) -> SnapshotWriter:
+    """The writer of a new, empty snapshot (the only kind a clone may become)."""
+    writer = snap.writer
+    if (
+        snap.status != SnapshotStatus.CREATING
+        or writer is None
+        or snap.size != 0
+        or snap.allocated_blocks
+        or not writer.is_flushed()
+        or writer.map_version
+    ):
+        raise InvalidParameter(
+            f"snapshot {snap.name} ({snap.id}) is not a new, empty snapshot: only one "
+            "can become a clone"
+        )
+    return writer
+
+
 class SnapshotLifecycle(StoreParts):
     """The lifecycle part of `Store` (service/store.py composes it)."""
 
@@ -82,6 +100,14 @@ class SnapshotLifecycle(StoreParts):
             snap.source_snapshot_id, snap.source_region = source.id, source.region.name
             snap.description = source.description
             source.copy_readers += 1
+        try:
+            # A shared region's ledger first: the name is the region's, not this host's.
+            await region.link.reserve(snap.to_row())
+            region.check_new_name(name)  # the ledger's answer yielded (never, unshared)
+        except BaseException:
+            if source is not None:
+                source.copy_readers -= 1
+            raise
         region.index.insert_snapshot(snap.to_row())
         self._add(snap)
         if source is not None:
@@ -164,9 +190,13 @@ class SnapshotLifecycle(StoreParts):
         return list(self._writers)
 
     async def flush(self, handle: OpenFile, *, closing: bool = False) -> None:
-        """fsync, or (`closing`) the close of a file descriptor."""
-        if handle.writable and handle.snap.writer is not None:
-            await handle.snap.writer.flush(closing=closing)
+        """fsync, or (`closing`) the close of a file descriptor. In a shared region the
+        close mark is in the ledger before the close returns: if this host dies then, the
+        other hosts seal the snapshot rather than remove it."""
+        snap = handle.snap
+        if handle.writable and snap.writer is not None:
+            await snap.writer.flush(closing=closing)
+            await snap.region.link.pushed(snap.id)
 
     async def release(self, handle: OpenFile) -> None:
         snap = handle.snap
@@ -254,19 +284,7 @@ class SnapshotLifecycle(StoreParts):
                 f"snapshot {parent.name} ({parent.id}) is {parent.status}: only an available "
                 "snapshot can be cloned"
             )
-        writer = snap.writer
-        if (
-            snap.status != SnapshotStatus.CREATING
-            or writer is None
-            or snap.size != 0
-            or snap.allocated_blocks
-            or not writer.is_flushed()
-            or writer.map_version
-        ):
-            raise InvalidParameter(
-                f"snapshot {snap.name} ({snap.id}) is not a new, empty snapshot: only one "
-                "can become a clone"
-            )
+        writer = _empty_writer(snap)
         if parent.encrypted:
             self.keys.usable(parent.kms_key_id or "", snap.region.name)  # disabled: refused
         fields = {
@@ -275,6 +293,14 @@ class SnapshotLifecycle(StoreParts):
             "kms_key_id": parent.kms_key_id,
             "mtime_ns": parent.mtime_ns,
         }
+        # A shared region's ledger copies the parent's map first (in the server). Its await
+        # lets writes in (never, unshared): the snapshot must still be new and empty after.
+        await snap.region.link.clone(snap, parent, fields)
+        try:
+            writer = _empty_writer(snap)
+        except InvalidParameter:
+            await snap.region.link.trim(snap, 0)
+            raise
         snap.region.index.clone_map(snap.id, parent.id, fields)
         fault_point("clone_mapped")
         snap.size, snap.mtime_ns = parent.size, parent.mtime_ns

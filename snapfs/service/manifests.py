@@ -191,6 +191,10 @@ class ManifestPublisher:
         self.block_size = block_size
         self._dirty: set[str | None] = set()
         self._sweep = False
+        # A shared region's hosts each publish what they change (service/shared.py): a
+        # host never sweeps, since a manifest it does not know may be a snapshot another
+        # host sealed a moment ago.
+        self.shared = False
         self._wanted = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -205,7 +209,7 @@ class ManifestPublisher:
         snapshots that are gone (after a stop that may have skipped some)."""
         self._dirty.add(None)
         self._dirty.update(row["id"] for row in self.region.index.snapshots())
-        self._sweep = True
+        self._sweep = not self.shared
         self._poke()
 
     def _poke(self) -> None:

@@ -109,14 +109,27 @@ def clear_region_setting(region: Region, key: str) -> None:
 async def create_region_request(store: Store, raw: bytes) -> None:
     """`snapfs region create --backend s3://...` on a mounted store (network work)."""
     name, location = regionadmin.parse_request(raw)
-    await store.create_remote_region(name, location)
+    index = regionadmin.index_option(raw)
+    if index is None:
+        await store.create_remote_region(name, location)
+    else:
+        await store.create_shared_region(name, location, index)
 
 
 async def attach_region_request(store: Store, raw: bytes) -> None:
     """`snapfs region attach` on a mounted store: the region rebuilt from its bucket."""
     name, location = regionadmin.parse_request(raw)
     read_only, refresh = regionadmin.attach_options(raw)
-    await store.attach_region(name, location, read_only=read_only, refresh=refresh)
+    index = regionadmin.index_option(raw)
+    if index is None:
+        await store.attach_region(name, location, read_only=read_only, refresh=refresh)
+    elif read_only:
+        raise InvalidParameter(
+            "--read-only attaches a bucket without its shared index (disaster recovery); "
+            "with --index the region is joined to write"
+        )
+    else:
+        await store.attach_shared_region(name, location, index, wait=True)
 
 
 async def copy_request(store: Store, dst_region: Region, value: str) -> None:

@@ -71,6 +71,7 @@ class StoreRecovery(StoreParts):
                     reason,
                 )
                 region.index.delete_snapshot(row["id"])
+                region.link.deleted_here(row["id"])  # a shared region's ledger, once joined
                 fault_point("recover_removed")
                 snap = self.by_id.pop(row["id"], None)
                 if snap is not None and not snap.deleted:

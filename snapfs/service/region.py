@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -15,15 +16,66 @@ from snapfs.meta.keys import KeyNotFound
 from snapfs.model.names import check_snapshot_filename
 
 if TYPE_CHECKING:
+    from snapfs.meta.index import NewBlock
     from snapfs.meta.keys import KeyRing
     from snapfs.objects.protocol import ObjectStore
     from snapfs.service.manifests import ManifestPublisher
     from snapfs.service.refresh import RegionRefresher
+    from snapfs.service.shared import SharedLink
     from snapfs.service.snapshots import Snapshot
 
 DEFAULT_PARALLEL_COPIES = 100  # Azure's per-region limit; more are queued, not refused
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+
+
+class NoLink:
+    """The link of a region only this store writes: nothing to tell anyone.
+
+    A shared region's link (service/shared.py, `SharedLink`) has the same methods; the
+    service calls them at the points where a shared region's ledger must hear first (a new
+    name, a rename, map rows) or be waited for (a close). These return at once without a
+    checkpoint: an `await` of them lets no other task in, so every "no await between a
+    check and its change" invariant of an unshared region (docs/DEVELOPING.md, section 2)
+    holds as it did before shared regions."""
+
+    shared = False
+
+    async def reserve(
+        self,
+        row: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        displaced_id: str | None = None,
+        parent_id: str | None = None,
+    ) -> None:
+        return None
+
+    async def commit(
+        self,
+        snapshot_id: str,
+        new_blocks: Sequence[NewBlock],
+        mapping: Sequence[tuple[int, bytes | None]],
+        fields: dict[str, Any],
+    ) -> None:
+        return None
+
+    async def rename(self, snap: Snapshot, new: str, displaced_id: str | None) -> None:
+        return None
+
+    async def exchange(self, a: Snapshot, b: Snapshot) -> None:
+        return None
+
+    async def clone(self, snap: Snapshot, parent: Snapshot, fields: dict[str, Any]) -> None:
+        return None
+
+    async def trim(self, snap: Snapshot, first_dropped: int) -> None:
+        return None
+
+    async def pushed(self, snapshot_id: str | None = None) -> None:
+        return None
+
+    def deleted_here(self, snapshot_id: str) -> None:
+        return None
 
 
 class Region(BlockRepository):
@@ -54,12 +106,20 @@ class Region(BlockRepository):
         # what the bucket's owner publishes.
         self.read_only = False
         self.refresher: RegionRefresher | None = None
+        # A region shared with other stores through a ledger in PostgreSQL sets its
+        # SharedLink here (service/shared.py); every other region has nothing to tell.
+        self.link: NoLink | SharedLink = NoLink()
         self.snapshots: dict[str, Snapshot] = {}
         self.created_ns = time.time_ns()
         # Held by each structural change of the region's chains of maps (a fold on delete,
         # a rebase after a seal: service/chains.py), which are several transactions with
         # awaits between them: one at a time, so none sees another half done.
         self.chain_lock = trio.Lock()
+
+    def settings_changed(self) -> None:
+        """Settings changed under us (a shared region's other hosts): read them again."""
+        self._compression = None
+        self._deltas = None
 
     def check_writable(self, what: str) -> None:
         """Refuse `what` (a change) in a region attached read-only: EROFS."""

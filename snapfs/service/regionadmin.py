@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,11 @@ def read_region_document(meta: S3Backend) -> dict[str, Any] | None:
     return doc
 
 
-def claim_location(location: S3Location, name: str, block_size: int) -> None:
-    """Make the bucket if needed and write the new region's metadata at its prefix."""
+def claim_location(
+    location: S3Location, name: str, block_size: int, *, shared: bool = False
+) -> None:
+    """Make the bucket if needed and write the new region's metadata at its prefix
+    (`shared`: several stores write it, through a ledger in PostgreSQL)."""
     meta = _meta(location)
     meta.ensure_bucket()
     existing = read_region_document(meta)
@@ -118,6 +122,8 @@ def claim_location(location: S3Location, name: str, block_size: int) -> None:
         "block_size": block_size,
         "settings": {},
     }
+    if shared:
+        doc["shared"] = True
     meta.put(manifests.REGION_KEY, json.dumps(doc, indent=1).encode())
 
 
@@ -218,20 +224,100 @@ def locate_blocks(
     return located
 
 
+# --- regions shared by several stores (issue 19) ---------------------------------------------
+
+
+def create_shared(location: S3Location, name: str, block_size: int, url: str) -> None:
+    """Worker thread: a shared region's ledger in the database at `url` (RegionAlreadyExists
+    if it has one of that name) and its bucket prefix claimed; the ledger's row goes again
+    if the bucket refuses, so a retry can succeed."""
+    from snapfs.meta.pg import PgRegionIndex
+
+    index = PgRegionIndex.create(url, name, created_at=time.time())
+    try:
+        index.set_setting("block_size", str(block_size))
+        claim_location(location, name, block_size, shared=True)
+    except BaseException:
+        index.drop_region()
+        raise
+    finally:
+        index.close()
+
+
+def check_shared(location: S3Location, name: str, block_size: int, url: str) -> None:
+    """Worker thread: the shared region `name` is in the database at `url` and its bucket,
+    with this store's block size (a store's regions all dedup with each other)."""
+    from snapfs.meta.pg import PgRegionIndex
+
+    index = PgRegionIndex.attach(url, name)
+    try:
+        theirs = int(index.get_setting("block_size") or 0)
+    finally:
+        index.close()
+    if region_block_size(location, name) != theirs:
+        raise RegionMetadataMalformed(
+            f"{location} and the shared index disagree on region {name}'s block size"
+        )
+    if theirs != block_size:
+        raise InvalidParameter(
+            f"shared region {name} uses {theirs}-byte blocks and this store {block_size}: "
+            "attach it from a store of the same block size (a new store takes the region's)"
+        )
+
+
+def shared_block_size(url: str, name: str) -> int:
+    """The block size of shared region `name` in the database at `url`."""
+    from snapfs.meta.pg import PgRegionIndex
+
+    index = PgRegionIndex.attach(url, name)
+    try:
+        return int(index.get_setting("block_size") or 0)
+    finally:
+        index.close()
+
+
 # --- without a mount ---------------------------------------------------------------------------
 
 
-def create_offline(store_path: Path, name: str, location: S3Location) -> None:
+def create_offline(
+    store_path: Path, name: str, location: S3Location, index: str | None = None
+) -> None:
     from snapfs.service.store import Store
 
     async def run() -> None:
         store = Store(store_path)
         try:
-            await store.create_remote_region(name, location)
+            if index is None:
+                await store.create_remote_region(name, location)
+            else:
+                await store.create_shared_region(name, location, index)
         finally:
             store.close()
 
     trio.run(run)
+
+
+def attach_shared_offline(store_path: Path, name: str, location: S3Location, index: str) -> int:
+    """Join a shared region without a mount: its snapshots arrive at the next mount (their
+    count is returned, from the ledger)."""
+    from snapfs.meta.ledger import Ledger
+    from snapfs.service.store import Store
+
+    block_size = region_block_size(location, name)
+
+    async def run() -> None:
+        store = Store(store_path, block_size=block_size)
+        try:
+            await store.attach_shared_region(name, location, index)
+        finally:
+            store.close()
+
+    trio.run(run)
+    ledger = Ledger.attach(index, name)
+    try:
+        return len(ledger.live_snapshots())
+    finally:
+        ledger.close()
 
 
 def attach_offline(
@@ -259,13 +345,31 @@ def attach_offline(
 
 
 def request(
-    name: str, location: S3Location, *, read_only: bool = False, refresh: float | None = None
+    name: str,
+    location: S3Location,
+    *,
+    read_only: bool = False,
+    refresh: float | None = None,
+    index: str | None = None,
 ) -> bytes:
     """The control attribute's value for the daemon."""
     data: dict[str, Any] = {"name": name, "backend": location.url, "endpoint": location.endpoint}
     if read_only:
         data |= {"read_only": True, "refresh": refresh}
+    if index is not None:
+        data["index"] = index
     return json.dumps(data).encode()
+
+
+def index_option(raw: bytes) -> str | None:
+    """A region request's shared index URL (None: the region is this store's alone)."""
+    try:
+        index = json.loads(raw).get("index")
+    except (ValueError, AttributeError):
+        raise InvalidParameter("a region request is JSON") from None
+    if index is not None and not isinstance(index, str):
+        raise InvalidParameter(f"index is a postgresql:// URL, got {index!r}")
+    return index
 
 
 def attach_options(raw: bytes) -> tuple[bool, float | None]:

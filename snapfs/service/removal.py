@@ -22,8 +22,10 @@ import logging
 
 import trio
 
+from snapfs.errors import AlreadyExists, NotFound
 from snapfs.faults import fault_point
-from snapfs.service.region import Region
+from snapfs.model.names import check_snapshot_filename
+from snapfs.service.region import RENAME_EXCHANGE, RENAME_NOREPLACE, Region
 from snapfs.service.snapshots import Snapshot
 from snapfs.service.storebase import StoreParts
 from snapfs.stalls import BatchSizer
@@ -52,6 +54,9 @@ class SnapshotRemoval(StoreParts):
         snap = region.lookup(name)
         await self._cancel_copy(snap, "deletion")  # deleting a copy's destination cancels it
         await self._remove(snap)
+        # A shared region's other hosts see it gone once `rm` returns (its delete is pushed
+        # right after the local commit; nothing to wait for, unshared).
+        await region.link.pushed(snap.id)
 
     async def vanished(self, snap: Snapshot) -> None:
         """A snapshot of a read-only region that its bucket no longer describes (deleted by
@@ -142,9 +147,30 @@ class SnapshotRemoval(StoreParts):
         if old_region is not new_region:
             await self.move_snapshot(old_region, old, new_region, new, flags)
             return
+        await self._rename_in_ledger(old_region, old, new, flags)
         displaced = old_region.rename(old, new, flags)
         if displaced is not None:
             await self._displaced(displaced)
+
+    async def _rename_in_ledger(self, region: Region, old: str, new: str, flags: int) -> None:
+        """A shared region's ledger renames first (another host may have the new name);
+        the local rename after it then refuses nothing the ledger accepted, since names
+        here come from the ledger. Nothing, unshared."""
+        if not region.link.shared:
+            return
+        snap = region.lookup(old)
+        target = region.snapshots.get(new)
+        if target is snap:
+            return
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise NotFound(f"snapshot {new!r} does not exist in region {region.name}")
+            await region.link.exchange(snap, target)
+            return
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise AlreadyExists(f"snapshot {new!r} already exists in region {region.name}")
+        check_snapshot_filename(new)
+        await region.link.rename(snap, new, target.id if target is not None else None)
 
     async def _displaced(self, snap: Snapshot) -> None:
         """A snapshot replaced by a rename: gone from the namespace, deleted when unused."""

@@ -826,6 +826,9 @@ class SnapshotWriter:
                     "source_region": snap.source_region, "description": snap.description,
                     "transferred_bytes": snap.transferred_bytes, **fields,
                 }  # fmt: skip
+                # A shared region's ledger first (its references keep the blocks from the
+                # region's collector); nothing to tell, and no checkpoint, unshared.
+                await self.region.link.commit(self.snap.id, new_blocks, mapping, fields)
                 self.region.index.commit_blocks(self.snap.id, new_blocks, mapping, fields)
                 if mapping:
                     self.map_version += 1
@@ -869,6 +872,7 @@ class SnapshotWriter:
         first_dropped = -(-size // self.block_size)
         sizer = BatchSizer(4096, minimum=256)
         async with self._commit_lock:  # no commit may add rows behind the cut
+            await self.region.link.trim(self.snap, first_dropped)  # a shared region's ledger
             while True:
                 rows = sizer.start()
                 done = self.region.index.truncate_map_step(

@@ -58,6 +58,7 @@ from snapfs.objects.stores import open_block_store
 from snapfs.service.copyjobs import CopyEngine
 from snapfs.service.region import Region
 from snapfs.service.retention import retention_loop
+from snapfs.service.shared import SharedLink
 from snapfs.service.snapshots import Snapshot
 from snapfs.service.storebase import NameCache, NoNameCache
 
@@ -89,6 +90,7 @@ REMOTE_IO_THREADS = 16
 # interrupted, and how long unpublished manifests are waited for.
 STOP_GRACE = 2.0
 PUBLISH_GRACE = 30.0
+JOIN_WAIT = 60.0  # seconds a mounted attach of a shared region waits for its snapshots
 # How long a snapshot whose last writer closed it waits before it seals (`--settle`). Tools
 # that create a file, close it and open it again (qemu-img, mkfs, fio, truncate + dd, restic
 # restore) reopen it within milliseconds (the daemon logs each gap at DEBUG; the tool tests
@@ -158,6 +160,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                     row["endpoint"],
                     read_only=bool(row.get("read_only")),
                     refresh=row.get("refresh"),
+                    index_url=row.get("index_url"),
                 )
         except BaseException:
             self._unlock()
@@ -205,14 +208,16 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         *,
         read_only: bool = False,
         refresh: float | None = None,
+        index_url: str | None = None,
     ) -> None:
         """Load a region at mount; one whose index cannot be read is left out, logged, and
         kept out of the namespace's reach (mkdir of its name is refused, so its data is
         never replaced), while the other regions are served."""
         try:
             self._load_region(
-                name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh
-            )
+                name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh,
+                index_url=index_url,
+            )  # fmt: skip
         except sqlite3.DatabaseError as exc:
             error = from_sqlite(exc) or IndexDamaged(str(exc))
             self.damaged_regions[name] = str(error)
@@ -238,9 +243,13 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         *,
         read_only: bool = False,
         refresh: float | None = None,
+        index_url: str | None = None,
     ) -> Region:
         directory = self.path / "regions" / name
-        backend = open_block_store(directory, backend_url, endpoint, bucket_readonly=read_only)
+        backend = open_block_store(
+            directory, backend_url, endpoint, bucket_readonly=read_only,
+            shared=index_url is not None,
+        )  # fmt: skip
         region = Region(
             name,
             ROOT_INO + region_id,
@@ -269,6 +278,15 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             )
             region.index.on_change = region.publisher.changed
             region.on_relocated = region.publisher.republish_all
+            if index_url is not None:  # shared with other stores (service/shared.py)
+                from snapfs.service.shared import SharedLink
+
+                link = SharedLink(self, region, index_url)
+                region.link = link
+                region.publisher.shared = True
+                region.index.on_change = link.changed  # it tells the publisher too
+                backend.on_upload = link.register_pack
+                region.shared_lookup = link.lookup
         try:
             rows = region.index.snapshots(include_deleted=True)
         except BaseException:
@@ -309,6 +327,8 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             self.nursery.start_soon(region.publisher.run, name=f"publish {region.name}")
         if region.refresher is not None:
             self.nursery.start_soon(region.refresher.run, name=f"refresh {region.name}")
+        if isinstance(region.link, SharedLink):
+            region.link.run(self.nursery)
 
     async def shutdown(self) -> None:
         """Stop copy jobs where they are (they resume at the next mount), store what open
@@ -327,6 +347,9 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                     with contextlib.suppress(SnapfsError):
                         await snap.writer.flush()
                     await self.seal_settling(snap, quiet=True)  # unmount seals what is closed
+        for region in self.regions.values():
+            if isinstance(region.link, SharedLink):
+                await region.link.stop()
         for region in self.regions.values():
             publisher = region.publisher
             if publisher is not None and not await publisher.drain(PUBLISH_GRACE):
@@ -414,6 +437,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         *,
         read_only: bool = False,
         refresh: float | None = None,
+        index_url: str | None = None,
     ) -> Region:
         # The catalogue row is the commit point: a crash or power loss before it leaves only
         # a directory, so everything the row will name (index, block store, layout marker,
@@ -427,11 +451,13 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         row["endpoint"] = endpoint
         row["read_only"] = int(read_only)
         row["refresh"] = refresh
+        row["index_url"] = index_url
         # `id` is the INTEGER PRIMARY KEY: last_pk is the new row's rowid.
         region_id = cast(int, self.db.table("regions").insert(row).last_pk)
         region = self._load_region(
-            name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh
-        )
+            name, region_id, backend_url, endpoint, read_only=read_only, refresh=refresh,
+            index_url=index_url,
+        )  # fmt: skip
         self._start_region(region)
         return region
 
@@ -508,6 +534,61 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         for reason in report.skipped:
             log.warning("region %s: not restored: %s", name, reason)
         return report
+
+    async def create_shared_region(self, name: str, location: S3Location, url: str) -> Region:
+        """A region shared with other stores (`snapfs region create --index
+        postgresql://...`): its ledger made in that database, its bucket claimed."""
+        from snapfs.service import regionadmin
+
+        self._check_new_region(name)
+        await workers.run_sync(
+            regionadmin.create_shared, location, name, self.block_size, url,
+            limiter=self.io_limiter,
+        )  # fmt: skip
+        return await self._join_shared(name, location, url, "created")
+
+    async def attach_shared_region(
+        self, name: str, location: S3Location, url: str, *, wait: bool = False
+    ) -> Region:
+        """Join a shared region another store made (`snapfs region attach --index ...`):
+        its snapshots arrive from its ledger once the mount joins it (`wait`: mounted, the
+        request returns once they are here, or after JOIN_WAIT)."""
+        from snapfs.service import regionadmin
+
+        self._check_new_region(name)
+        await workers.run_sync(
+            regionadmin.check_shared, location, name, self.block_size, url,
+            limiter=self.io_limiter,
+        )  # fmt: skip
+        region = await self._join_shared(name, location, url, "attached")
+        if wait and isinstance(region.link, SharedLink):
+            with trio.move_on_after(JOIN_WAIT):
+                await region.link.joined.wait()
+        return region
+
+    async def _join_shared(self, name: str, location: S3Location, url: str, how: str) -> Region:
+        from snapfs.meta.pg import without_password
+
+        self._check_new_region(name)  # another request may have won meanwhile
+        self._region_directory(name)
+        region = self._register_region(
+            name, location.url, location.endpoint, index_url=without_password(url)
+        )
+        if isinstance(region.link, SharedLink):
+            region.link.use_url(url)  # this process may use the password it was given
+        if region.publisher is not None:
+            region.publisher.changed(None)
+        log.info("%s shared region %s on %s, its index in %s", how, name, location,
+                 without_password(url))  # fmt: skip
+        return region
+
+    async def fail_fenced(self, snap: Snapshot, error: SnapfsError) -> None:
+        """An unfinished snapshot of a shared region whose session expired (the other
+        hosts reaped it): it fails here (a copy's job stops, a writer's buffers go)."""
+        if snap.copy_job is not None:
+            await self._cancel_copy(snap, f"an expired session: {error.message}")
+        elif snap.writer is not None:
+            await self._fail_creation(snap, error)
 
     async def remove_region(self, name: str) -> None:
         region = self.region(name)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import trio
 
     from snapfs.blocks.repository import PendingFrees
+    from snapfs.errors import SnapfsError
     from snapfs.meta.keys import KeyRing
     from snapfs.service.copyjobs import CopyEngine
     from snapfs.service.lifecycle import OpenFile
@@ -90,6 +91,17 @@ class StoreParts:
         raise NotImplementedError
 
     async def _displaced(self, snap: Snapshot) -> None:
+        raise NotImplementedError
+
+    async def vanished(self, snap: Snapshot) -> None:
+        raise NotImplementedError
+
+    # --- defined by store.py (Store), for a shared region's link (shared.py) ----------------
+
+    def appeared(self, snap: Snapshot) -> None:
+        raise NotImplementedError
+
+    async def fail_fenced(self, snap: Snapshot, error: SnapfsError) -> None:
         raise NotImplementedError
 
     # --- defined by copies.py (SnapshotCopies) ---------------------------------------------

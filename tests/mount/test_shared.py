@@ -1,0 +1,176 @@
+"""A region shared by several hosts (issue 19): three snapfs daemons with separate stores on
+one machine, one PostgreSQL ledger and one bucket (rclone serve s3); each host writes, every
+host reads everything, copies dedup across hosts, deletes and renames reach every host, and
+the region's collector and reaper run while they do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ..conftest import SNAPFS, PgServer, S3Server, SnapfsMount, run, sha256, wait_for
+
+pytestmark = pytest.mark.pg
+
+REGION = "shared-1"
+BUCKET = "shared"
+MiB = 1 << 20
+TTL = "2"  # seconds: a stopped host is reaped quickly here
+GRACE = "20"  # seconds a dead pack is kept (a reader or a slow committer may name it)
+
+
+class Host(SnapfsMount):
+    """One host of the shared region: a store, a mountpoint, a daemon."""
+
+    @property
+    def region(self) -> Path:
+        return self.path / REGION
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.region))
+        except OSError:
+            return []
+
+
+@pytest.fixture
+def hosts(
+    s3: S3Server, pg_dsn: str, tmp_path: Path
+) -> Iterator[tuple[list[Host], S3Server, str]]:
+    env = {"SNAPFS_SESSION_TTL": TTL, "SNAPFS_PACK_GRACE": GRACE}
+    made = [Host(tmp_path / f"store-{n}", tmp_path / f"mnt-{n}", env=env) for n in "abc"]
+    try:
+        for host in made:
+            host.mount()
+        yield made, s3, pg_dsn
+    finally:
+        for host in made:
+            host.teardown()
+
+
+def region_cmd(host: Host, verb: str, s3: S3Server, dsn: str, *extra: str, check: bool = True):
+    return run(
+        *SNAPFS, "region", verb, REGION, "--backend", f"s3://{BUCKET}/r", "--endpoint",
+        s3.endpoint, "--index", dsn, "--store", host.store, *extra, check=check,
+    )  # fmt: skip
+
+
+def join_all(made: list[Host], s3: S3Server, dsn: str) -> None:
+    out = region_cmd(made[0], "create", s3, dsn).stdout
+    assert "shared through" in out and "created region" in out, out
+    for host in made[1:]:
+        region_cmd(host, "attach", s3, dsn)
+    for host in made:
+        assert host.region.is_dir()
+
+
+def image(path: Path, size: int, seed: int) -> Path:
+    """Disk-like bytes: random blocks with runs of zeros (holes) between them."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        written = 0
+        while written < size:
+            chunk = min(size - written, 256 << 10)
+            f.write(rng.randbytes(chunk) if rng.random() < 0.7 else bytes(chunk))
+            written += chunk
+    return path
+
+
+def bucket_bytes(s3: S3Server) -> int:
+    return sum(p.stat().st_size for p in s3.packs(BUCKET, "r"))
+
+
+def seen_everywhere(made: list[Host], names: list[str], timeout: float = 15) -> bool:
+    return bool(wait_for(lambda: all(set(names) <= set(h.names()) for h in made), timeout))
+
+
+def attr(path: Path, name: str) -> str | None:
+    """A snapfs attribute; None while it is not there (yet)."""
+    try:
+        return os.getxattr(path, f"user.snapfs.{name}").decode()
+    except OSError:
+        return None
+
+
+def ledger_rows(dsn: str, sql: str, params: list | None = None) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+def test_hosts_write_read_copy_delete_and_rename_in_one_region(
+    hosts: tuple[list[Host], S3Server, str], tmp_path: Path
+) -> None:
+    made, s3, dsn = hosts
+    a, b, c = made
+    join_all(made, s3, dsn)
+    # A second region of the name in the same database is refused, clearly.
+    again = region_cmd(a, "create", s3, dsn, check=False)
+    assert again.returncode != 0 and "InvalidRegionId.Duplicate" in again.stderr, again.stderr
+
+    # Each host writes a snapshot; every host reads all three, byte for byte.
+    digests = {}
+    for n, host in enumerate(made):
+        src = image(tmp_path / f"own-{n}.img", 6 * MiB, seed=n)
+        run("cp", src, host.region / src.name)
+        assert attr(host.region / src.name, "status") == "available"
+        digests[src.name] = sha256(src)
+    assert seen_everywhere(made, list(digests)), [h.names() for h in made] + [a.log()]
+    for host in made:
+        for name, digest in digests.items():
+            assert sha256(host.region / name) == digest, (host.path, name)
+
+    # The same template copied in by every host is stored about once.
+    template = image(tmp_path / "template.img", 16 * MiB, seed=99)
+    before = bucket_bytes(s3)
+    for n, host in enumerate(made):
+        run("cp", template, host.region / f"vm-{n}.img")
+    grew = bucket_bytes(s3) - before
+    assert grew < 1.3 * 16 * MiB, f"the bucket grew {grew} bytes for a 16 MiB template x3"
+    assert seen_everywhere(made, ["vm-0.img", "vm-1.img", "vm-2.img"])
+    assert sha256(c.region / "vm-0.img") == sha256(template)
+
+    # A name is the region's: another host cannot take it.
+    with pytest.raises(FileExistsError):
+        fd = os.open(b.region / "own-0.img", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+
+    # Rename on one host, delete on another: every host follows.
+    os.rename(c.region / "own-1.img", c.region / "renamed.img")
+    assert wait_for(lambda: "renamed.img" in a.names() and "own-1.img" not in a.names(), 10)
+    os.unlink(b.region / "own-0.img")
+    assert wait_for(lambda: all("own-0.img" not in h.names() for h in made), 10)
+    assert sha256(a.region / "renamed.img") == digests["own-1.img"]
+
+    # Metadata set on one host is read on another.
+    os.setxattr(a.region / "renamed.img", "user.snapfs.description", b"moved around")
+    assert wait_for(lambda: attr(b.region / "renamed.img", "description") == "moved around", 10)
+
+    # Copies into and out of the shared region work as between any two regions.
+    local = a.path / "us-east-1"
+    local.mkdir()
+    shutil.copyfile(b.region / "vm-1.img", local / "from-shared.img")
+    assert sha256(local / "from-shared.img") == sha256(template)
+    run("mv", local / "from-shared.img", a.region / "back.img")
+    assert wait_for(lambda: attr(a.region / "back.img", "status") == "available", 30)
+    assert seen_everywhere(made, ["back.img"])
+    assert sha256(c.region / "back.img") == sha256(template)
+
+    # Deleting everything frees the bucket (after the packs' grace, by one host's collector).
+    for name in b.names():
+        os.unlink(b.region / name)
+    assert wait_for(lambda: all(not h.names() for h in made), 15)
+    assert wait_for(
+        lambda: ledger_rows(dsn, "SELECT count(*) FROM snapfs.blocks")[0][0] == 0, 30
+    ), a.log()
+    for host in made:
+        assert "Traceback" not in host.log(), host.log()
