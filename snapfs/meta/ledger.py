@@ -45,10 +45,11 @@ sees what the previous ones committed, and acts on it before the next one starts
    their copies of deleted snapshots read on), after it was marked `deleting` in a
    transaction of its own. Nothing ever makes a `deleting` pack live again.
 4. **Strays.** A pack registered `open` by a session that expired is deleted by the reaper
-   (its blocks were never committed, or the commit naming them was refused). A pack in the
-   bucket with no row at all (a crash before its registration committed) is deleted once
-   older than `STRAY_AGE`, after a `deleting` row was committed for it, which a commit
-   naming it would then find.
+   (its blocks were never committed, or the commit naming them was refused). Every pack is
+   registered before its PUT, so a pack in the bucket with no row at all is one whose row
+   went with its deletion while a stopped host's PUT of it was still under way: it is
+   deleted once older than `STRAY_AGE`, after a `deleting` row was committed for it,
+   which a late commit naming it would then find.
 
 Times come from the server's clock (`clock_timestamp()`), so hosts with skewed clocks agree
 on heartbeats and graces.
@@ -70,9 +71,12 @@ from snapfs.meta.pg import PgConnection, PgRegionIndex
 log = logging.getLogger(__name__)
 
 NOW = "extract(epoch from clock_timestamp())"
-# A pack in the bucket that the ledger does not know is deleted once this old: every host
-# registers a pack before uploading it, so only a crash between the two leaves one.
-STRAY_AGE = 3600.0
+# A pack in the bucket that the ledger does not know is deleted once this old. Every host
+# registers a pack before its PUT, so an unknown pack is one whose row went (its pack was
+# deleted) while a stopped host's PUT of it was still under way; the age only guards
+# against listings that lag behind the bucket.
+STRAY_AGE = 600.0
+IDLE_LIMIT = 10  # seconds a ledger connection may sit idle inside a transaction
 # Map rows a pull reads, or the collector purges, per query or transaction.
 MAP_CHUNK = 8192
 # The snapshot columns the ledger keeps (the local index's, less its chains and counters).
@@ -178,7 +182,16 @@ class Ledger:
 
     @classmethod
     def attach(cls, url: str, name: str) -> Ledger:
-        return cls(PgRegionIndex.attach(url, name))
+        ledger = cls(PgRegionIndex.attach(url, name))
+        # A host stopped in the middle of a transaction (SIGSTOP, a hung process) would hold
+        # the region's lock and every other host's writes with it: the server ends such a
+        # transaction (its connection) after this long; the host reconnects when it runs.
+        try:
+            ledger.db.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_LIMIT}s'")
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
 
     def close(self) -> None:
         self.index.close()
@@ -238,23 +251,41 @@ class Ledger:
                 "AND session_id = ? AND state = 'open'",
                 [self.region_id, previous],
             )
+            conn.execute(  # published, not committed: like any other host's blocks now
+                "UPDATE snapfs.packs SET state = 'sealed' WHERE region_id = ? "
+                "AND session_id = ? AND state = 'uploaded'",
+                [self.region_id, previous],
+            )
+            self._release(conn, [previous])
 
     def declare_dead(self, session: str) -> None:
         """A session this store knows to be dead (its process is gone: the store lock is
         ours now): its heartbeat is put far back, so the next reaper round reaps it rather
         than after its ttl."""
         self.db.execute(
-            "UPDATE snapfs.sessions SET heartbeat_at = 0 "
+            "UPDATE snapfs.sessions SET heartbeat_at = 0, suspect_since = 0 "
             "WHERE id = ? AND region_id = ? AND state = 'active'",
             [session, self.region_id],
         )
 
     def end_session(self, session: str) -> None:
-        """A clean unmount: the session is over, nothing of it to reap."""
-        self.db.execute(
-            "UPDATE snapfs.sessions SET state = 'ended' WHERE id = ? AND region_id = ? "
-            "AND state = 'active'",
-            [session, self.region_id],
+        """A clean unmount: the session is over; the blocks it published and did not
+        commit are the collector's, its claims go. (Copies it stopped stay its own, for
+        the store to take over at its next mount.)"""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE snapfs.sessions SET state = 'ended' WHERE id = ? AND region_id = ? "
+                "AND state = 'active'",
+                [session, self.region_id],
+            )
+            self._release(conn, [session])
+
+    def _release(self, conn: PgConnection, sessions: list[str]) -> None:
+        """Inside a transaction: the pins and claims of sessions that are over."""
+        conn.execute("UPDATE blocks SET pinned_by = NULL WHERE pinned_by = ANY(?)", [sessions])
+        conn.execute(
+            "DELETE FROM snapfs.claims WHERE region_id = ? AND session_id = ANY(?)",
+            [self.region_id, sessions],
         )
 
     def sessions(self) -> list[dict[str, Any]]:
@@ -307,7 +338,7 @@ class Ledger:
                 raise BlockLost(
                     f"region {self.name}: pack {pack_id} is not in the shared index any more"
                 )
-            if row[0] == "open":
+            if row[0] in ("open", "uploaded"):
                 if row[1] != session:
                     raise BlockLost(f"region {self.name}: pack {pack_id} is another host's")
                 conn.execute(
@@ -344,6 +375,11 @@ class Ledger:
                     [(row["id"], k, v) for k, v in (tags or {}).items()],
                 )
         except psycopg.errors.UniqueViolation:
+            mine = self.db.execute(
+                "SELECT owner FROM snapshots WHERE id = ? AND deleted = 0", [row["id"]]
+            ).fetchone()
+            if mine is not None and mine[0] == session:
+                return  # a retry after a commit whose answer the connection lost
             raise AlreadyExists(
                 f"snapshot {row.get('name')!r} already exists in shared region {self.name} "
                 "(made on another host)"
@@ -512,6 +548,16 @@ class Ledger:
                 f"UPDATE snapshots SET {sets + ', ' if sets else ''}changed_by = ? WHERE id = ?",
                 [*(v for k, v in fields.items() if k in SHARED_COLUMNS), session, snapshot_id],
             )
+            # Referenced now: the blocks this session published need their pins no more.
+            conn.execute(
+                "UPDATE blocks SET pinned_by = NULL WHERE pinned_by = ? AND id = ANY(?)",
+                [session, ids],
+            )
+            conn.execute(
+                "DELETE FROM snapfs.claims WHERE region_id = ? AND session_id = ? "
+                "AND block_id = ANY(?)",
+                [self.region_id, session, ids],
+            )
         mine = {b.block_id: b for b in blocks}
         return {
             bid: where
@@ -531,7 +577,9 @@ class Ledger:
                 [self.region_id, list(packs)],
             ).fetchall()
         )
-        lost = sorted(p for p in packs if states.get(p) not in ("sealed",) and p not in new_packs)
+        lost = sorted(
+            p for p in packs if states.get(p) not in ("sealed", "uploaded") and p not in new_packs
+        )
         if lost:
             raise BlockLost(
                 f"region {self.name}: blocks are in packs the shared region deleted "
@@ -563,10 +611,72 @@ class Ledger:
         rows = self.db.execute(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks b JOIN snapfs.packs p "
             "ON p.region_id = b.region_id AND p.id = b.pack_id "
-            "WHERE b.id = ANY(?) AND b.base_id IS NULL AND p.state = 'sealed'",
+            "WHERE b.id = ANY(?) AND b.base_id IS NULL AND p.state IN ('uploaded', 'sealed')",
             [ids],
         )
         return {bytes(r[0]): _block(r) for r in rows}
+
+    def lookup_or_claim(
+        self, session: str, block_ids: Sequence[bytes]
+    ) -> tuple[dict[bytes, SharedBlock], set[bytes], set[bytes]]:
+        """For blocks a host is about to store: those the region holds (reuse them), those
+        it now claims (upload them: hosts asking meanwhile wait for it), and those another
+        live session claimed (wait for its upload). Hosts copying one template at once so
+        upload each block about once."""
+        found = self.lookup(block_ids)
+        rest = [b for b in block_ids if b not in found]
+        if not rest:
+            return found, set(), set()
+        with self.db.transaction() as conn:
+            self._fence(conn, session)
+            mine = {
+                bytes(r[0])
+                for r in conn.execute(
+                    "INSERT INTO snapfs.claims (region_id, block_id, session_id, claimed_at) "
+                    f"SELECT ?, b, ?, {NOW} FROM unnest(?::bytea[]) AS b "
+                    "ON CONFLICT DO NOTHING RETURNING block_id",
+                    [self.region_id, session, rest],
+                )
+            }
+            theirs = {
+                bytes(r[0])
+                for r in conn.execute(
+                    "SELECT block_id FROM snapfs.claims WHERE region_id = ? "
+                    "AND block_id = ANY(?) AND session_id <> ?",
+                    [self.region_id, [b for b in rest if b not in mine], session],
+                )
+            }
+        mine |= {b for b in rest if b not in theirs}  # claimed by this session before
+        return found, mine, theirs
+
+    def publish(self, session: str, pack_id: str, size: int, blocks: Sequence[SharedBlock]) -> None:
+        """After a pack's upload: its blocks' rows, pinned by the session until it commits
+        references to them (or ends), so other hosts reuse them at once."""
+        with self.db.transaction() as conn:
+            self._fence(conn, session)
+            cur = conn.execute(
+                "UPDATE snapfs.packs SET state = 'uploaded', size = ? WHERE region_id = ? "
+                "AND id = ? AND state = 'open' AND session_id = ?",
+                [size, self.region_id, pack_id, session],
+            )
+            if cur.rowcount != 1:
+                raise BlockLost(f"region {self.name}: pack {pack_id} cannot be published")
+            ordered = sorted(blocks, key=lambda b: b.base_id is not None)
+            conn.executemany(
+                "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id, "
+                "pack_id, pack_offset, pack_length, pinned_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id, b.base_id,
+                     b.pack, b.offset, b.length, session)
+                    for b in ordered
+                ],
+            )  # fmt: skip
+            conn.execute(
+                "DELETE FROM snapfs.claims WHERE region_id = ? AND session_id = ? "
+                "AND block_id = ANY(?)",
+                [self.region_id, session, [b.block_id for b in blocks]],
+            )
 
     def blocks(self, block_ids: Iterable[bytes]) -> dict[bytes, SharedBlock]:
         """The rows and locations of `block_ids` (deltas too)."""
@@ -663,31 +773,42 @@ class Ledger:
 
     # --- the collector and the reaper (one host at a time) ----------------------------------
 
-    def try_collect(self) -> bool:
-        """Take the region's collector lock (held by this connection until `done_collecting`);
-        False if another host is collecting."""
-        row = _one(
-            self.db.execute(
-                "SELECT pg_try_advisory_lock(?::int, ?::int)", [_COLLECTOR_LOCK, self.region_id]
-            )
+    def collect_lease(self, session: str, seconds: float) -> bool:
+        """The region's collector lease for `seconds` (kept by its holder, taken by anyone
+        once it lapsed): one host collects at a time, and a host that stops (SIGSTOP, a
+        crash) holds it no longer than that. Only work is saved by it: every step of the
+        collector is a transaction under the region lock, safe beside another's."""
+        cur = self.db.execute(
+            f"UPDATE snapfs.regions SET collector = ?, collector_until = {NOW} + ? "
+            f"WHERE id = ? AND (collector_until < {NOW} OR collector = ?)",
+            [session, seconds, self.region_id, session],
         )
-        return bool(row[0])
-
-    def done_collecting(self) -> None:
-        self.db.execute(
-            "SELECT pg_advisory_unlock(?::int, ?::int)", [_COLLECTOR_LOCK, self.region_id]
-        )
+        return cur.rowcount == 1
 
     def reap(self) -> Reaped:
         """Expire sessions whose heartbeat is older than their ttl; their snapshots that a
         writer closed (complete) are sealed, the others deleted; their open packs marked
         `deleting` (returned: their objects are the caller's to delete, then `forget_packs`)."""
         with self.db.transaction() as conn:
+            # Two looks a ttl apart: a session is suspected when its heartbeat is older
+            # than its ttl, cleared when it beats again, expired when it stayed silent a
+            # whole ttl while this reaper saw the server. After an outage of the server
+            # itself every session looks silent; they all beat again within their ttl.
+            conn.execute(
+                "UPDATE snapfs.sessions SET suspect_since = NULL WHERE region_id = ? "
+                "AND state = 'active' AND heartbeat_at > suspect_since",
+                [self.region_id],
+            )
+            conn.execute(
+                f"UPDATE snapfs.sessions SET suspect_since = {NOW} WHERE region_id = ? "
+                f"AND state = 'active' AND suspect_since IS NULL AND heartbeat_at < {NOW} - ttl",
+                [self.region_id],
+            )
             expired = [
                 str(r[0])
                 for r in conn.execute(
                     "UPDATE snapfs.sessions SET state = 'expired' WHERE region_id = ? "
-                    f"AND state = 'active' AND heartbeat_at < {NOW} - ttl RETURNING id",
+                    f"AND state = 'active' AND suspect_since <= {NOW} - ttl RETURNING id",
                     [self.region_id],
                 )
             ]
@@ -724,6 +845,12 @@ class Ledger:
                     [self.region_id, expired],
                 )
             ]
+            conn.execute(  # published: their blocks are like any others, live if referenced
+                "UPDATE snapfs.packs SET state = 'sealed' WHERE region_id = ? "
+                "AND session_id = ANY(?) AND state = 'uploaded'",
+                [self.region_id, expired],
+            )
+            self._release(conn, expired)
         return Reaped(expired, sealed, deleted, packs)
 
     def _block_size(self, conn: PgConnection) -> int:
@@ -759,7 +886,7 @@ class Ledger:
         with self.db.transaction() as conn:
             cur = conn.execute(
                 "DELETE FROM blocks WHERE id IN (SELECT id FROM blocks WHERE refcount <= 0 "
-                "LIMIT ?)",
+                "AND pinned_by IS NULL LIMIT ?)",
                 [limit],
             )
             conn.execute(
@@ -783,10 +910,10 @@ class Ledger:
                 )
             ]
 
-    def doom_strays(self, listed: dict[str, float]) -> list[str]:
+    def doom_strays(self, listed: dict[str, float], min_age: float = STRAY_AGE) -> list[str]:
         """Of the bucket's packs (id -> age in seconds), those the ledger does not know and
-        older than STRAY_AGE, marked `deleting` (their objects are the caller's to delete)."""
-        candidates = [p for p, age in listed.items() if age > STRAY_AGE]
+        older than `min_age`, marked `deleting` (their objects are the caller's to delete)."""
+        candidates = [p for p, age in listed.items() if age > min_age]
         if not candidates:
             return []
         with self.db.transaction() as conn:
@@ -818,6 +945,15 @@ class Ledger:
                 [self.region_id, list(pack_ids)],
             )
 
+    def forget_claims(self, older_than: float) -> int:
+        """Claims older than `older_than` seconds (a block its claimer found elsewhere, or
+        dropped): a writer waiting on one stores its own copy instead, at the latest then."""
+        cur = self.db.execute(
+            f"DELETE FROM snapfs.claims WHERE region_id = ? AND claimed_at < {NOW} - ?",
+            [self.region_id, older_than],
+        )
+        return cur.rowcount
+
     def forget_tombstones(self, older_than: float) -> int:
         """Purged deleted snapshot rows changed longer than `older_than` seconds ago (the
         hosts have pulled their deletion by then, or reconcile in full at mount)."""
@@ -828,6 +964,3 @@ class Ledger:
                 [older_than],
             )
             return cur.rowcount
-
-
-_COLLECTOR_LOCK = 0x736E6170  # "snap": pg_advisory_lock(key, region id) of the collector

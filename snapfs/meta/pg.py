@@ -107,8 +107,9 @@ REGION_TABLES = (
 )
 # Columns of the shared tables that SQLite's index does not have (schema 2: the ledger's).
 _NOT_IN_SQLITE = frozenset(
-    {"region_id", "seq", "owner", "closed", "changed_by", "changed_at", "purged"}
-)
+    {"region_id", "seq", "owner", "closed", "changed_by", "changed_at", "purged",
+     "pack_id", "pack_offset", "pack_length", "pinned_by"}
+)  # fmt: skip
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 _MIGRATION_LOCK = 0x736E617066730001  # pg_advisory_xact_lock key: "snapfs" + 1
 
@@ -326,7 +327,10 @@ def _v2(conn: psycopg.Connection) -> None:
     """What shared regions need (meta/ledger.py): a change number on every snapshot row
     (hosts pull what changed since the last one they saw), who owns an unfinished snapshot
     and whether its writer closed it, purged deletions; packs named by the bucket's pack ids
-    (text), owned by the session that registered them, dead since when; sessions' ttl."""
+    (text), owned by the session that registered them, dead since when, and `uploaded`
+    (published before their blocks are committed); block rows pinned by the session that
+    published them; claims of blocks being written; sessions' ttl and since when the
+    reaper suspects them; the region's collector lease."""
     conn.execute(
         """
         ALTER TABLE snapfs.snapshots
@@ -366,7 +370,27 @@ def _v2(conn: psycopg.Connection) -> None:
         CREATE INDEX packs_state ON snapfs.packs(region_id, state);
         CREATE INDEX blocks_unreferenced_all ON snapfs.blocks(region_id) WHERE refcount <= 0;
 
-        ALTER TABLE snapfs.sessions ADD COLUMN ttl DOUBLE PRECISION NOT NULL DEFAULT 30;
+        ALTER TABLE snapfs.packs DROP CONSTRAINT packs_state_check;
+        ALTER TABLE snapfs.packs ADD CONSTRAINT packs_state_check
+            CHECK (state IN ('open', 'uploaded', 'sealed', 'deleting'));
+        ALTER TABLE snapfs.blocks ADD COLUMN pinned_by TEXT COLLATE "C";
+        CREATE INDEX blocks_pinned ON snapfs.blocks(region_id, pinned_by)
+            WHERE pinned_by IS NOT NULL;
+        CREATE TABLE snapfs.claims (
+            region_id BIGINT NOT NULL REFERENCES snapfs.regions(id),
+            block_id BYTEA NOT NULL,
+            session_id TEXT COLLATE "C" NOT NULL,
+            claimed_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (region_id, block_id)
+        );
+        CREATE INDEX claims_session ON snapfs.claims(region_id, session_id);
+
+        ALTER TABLE snapfs.sessions
+            ADD COLUMN ttl DOUBLE PRECISION NOT NULL DEFAULT 30,
+            ADD COLUMN suspect_since DOUBLE PRECISION;
+        ALTER TABLE snapfs.regions
+            ADD COLUMN collector TEXT COLLATE "C",
+            ADD COLUMN collector_until DOUBLE PRECISION NOT NULL DEFAULT 0;
         """
     )
 
@@ -607,11 +631,13 @@ class PgConnection:
             yield
         except psycopg.OperationalError as exc:
             # No SQLSTATE: the client lost the connection; class 08: connection exception;
-            # 57P: the server shut down, crashed or is starting.
+            # 57P: the server shut down, crashed or is starting, or ended this connection.
             state = exc.sqlstate
             if state is None or state.startswith(("08", "57P")):
                 raise IndexUnavailable(f"the region index: {_one_line(exc)}") from exc
             raise
+        except psycopg.InterfaceError as exc:  # a connection the server closed, used again
+            raise IndexUnavailable(f"the region index: {_one_line(exc)}") from exc
 
 
 # --- a region's index ------------------------------------------------------------------------
@@ -649,6 +675,9 @@ class PgRegionIndex(RegionIndex):
             assert row is not None
             log.info("created region %s (id %d) in %s", name, row[0], redacted(url))
             return cls(PgConnection(conn, row[0]), url=url, name=name)
+        except psycopg.OperationalError as exc:  # the server went away while we set up
+            conn.close()
+            raise IndexUnavailable(f"the region index {redacted(url)}: {_one_line(exc)}") from exc
         except BaseException:
             conn.close()
             raise
@@ -673,6 +702,9 @@ class PgRegionIndex(RegionIndex):
                 raise RegionNotFound(f"no region {name} in the region index {redacted(url)}")
             connection = PgConnection(conn, row[0], readonly=readonly)
             return cls(connection, url=url, name=name, readonly=readonly)
+        except psycopg.OperationalError as exc:  # the server went away while we set up
+            conn.close()
+            raise IndexUnavailable(f"the region index {redacted(url)}: {_one_line(exc)}") from exc
         except BaseException:
             conn.close()
             raise

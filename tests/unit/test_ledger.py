@@ -57,6 +57,17 @@ def hosts(region: tuple[str, str]):
         ledger.close()
 
 
+def reaped_after(ledger: Ledger, ttl: float):
+    """A reaper's rounds until a session silent for `ttl` is expired: it is suspected at
+    one, expired at one a ttl later."""
+    time.sleep(ttl * 1.5)
+    first = ledger.reap()
+    if first.sessions:
+        return first
+    time.sleep(ttl * 1.2)
+    return ledger.reap()
+
+
 def written(ledger: Ledger, session: str, snapshot_id: str, name: str, blocks, size=None):
     """A snapshot written by `session`: reserved, its packs registered, its map committed."""
     ledger.reserve(session, row(snapshot_id, name))
@@ -74,8 +85,10 @@ def test_sessions_beat_and_a_silent_one_is_reaped(hosts) -> None:
     one = a.open_session("host-a", 1, ttl=0.3)
     two = b.open_session("host-b", 2, ttl=30)
     assert a.heartbeat(one) and b.heartbeat(two)
-    time.sleep(0.5)
-    reaped = b.reap()
+    time.sleep(0.45)
+    assert b.reap().sessions == []  # suspected only
+    assert a.heartbeat(one)  # and cleared: it beat again
+    reaped = reaped_after(b, 0.3)
     assert reaped.sessions == [one]
     assert not a.heartbeat(one)  # fenced: it beats no more
     assert b.heartbeat(two)
@@ -165,8 +178,7 @@ def test_the_reaper_seals_what_was_closed_and_deletes_what_was_not(hosts) -> Non
     a.update(sa, "s-closed", {"closed": 1, "size": BS})  # shrunk to one block, then closed
     written(a, sa, "s-open", "open.img", [block(3, "p-2", 0)])
     a.register_pack(sa, "p-3")  # uploaded, never committed
-    time.sleep(0.5)
-    reaped = b.reap()
+    reaped = reaped_after(b, 0.3)
     assert reaped.sessions == [sa]
     assert reaped.sealed == ["s-closed"] and reaped.deleted == ["s-open"]
     assert reaped.packs == ["p-3"]
@@ -175,6 +187,27 @@ def test_the_reaper_seals_what_was_closed_and_deletes_what_was_not(hosts) -> Non
     assert b.map_from("s-closed", 0) == [(0, bid(1))]  # its map ends at its size
     assert b.snapshot("s-open")["deleted"] == 1
     assert b.reap().sessions == []
+
+
+def test_claims_make_hosts_wait_for_an_upload_and_pins_keep_published_blocks(hosts) -> None:
+    a, b = hosts(), hosts()
+    sa, sb = a.open_session("a", 1, 30), b.open_session("b", 2, 30)
+    x, y = block(1, "p-a", 0), block(2, "p-a", 100)
+    assert a.lookup_or_claim(sa, [x.block_id, y.block_id]) == ({}, {x.block_id, y.block_id}, set())
+    assert b.lookup_or_claim(sb, [x.block_id]) == ({}, set(), {x.block_id})  # a writes it
+    a.register_pack(sa, "p-a")
+    a.publish(sa, "p-a", 1000, [x, y])  # uploaded: reusable before a commits
+    found, mine, theirs = b.lookup_or_claim(sb, [x.block_id])
+    assert set(found) == {x.block_id} and not mine and not theirs
+    assert a.drop_unreferenced() == 0  # pinned by a, though nothing names them yet
+    b.reserve(sb, row("s-b", "b.img"))
+    assert b.commit(sb, "s-b", {}, [found[x.block_id]], [(0, x.block_id)], {}) == {}
+    a.reserve(sa, row("s-a", "a.img"))
+    a.commit(sa, "s-a", {"p-a": 1000}, [x], [(0, x.block_id)], {})  # y never committed
+    assert a.packs()["p-a"]["state"] == "sealed"
+    a.end_session(sa)  # its pin on y goes: y is unreferenced now
+    assert a.drop_unreferenced() == 1 and set(a.blocks([x.block_id, y.block_id])) == {x.block_id}
+    assert a.forget_claims(0) == 0  # published and committed claims went with them
 
 
 def test_the_collector_purges_drops_and_deletes_dead_packs_after_the_grace(hosts) -> None:
@@ -195,6 +228,15 @@ def test_the_collector_purges_drops_and_deletes_dead_packs_after_the_grace(hosts
     a.forget_packs(["p-1"])
     assert set(a.packs()) == {"p-2"}
     assert a.counts()["unreferenced"] == 0
+
+
+def test_one_collector_holds_the_lease_until_it_lapses(hosts) -> None:
+    a, b = hosts(), hosts()
+    sa, sb = a.open_session("a", 1, 30), b.open_session("b", 2, 30)
+    assert a.collect_lease(sa, 0.3) and a.collect_lease(sa, 0.3)  # kept by its holder
+    assert not b.collect_lease(sb, 0.3)
+    time.sleep(0.4)  # a holder that stopped (SIGSTOP, a crash) holds it no longer
+    assert b.collect_lease(sb, 0.3) and not a.collect_lease(sa, 0.3)
 
 
 def test_unknown_packs_are_strays_only_when_old(hosts) -> None:
@@ -246,19 +288,16 @@ def test_writers_and_the_collector_at_once_never_lose_a_referenced_block(hosts) 
             errors.append(exc)
 
     def collector() -> None:
-        led = ledgers[3]
+        led, session = ledgers[3], sessions[3]
         try:
             while not stop.is_set():
-                if led.try_collect():
-                    try:
-                        while led.purge_step(limit=3):
-                            pass
-                        led.drop_unreferenced(limit=2)
-                        doomed = led.doomed_packs(grace=0)
-                        if doomed:
-                            led.forget_packs(doomed)
-                    finally:
-                        led.done_collecting()
+                if led.collect_lease(session, 5):
+                    while led.purge_step(limit=3):
+                        pass
+                    led.drop_unreferenced(limit=2)
+                    doomed = led.doomed_packs(grace=0)
+                    if doomed:
+                        led.forget_packs(doomed)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
