@@ -126,6 +126,18 @@ def _hash_unless_zero(plain: bytes | bytearray, id_key: bytes | None) -> bytes |
     return codec.content_id(plain, id_key)
 
 
+def _new_block(encoded: codec.EncodedBlock) -> NewBlock:
+    """The index row of a block object just encoded."""
+    return NewBlock(
+        encoded.block_id,
+        encoded.plain_size,
+        encoded.stored_size,
+        encoded.codec,
+        encoded.key_id,
+        encoded.base_id,
+    )
+
+
 def frame_key(block_id: bytes, frame: int) -> bytes:
     """The decoded-block cache's key for one frame of a block (ids are 32 bytes, so no
     frame key equals a block's)."""
@@ -190,6 +202,8 @@ class BlockRepository:
         # A shared region's lookup of blocks other hosts stored (service/shared.py): a new
         # block found there is recorded here instead of uploaded again (None: not shared).
         self.shared_lookup: Callable[[bytes], Awaitable[NewBlock | None]] | None = None
+        # ...and is told of each block it is about to upload (published once its pack is).
+        self.shared_encoded: Callable[[NewBlock], None] | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -407,6 +421,8 @@ class BlockRepository:
                     return StoredBlock(block_id, found, written=False)
             if self.remote:
                 encoded = await workers.run_sync(make_object, limiter=self.limiter)
+                if self.shared_encoded is not None:
+                    self.shared_encoded(_new_block(encoded))
                 await workers.run_sync(
                     self.backend.put, block_id.hex(), encoded.parts, limiter=self.io_limiter
                 )
@@ -418,14 +434,7 @@ class BlockRepository:
         finally:
             del self._writing[block_id]
             done.set()
-        new = NewBlock(
-            block_id,
-            encoded.plain_size,
-            encoded.stored_size,
-            encoded.codec,
-            encoded.key_id,
-            encoded.base_id,
-        )
+        new = _new_block(encoded)
         self._uncommitted[block_id] = new
         fault_point("delta_written" if new.base_id is not None else "object_written")
         return StoredBlock(block_id, new, written=True)

@@ -321,6 +321,9 @@ class PackedS3Backend:
         # registers the pack in its ledger first (service/shared.py), so that a pack of a
         # host that dies is found and deleted, never mistaken for a live one.
         self.on_upload: Callable[[str], None] | None = None
+        # Called (in the uploading thread) after a pack's PUT with its id, size and the
+        # objects in it (key, offset, length): a shared region publishes them at once.
+        self.on_uploaded: Callable[[str, int, list[tuple[str, int, int]]], None] | None = None
         self._lock = threading.Lock()
         self._uploaded = threading.Condition(self._lock)
         self._open: _Pack | None = None
@@ -449,6 +452,10 @@ class PackedS3Backend:
             data = os.pread(pack.fd, pack.size, 0)  # closed: nobody writes to it any more
             self.packs.put(pack.id, data)
             fault_point("pack_uploaded")
+            if self.on_uploaded is not None:
+                with self._lock:
+                    entries = [(k, off, length) for k, (off, length, _) in pack.entries.items()]
+                self.on_uploaded(pack.id, pack.size, entries)
             with self._lock:
                 pack.uploaded = True
                 self.puts += 1
@@ -458,6 +465,18 @@ class PackedS3Backend:
             with self._lock:
                 pack.uploading = False
                 self._uploaded.notify_all()
+
+    def flush_open(self) -> None:
+        """Close the open pack and upload it now, without recording its locations (a
+        shared region's writer about to wait for another host's upload first makes its
+        own claimed blocks available: two hosts never wait on each other's spool)."""
+        with self._lock:
+            pack = self._close_open()
+        if pack is not None:
+            try:
+                self._upload(pack)
+            except SnapfsError as exc:  # sync() retries it
+                log.warning("pack %s: upload failed (%s); retried at the next sync", pack.id, exc)
 
     def sync(self) -> None:
         """Upload every pack with objects put so far, then record where they are."""

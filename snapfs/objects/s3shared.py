@@ -68,6 +68,15 @@ class SharedPackedS3Backend(PackedS3Backend):
                 leftover.unlink()
         return cleared
 
+    def pack_ages(self) -> dict[str, float]:
+        """Every pack in the bucket with its age in seconds (by its LastModified)."""
+        now = time.time()
+        return {
+            item["Key"][len(self.packs.prefix) :]: now - item["LastModified"].timestamp()
+            for item in self.packs.listing()
+            if not item["Key"][len(self.packs.prefix) :].startswith(".")
+        }
+
     def pack_problems(self) -> list[str]:
         return []  # which packs should be there is the ledger's to say
 

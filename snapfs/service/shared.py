@@ -71,10 +71,11 @@ import trio
 from snapfs import durable, workers
 from snapfs.errors import IndexUnavailable, SnapfsError
 from snapfs.meta.index import NewBlock
-from snapfs.meta.ledger import SHARED_COLUMNS, Ledger, SessionExpired, SharedBlock
+from snapfs.meta.ledger import SHARED_COLUMNS, STRAY_AGE, Ledger, SessionExpired, SharedBlock
 from snapfs.meta.pg import redacted
 from snapfs.model.states import SnapshotStatus
 from snapfs.objects.s3packs import PackedS3Backend, PackLocation
+from snapfs.objects.s3shared import SharedPackedS3Backend
 from snapfs.service.region import RENAME_NOREPLACE
 from snapfs.service.snapshots import Snapshot
 from snapfs.stalls import BatchSizer
@@ -90,8 +91,12 @@ T = TypeVar("T")
 DEFAULT_TTL = 30.0  # seconds without a heartbeat after which a host is reaped
 PULL_EVERY = 0.25  # seconds between looks at the ledger's newest change
 COLLECT_EVERY = 5.0  # seconds between collector rounds (each host tries; one runs)
+CLAIM_WAIT = 10.0  # seconds a writer waits for a block another host claimed, at most
+CLAIM_POLL = 0.1  # seconds between its looks
+CLAIM_AGE = 60.0  # a claim older than this is forgotten (its claimer stored it, or not)
 RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # backoff of a call to a server that does not answer
 STOP_GRACE = 5.0  # seconds unmount waits for pushes and the session's end
+
 INSERT_BATCH = 2048  # first batch of map rows a pulled snapshot's insert commits
 MAP_PAGE = 8192  # map rows read from the ledger per query
 TOMBSTONE_AGE = 7 * 86400.0  # purged deleted rows kept this long for hosts to pull
@@ -99,6 +104,14 @@ SESSION_FILE = "shared-session"  # in the region's directory: this store's last 
 # A snapshot's fields the pusher sends after a local commit ("closed" and "tags" too).
 PUSHED_FIELDS = tuple(c for c in SHARED_COLUMNS if c not in ("id", "name", "created_at"))
 LOCAL_SETTINGS = frozenset({"block_size"})  # fixed at the region's creation
+
+
+def stray_age_from_env() -> float:
+    """How old an unregistered pack must be to be deleted (`SNAPFS_STRAY_AGE` seconds)."""
+    try:
+        return max(1.0, float(os.environ.get("SNAPFS_STRAY_AGE", STRAY_AGE)))
+    except ValueError:
+        return STRAY_AGE
 
 
 def ttl_from_env() -> float:
@@ -166,9 +179,14 @@ class SharedLink:
         self._deleted_at_mount: set[str] = set()
         self._seen = 0  # the newest change number applied here
         self._pending_lookups: dict[bytes, trio.Event] = {}
-        self._looked_up: dict[bytes, SharedBlock | None] = {}
+        self._looked_up: dict[bytes, tuple[str, SharedBlock | None]] = {}
         self._lookup_wanted = trio.Event()
+        # Blocks about to be uploaded (key -> row), read by the upload thread that
+        # publishes their pack; plain dict operations, atomic under the GIL.
+        self._unpublished: dict[str, NewBlock] = {}
         self._retry: set[str] = set()  # changes that wait (a name still taken here)
+        self._next_sweep = 0.0  # trio clock: when the collector next lists strays
+        self.stray_age = stray_age_from_env()
 
     def use_url(self, url: str) -> None:
         """Connect with `url` (the one given to create or attach, perhaps with its
@@ -223,6 +241,37 @@ class SharedLink:
                     if self.stopping:
                         raise
                     log.warning("region %s: registering pack %s failed (%s); retrying",
+                                self.region.name, pack_id, exc)  # fmt: skip
+                    time.sleep(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+
+    def encoded(self, block: NewBlock) -> None:
+        """The repository is about to upload `block` (BlockRepository.shared_encoded)."""
+        self._unpublished[block.block_id.hex()] = block
+
+    def uploaded(self, pack_id: str, size: int, entries: list[tuple[str, int, int]]) -> None:
+        """Worker thread, after a pack's PUT: its blocks' rows into the ledger, pinned by
+        this session until it commits references to them, so that other hosts writing the
+        same content (waiting on this host's claims) reuse them at once."""
+        blocks = []
+        for key, offset, length in entries:
+            row = self._unpublished.pop(key, None)
+            if row is not None:
+                blocks.append(SharedBlock(
+                    row.block_id, row.plain_size, row.stored_size, row.codec, row.key_id,
+                    row.base_id, pack_id, offset, length, size,
+                ))  # fmt: skip
+        delay = RETRY_FIRST
+        with self._pack_lock:
+            while True:
+                try:
+                    self._pack_conn.get().publish(self.session, pack_id, size, blocks)
+                    return
+                except IndexUnavailable as exc:
+                    self._pack_conn.drop()
+                    if self.stopping:
+                        raise
+                    log.warning("region %s: publishing pack %s failed (%s); retrying",
                                 self.region.name, pack_id, exc)  # fmt: skip
                     time.sleep(delay)
                     delay = min(RETRY_MAX, delay * 2)
@@ -522,20 +571,36 @@ class SharedLink:
     # --- dedup lookups ----------------------------------------------------------------------
 
     async def lookup(self, block_id: bytes) -> NewBlock | None:
-        """A block another host stored, recorded here (its location adopted) as a block to
-        commit without uploading it; None if the region has none (or not joined yet)."""
+        """Before uploading a block this host does not know: one another host stored is
+        recorded here (its location adopted) as a block to commit, not uploaded again;
+        one another host is uploading right now (its claim) is waited for, a while; else
+        None, and this host claims it and uploads it."""
         if not self.joined.is_set() or self.stopping:
             return None
+        deadline = trio.current_time() + CLAIM_WAIT
+        flushed = False
+        while True:
+            outcome, found = await self._ask(block_id)
+            if found is not None:
+                await self._adopt([found])
+                return _new_block(found)
+            if outcome != "theirs" or trio.current_time() > deadline:
+                return None
+            if not flushed:  # our own claimed blocks first: nobody waits on a spool
+                backend = self.region.backend
+                assert isinstance(backend, PackedS3Backend)
+                await workers.run_sync(backend.flush_open, limiter=self.region.io_limiter)
+                flushed = True
+            await trio.sleep(CLAIM_POLL)
+
+    async def _ask(self, block_id: bytes) -> tuple[str, SharedBlock | None]:
+        """One block's lookup-or-claim, batched with every other waiting at this moment."""
         event = self._pending_lookups.get(block_id)
         if event is None:
             event = self._pending_lookups[block_id] = trio.Event()
             self._lookup_wanted.set()
         await event.wait()
-        found = self._looked_up.pop(block_id, None)
-        if found is None:
-            return None
-        await self._adopt([found])
-        return _new_block(found)
+        return self._looked_up.pop(block_id, ("mine", None))
 
     async def _lookup_loop(self) -> None:
         while not self.stopping and not self.region.closed:
@@ -544,14 +609,20 @@ class SharedLink:
             batch = dict(self._pending_lookups)
             if not batch:
                 continue
-            found: dict[bytes, SharedBlock] = {}
+            answers: dict[bytes, tuple[str, SharedBlock | None]] = {}
             if not self.stopping:
                 try:
-                    found = await self.call("read", Ledger.lookup, list(batch), retry=False)
+                    found, _, theirs = await self.call(
+                        "read", Ledger.lookup_or_claim, self.session, list(batch), retry=False
+                    )
+                    answers = {b: ("found", found[b]) for b in found}
+                    answers.update((b, ("theirs", None)) for b in theirs)
+                except SessionExpired as exc:
+                    self._fence_soon(exc)
                 except SnapfsError as exc:  # the writers upload their own copies
                     log.warning("region %s: dedup lookup failed (%s)", self.region.name, exc)
             for block_id, event in batch.items():
-                self._looked_up[block_id] = found.get(block_id)
+                self._looked_up[block_id] = answers.get(block_id, ("mine", None))
                 self._pending_lookups.pop(block_id, None)
                 event.set()
 
@@ -726,40 +797,59 @@ class SharedLink:
     # --- the reaper and the collector --------------------------------------------------------
 
     async def collect(self) -> None:
-        """One round of the region's reaper and collector, unless another host runs one."""
-        if not await self.call("collect", Ledger.try_collect, retry=False):
+        """One round of the region's reaper and collector, unless another host has the
+        lease; now and then a sweep of packs nobody registered."""
+        lease = COLLECT_EVERY * 3
+        if not await self.call("collect", Ledger.collect_lease, self.session, lease, retry=False):
             return
-        try:
-            reaped = await self.call("collect", Ledger.reap, retry=False)
-            if reaped.sessions:
-                log.warning("region %s: reaped %d sessions whose heartbeats stopped: %d of "
-                            "their snapshots sealed (closed by their writer), %d deleted "
-                            "(unfinished)", self.region.name, len(reaped.sessions),
-                            len(reaped.sealed), len(reaped.deleted))  # fmt: skip
-            while await self.call("collect", Ledger.purge_step, retry=False):
-                await trio.sleep(0)
-            freed = 0
-            while dropped := await self.call("collect", Ledger.drop_unreferenced, retry=False):
-                freed += dropped
-            backend = self.region.backend
-            grace = backend.grace if isinstance(backend, PackedS3Backend) else 0.0
-            doomed = set(await self.call("collect", Ledger.doomed_packs, grace, retry=False))
-            doomed |= set(await self.call("collect", Ledger.deleting_packs, retry=False))
-            if doomed:
-                await self._delete_packs(sorted(doomed))
-            await self.call("collect", Ledger.forget_tombstones, TOMBSTONE_AGE, retry=False)
-            if freed or doomed:
-                log.info("region %s: shared collection dropped %d blocks and deleted %d packs",
-                         self.region.name, freed, len(doomed))  # fmt: skip
-        finally:
-            with contextlib.suppress(SnapfsError):
-                await self.call("collect", Ledger.done_collecting, retry=False)
+        reaped = await self.call("collect", Ledger.reap, retry=False)
+        if reaped.sessions:
+            log.warning("region %s: reaped %d sessions whose heartbeats stopped: %d of "
+                        "their snapshots sealed (closed by their writer), %d deleted "
+                        "(unfinished)", self.region.name, len(reaped.sessions),
+                        len(reaped.sealed), len(reaped.deleted))  # fmt: skip
+        while await self.call("collect", Ledger.purge_step, retry=False):
+            await trio.sleep(0)
+        freed = 0
+        while dropped := await self.call("collect", Ledger.drop_unreferenced, retry=False):
+            freed += dropped
+        backend = self.region.backend
+        grace = backend.grace if isinstance(backend, PackedS3Backend) else 0.0
+        doomed = set(await self.call("collect", Ledger.doomed_packs, grace, retry=False))
+        doomed |= set(await self.call("collect", Ledger.deleting_packs, retry=False))
+        if doomed:
+            await self._delete_packs(sorted(doomed))
+        await self.call("collect", Ledger.forget_tombstones, TOMBSTONE_AGE, retry=False)
+        await self.call("collect", Ledger.forget_claims, CLAIM_AGE, retry=False)
+        if freed or doomed:
+            log.info("region %s: shared collection dropped %d blocks and deleted %d packs",
+                     self.region.name, freed, len(doomed))  # fmt: skip
+        if trio.current_time() >= self._next_sweep:
+            self._next_sweep = trio.current_time() + self.stray_age / 2
+            await self.sweep_strays()
 
     async def _delete_packs(self, packs: list[str]) -> None:
         backend = self.region.backend
         assert isinstance(backend, PackedS3Backend)
         await workers.run_sync(backend.packs.delete_many, packs, limiter=self.region.io_limiter)
         await self.call("collect", Ledger.forget_packs, packs, retry=False)
+
+    async def sweep_strays(self) -> None:
+        """Packs in the bucket the ledger never heard of (a crash between a pack's PUT and
+        its registration cannot leave one, the registration comes first; an interrupted
+        delete or a stray of another kind can), deleted once older than STRAY_AGE."""
+        backend = self.region.backend
+        assert isinstance(backend, SharedPackedS3Backend)
+        ages = await workers.run_sync(backend.pack_ages, limiter=self.region.io_limiter)
+        known = await self.call("collect", Ledger.packs, retry=False)
+        unknown = {pack: age for pack, age in ages.items() if pack not in known}
+        doomed = await self.call(
+            "collect", Ledger.doom_strays, unknown, self.stray_age, retry=False
+        )
+        if doomed:
+            log.warning("region %s: deleting %d packs no host registered", self.region.name,
+                        len(doomed))  # fmt: skip
+            await self._delete_packs(doomed)
 
 
 _UNSET = object()

@@ -286,7 +286,9 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 region.publisher.shared = True
                 region.index.on_change = link.changed  # it tells the publisher too
                 backend.on_upload = link.register_pack
+                backend.on_uploaded = link.uploaded
                 region.shared_lookup = link.lookup
+                region.shared_encoded = link.encoded
         try:
             rows = region.index.snapshots(include_deleted=True)
         except BaseException:
@@ -603,6 +605,11 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
                 await trio.sleep(0.02)
         if region.snapshots or region.index.snapshots(include_deleted=True):
             raise RegionNotEmpty(f"region {name!r} still holds snapshots")
+        shared = isinstance(region.link, SharedLink)
+        if isinstance(region.link, SharedLink):
+            # This host leaves the shared region; the region (ledger and bucket) stays the
+            # other hosts'.
+            await region.link.stop()
         self.db.table("regions").delete_where("name = ?", [name])
         del self.regions[name]
         self.by_ino.pop(region.ino, None)
@@ -610,9 +617,9 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         shutil.rmtree(region.directory, ignore_errors=True)
         with contextlib.suppress(OSError):
             durable.fsync_dir(region.directory.parent)  # not resurrected by a power loss
-        if region.remote and self.nursery is not None:
+        if region.remote and self.nursery is not None and not shared:
             self.nursery.start_soon(self._destroy_remote, region, name=f"destroy {region.name}")
-        log.info("removed region %s", name)
+        log.info("%s region %s", "left shared" if shared else "removed", name)
 
     async def _destroy_remote(self, region: Region) -> None:
         """An empty region's bucket prefix still holds its metadata (and maybe garbage)."""
