@@ -10,6 +10,7 @@ from snapfs.model.states import SnapshotStatus
 from snapfs.service.copyjobs import CopyJob
 from snapfs.service.lifecycle import NO_LINEAGE, is_exact_copy, lineage_of
 from snapfs.service.region import Region
+from snapfs.service.shared import PULLING
 from snapfs.service.storebase import StoreParts
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class StoreRecovery(StoreParts):
                     reason,
                 )
                 region.index.delete_snapshot(row["id"])
-                region.link.deleted_here(row["id"])  # a shared region's ledger, once joined
+                if row["deleted"] != PULLING:  # not another host's, half copied in
+                    region.link.deleted_here(row["id"])  # a shared region's ledger, once joined
                 fault_point("recover_removed")
                 snap = self.by_id.pop(row["id"], None)
                 if snap is not None and not snap.deleted:

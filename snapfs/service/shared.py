@@ -104,6 +104,9 @@ SESSION_FILE = "shared-session"  # in the region's directory: this store's last 
 # A snapshot's fields the pusher sends after a local commit ("closed" and "tags" too).
 PUSHED_FIELDS = tuple(c for c in SHARED_COLUMNS if c not in ("id", "name", "created_at"))
 LOCAL_SETTINGS = frozenset({"block_size"})  # fixed at the region's creation
+# `deleted` of another host's snapshot while its rows are copied in: hidden as a deleted
+# one is, but a stop meanwhile is not a delete the ledger must hear of (recovery.py).
+PULLING = 2
 
 
 def stray_age_from_env() -> float:
@@ -287,16 +290,29 @@ class SharedLink:
 
     async def _join(self) -> None:
         """A session (taking over the one this store had before), the local index brought
-        in step with the ledger, then the loops that keep it so."""
-        await self._open_session()
-        await self.reconcile()
-        self.joined.set()
+        in step with the ledger, then the loops that keep it so. A server that refuses or
+        does not answer is tried again until it does or the mount stops."""
+        delay = RETRY_FIRST
+        while not self.joined.is_set():
+            try:
+                await self._open_session()
+                await self.reconcile()
+                self.joined.set()
+            except SnapfsError as exc:
+                if self.stopping or self.region.closed:
+                    return
+                log.warning("region %s: joining the shared index failed (%s); again in "
+                            "%.1f s", self.region.name, exc, delay)  # fmt: skip
+                await trio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
         log.info("region %s: joined the shared index %s as session %s (ttl %.0f s)",
                  self.region.name, redacted(self.url), self.session[:8], self.ttl)  # fmt: skip
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forever, "heartbeat", self._beat, self.ttl / 3)
             nursery.start_soon(self._forever, "pull", self.pull, PULL_EVERY)
-            nursery.start_soon(self._forever, "collection", self.collect, COLLECT_EVERY)
+            # The reaper looks at least once a ttl (a host is reaped after two looks).
+            every = min(COLLECT_EVERY, self.ttl)
+            nursery.start_soon(self._forever, "collection", self.collect, every)
 
     async def _open_session(self) -> None:
         previous = _read_session(self.session_file)
@@ -365,11 +381,20 @@ class SharedLink:
                 if snap.status in (SnapshotStatus.CREATING, SnapshotStatus.COPYING):
                     await self.store.fail_fenced(snap, exc)
             self._told.clear()
-            await self._open_session()
-            await self.reconcile()
-            self.joined.set()
-            log.warning("region %s: joined the shared index again as session %s",
-                        self.region.name, self.session[:8])  # fmt: skip
+            delay = RETRY_FIRST
+            while not self.joined.is_set() and not self.stopping:
+                try:
+                    await self._open_session()
+                    await self.reconcile()
+                    self.joined.set()
+                except SnapfsError as again:
+                    log.warning("region %s: joining the shared index again failed (%s); "
+                                "again in %.1f s", self.region.name, again, delay)  # fmt: skip
+                    await trio.sleep(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+            if self.joined.is_set():
+                log.warning("region %s: joined the shared index again as session %s",
+                            self.region.name, self.session[:8])  # fmt: skip
         finally:
             self._fencing = False
 
@@ -722,17 +747,23 @@ class SharedLink:
         if row["name"] in region.snapshots:
             self._retry.add(row["id"])
             return
-        region.index.insert_snapshot({k: row[k] for k in SHARED_COLUMNS} | {"deleted": 1},
-                                     tags=tags)  # fmt: skip
+        if region.index.snapshot_row(row["id"]) is None:  # else left hidden by a stop
+            region.index.insert_snapshot(
+                {k: row[k] for k in SHARED_COLUMNS} | {"deleted": PULLING}, tags=tags
+            )
+        # Block rows go in with the map rows naming them (a row nothing names yet is the
+        # local collector's to drop); bases first, pinned, as their rows count only their
+        # deltas' references.
         held = [b for b in bases if region.hold_base(b)]
         try:
-            ordered = sorted(blocks.values(), key=lambda b: b.base_id is not None)
-            region.index.commit_blocks(row["id"], [_new_block(b) for b in ordered], [], {})
             sizer = BatchSizer(INSERT_BATCH)
             at = 0
             while at < len(rows):
                 chunk = rows[at : at + sizer.start()]
-                region.index.commit_blocks(row["id"], [], chunk, {})
+                named = [blocks[bid] for bid in dict.fromkeys(bid for _, bid in chunk)]
+                under = [blocks[b.base_id] for b in named if b.base_id in blocks]
+                ordered = sorted([*under, *named], key=lambda b: b.base_id is not None)
+                region.index.commit_blocks(row["id"], [_new_block(b) for b in ordered], chunk, {})
                 sizer.done()
                 at += len(chunk)
                 await trio.sleep(0)
@@ -740,7 +771,6 @@ class SharedLink:
                 return
             if row["name"] in region.snapshots:  # taken while we inserted: later
                 self._retry.add(row["id"])
-                region.index.delete_snapshot(row["id"])
                 return
             region.index.update_snapshot(row["id"], deleted=0)
         finally:
@@ -799,7 +829,7 @@ class SharedLink:
     async def collect(self) -> None:
         """One round of the region's reaper and collector, unless another host has the
         lease; now and then a sweep of packs nobody registered."""
-        lease = COLLECT_EVERY * 3
+        lease = min(COLLECT_EVERY, self.ttl) * 3
         if not await self.call("collect", Ledger.collect_lease, self.session, lease, retry=False):
             return
         reaped = await self.call("collect", Ledger.reap, retry=False)
