@@ -5,7 +5,9 @@ whether or not the store is mounted. The JSON form is a stable interface for scr
 
     {"store": PATH, "block_size": N, "regions": [
         {"name": R, "backend": "local" | "s3://BUCKET/PREFIX[ at ENDPOINT]",
-         "read_only": true | false (attached with --read-only), "snapshots": [
+         "read_only": true | false (attached with --read-only),
+         "shared_index": null | "postgresql://..." (a region shared with other stores
+                         through that database, without its password), "snapshots": [
             {"name", "id", "status", "progress", "size", "allocated_bytes", "stored_bytes",
              "encrypted", "kms_key_id", "source_snapshot_id", "source_region",
              "transferred_bytes", "description", "tags": {K: V}, "retention_days",
@@ -65,6 +67,7 @@ def collect(
     names = [r["name"] for r in rows]
     backends = {r["name"]: _backend(r) for r in rows}
     read_only = {r["name"]: bool(r.get("read_only")) for r in rows}
+    shared = {r["name"]: r.get("index_url") for r in rows}
     if region is not None:
         if region not in names:
             raise RegionNotFound(f"region {region!r} does not exist")
@@ -74,6 +77,7 @@ def collect(
         regions.append(_region(store_path / "regions" / name, name, block_size, snapshot))
         regions[-1]["backend"] = backends[name]
         regions[-1]["read_only"] = read_only[name]
+        regions[-1]["shared_index"] = shared[name]
         regions[-1]["packs"] = _packs(store_path / "regions" / name)
     if snapshot is not None and not regions[0]["snapshots"]:
         raise NotFound(f"snapshot {snapshot!r} does not exist in region {region}")
@@ -217,6 +221,8 @@ def render(data: dict[str, Any]) -> None:
         where = "" if region["backend"] == "local" else f" on {region['backend']}"
         if region.get("read_only"):
             where += " (read-only)"
+        if region.get("shared_index"):
+            where += f", shared through {region['shared_index']}"
         table = Table(title=f"region {region['name']}{where}", title_justify="left")
         for column in (
             "snapshot",

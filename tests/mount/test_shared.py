@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ..conftest import SNAPFS, S3Server, SnapfsMount, run, sha256, wait_for
+from ..conftest import SNAPFS, PgServer, S3Server, SnapfsMount, run, sha256, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -174,3 +174,52 @@ def test_hosts_write_read_copy_delete_and_rename_in_one_region(
     ), a.log()
     for host in made:
         assert "Traceback" not in host.log(), host.log()
+
+
+def test_bad_shared_region_requests_are_refused_clearly(
+    s3: S3Server, pg_server: PgServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A bad URL, wrong credentials, no bucket, a read-only join, a region the database
+    lacks: each a cloud-style error naming what is wrong (never a password), nothing made."""
+    from ..conftest import PG_PASSWORD, PG_PASSWORD_ROLE
+
+    host = Host(tmp_path / "store", tmp_path / "mnt")
+    host.mount()
+    try:
+        endpoint = ["--endpoint", s3.endpoint]
+        backend = ["--backend", f"s3://{BUCKET}/r"]
+
+        def refused(*args: str) -> str:
+            done = run(*SNAPFS, "region", *args, "--store", host.store, check=False)
+            assert done.returncode != 0, done.stdout
+            assert "Traceback" not in done.stderr, done.stderr
+            return done.stderr
+
+        assert "InvalidParameter.IndexUrl" in refused(
+            "create", REGION, *backend, *endpoint, "--index", "mysql://db/x"
+        )
+        assert "needs --backend" in refused("create", REGION, "--index", pg_dsn)
+        assert "--read-only" in refused(
+            "attach", REGION, *backend, *endpoint, "--index", pg_dsn, "--read-only"
+        )
+        wrong = pg_server.url(psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"],
+                              PG_PASSWORD_ROLE, "not-" + PG_PASSWORD)  # fmt: skip
+        message = refused("create", REGION, *backend, *endpoint, "--index", wrong)
+        assert "Forbidden" in message and "not-" + PG_PASSWORD not in message, message
+        # A password given on the command line is used, never stored.
+        good = pg_server.url(psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"],
+                             PG_PASSWORD_ROLE, PG_PASSWORD)  # fmt: skip
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'GRANT CREATE ON DATABASE "{conn.info.dbname}" TO {PG_PASSWORD_ROLE}')
+        region_cmd(host, "create", s3, good)
+        status = host.region_status(REGION)
+        kept = b"".join(p.read_bytes() for p in host.store.glob("store.db*"))
+        assert status["shared_index"].startswith("postgresql://")
+        assert PG_PASSWORD not in status["shared_index"] and PG_PASSWORD.encode() not in kept
+        # A region the database does not have cannot be joined.
+        message = refused("attach", "other-1", "--backend", f"s3://{BUCKET}/other", *endpoint,
+                          "--index", good)  # fmt: skip
+        assert "InvalidRegionId.NotFound" in message, message
+        assert sorted(os.listdir(host.path)) == [REGION]
+    finally:
+        host.teardown()

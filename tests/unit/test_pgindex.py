@@ -21,7 +21,13 @@ from snapfs.errors import (
     StoreFormat,
 )
 from snapfs.meta.index import NewBlock, RegionIndex, RestoredSnapshot
-from snapfs.meta.pg import PG_MIGRATIONS, PgRegionIndex, redacted, region_names
+from snapfs.meta.pg import (
+    PG_MIGRATIONS,
+    PgRegionIndex,
+    redacted,
+    region_names,
+    without_password,
+)
 from tests.conftest import PG_PASSWORD, PG_PASSWORD_ROLE, PgServer
 
 pytestmark = pytest.mark.pg
@@ -470,3 +476,10 @@ def test_every_method_answers_as_on_sqlite(tmp_path, pg_dsn: str) -> None:
     assert len(pg) == len(sqlite)
     for step, (theirs, ours) in enumerate(zip(sqlite, pg, strict=True)):
         assert ours == theirs, f"answer {step} differs"
+
+
+def test_a_stored_url_keeps_no_password() -> None:
+    assert without_password("postgresql://u:secret@db:5432/x?password=s2&sslmode=require") == (
+        "postgresql://u@db:5432/x?sslmode=require"
+    )
+    assert without_password("postgresql://u@/x?host=/run/pg") == "postgresql://u@/x?host=/run/pg"
