@@ -88,7 +88,10 @@ def copies(work: Path, template: Path, hosts: int, shared: bool) -> dict[str, fl
     here = work / label
     here.mkdir()
     server = Server(here)
-    pg = start_pg_server(here / "pg") if shared else None
+    pg = None
+    if shared:
+        (here / "pg").mkdir()
+        pg = start_pg_server(here / "pg")
     env = dict(_env(), SNAPFS_PACK_GRACE="60")
     fleet = Fleet(here, hosts, env)
     try:
