@@ -316,11 +316,10 @@ class SharedLink:
 
     async def _open_session(self) -> None:
         previous = _read_session(self.session_file)
-        keep = [
-            snap.id
-            for snap in self.region.snapshots.values()
-            if snap.status in (SnapshotStatus.CREATING, SnapshotStatus.COPYING)
-        ]
+        # Everything the store still has stays its own: copies to resume, and snapshots its
+        # recovery sealed at mount (closed before the stop: `cp` saw them succeed). What the
+        # previous session owned and the store no longer has is deleted in the ledger.
+        keep = [snap.id for snap in self.region.snapshots.values()]
         self.session = await self.call("push", _open_session, self.ttl, previous, keep)
         await workers.run_sync(
             durable.write_file, self.session_file, self.session.encode(),
