@@ -602,6 +602,55 @@ class Ledger:
             [self.region_id, list(packs)],
         )
 
+    def restore(
+        self,
+        settings: dict[str, str],
+        packs: dict[str, int],
+        blocks: Sequence[SharedBlock],
+        snapshots: Sequence[tuple[dict[str, Any], dict[str, str], Sequence[tuple[int, bytes]]]],
+    ) -> None:
+        """Fill an empty region's ledger from what its bucket describes (a lost database:
+        service/regionadmin.py): its settings, its packs (sealed), every block with where it
+        is, and each snapshot's row, tags and map; one transaction."""
+        with self.db.transaction() as conn:
+            for key, value in settings.items():
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    f"ON CONFLICT({conn.conflict('key')}) DO UPDATE SET value = excluded.value",
+                    [key, value],
+                )
+            conn.executemany(
+                "INSERT INTO snapfs.packs (region_id, id, size, state, created_at) "
+                f"VALUES (?, ?, ?, 'sealed', {NOW})",
+                [(self.region_id, pack, size) for pack, size in packs.items()],
+            )
+            ordered = sorted(blocks, key=lambda b: b.base_id is not None)
+            conn.executemany(
+                "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id, "
+                "pack_id, pack_offset, pack_length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (b.block_id, b.plain_size, b.stored_size, b.codec, b.key_id, b.base_id,
+                     b.pack, b.offset, b.length)
+                    for b in ordered
+                ],
+            )  # fmt: skip
+            for row, tags, rows in snapshots:
+                cols = [c for c in SHARED_COLUMNS if c in row]
+                conn.execute(
+                    f"INSERT INTO snapshots ({', '.join(cols)}) "
+                    f"VALUES ({', '.join('?' for _ in cols)})",
+                    [row[c] for c in cols],
+                )
+                conn.executemany(
+                    "INSERT INTO snapshot_blocks (snapshot_id, block_no, block_id) "
+                    "VALUES (?, ?, ?)",
+                    [(row["id"], no, bid) for no, bid in rows],
+                )
+                conn.executemany(
+                    "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
+                    [(row["id"], k, v) for k, v in tags.items()],
+                )
+
     # --- reading the ledger ------------------------------------------------------------------
 
     def lookup(self, block_ids: Iterable[bytes]) -> dict[bytes, SharedBlock]:

@@ -166,16 +166,22 @@ def snapshot_document(
     }
 
 
-def region_document(index: RegionIndex, name: str, block_size: int) -> dict[str, Any]:
-    settings = index.settings()
-    return {
+def region_document(
+    index: RegionIndex, name: str, block_size: int, *, shared: bool = False
+) -> dict[str, Any]:
+    """`region.json`: the region's name, block size and settings (`shared`: several stores
+    write it through a ledger in PostgreSQL, which can be rebuilt from this bucket)."""
+    doc: dict[str, Any] = {
         "format": REGION_FORMAT,
         "version": VERSION,
         "name": name,
         "block_size": block_size,
         "updated_at": time.time(),
-        "settings": settings,
+        "settings": index.settings(),
     }
+    if shared:
+        doc["shared"] = True
+    return doc
 
 
 # --- publishing ----------------------------------------------------------------------------
@@ -276,7 +282,7 @@ class ManifestPublisher:
     def _put_region(self) -> None:
         index = self._reader()
         try:
-            doc = region_document(index, self.region.name, self.block_size)
+            doc = region_document(index, self.region.name, self.block_size, shared=self.shared)
         finally:
             index.close()
         self.meta.put(REGION_KEY, json.dumps(doc, indent=1).encode())

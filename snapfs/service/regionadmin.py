@@ -265,6 +265,68 @@ def check_shared(location: S3Location, name: str, block_size: int, url: str) -> 
         )
 
 
+def is_shared(location: S3Location, name: str) -> bool:
+    """Whether the bucket prefix holds shared region `name` (made with --index)."""
+    doc = read_region_document(_meta(location))
+    return doc is not None and doc.get("name") == name and bool(doc.get("shared"))
+
+
+def rebuild_ledger(
+    location: S3Location,
+    name: str,
+    block_size: int,
+    url: str,
+    work: Path,
+    keys: KeyRing | None,
+) -> manifests.RebuildReport:
+    """Worker thread: a shared region whose database was lost, made again in the (empty)
+    database at `url` from its bucket alone: the manifests (and pack trailers) rebuild an
+    index in `work` as a disaster-recovery attach does, then the ledger is filled from it in
+    one transaction (meta/ledger.py, `restore`). The region's row goes again if that fails."""
+    from snapfs.meta.ledger import Ledger, SharedBlock
+    from snapfs.meta.pg import PgRegionIndex
+
+    report = rebuild_from_bucket(location, name, block_size, work / "index.db", keys, False)
+    local = RegionIndex(work / "index.db")
+    packed = PackedS3Backend(S3Backend(location, max_wait=ADMIN_WAIT), work / PACKED_STATE,
+                             readonly=True)  # fmt: skip
+    index = PgRegionIndex.create(url, name, created_at=time.time())
+    try:
+        snapshots = []
+        named: set[bytes] = set()
+        for row in local.snapshots():
+            rows = local.block_map_from(row["id"], 0, 1 << 40)
+            named.update(bid for _, bid in rows)
+            snapshots.append((row, local.tags(row["id"]), rows))
+        known = local.block_rows(sorted(named))
+        bases = {b.base_id for b in known.values() if b.base_id is not None} - known.keys()
+        known.update(local.block_rows(sorted(bases)))
+        located, sizes = packed.locations([bid.hex() for bid in known])
+        blocks = []
+        for bid, block in known.items():
+            where = located.get(bid.hex())
+            if where is None:  # one-object-per-block layouts predate shared regions
+                raise RegionMetadataMalformed(f"block {bid.hex()} of {name} is in no pack")
+            blocks.append(SharedBlock(
+                bid, block.plain_size, block.stored_size, block.codec, block.key_id,
+                block.base_id,
+                where.pack, where.offset, where.length, sizes[where.pack],
+            ))  # fmt: skip
+        settings = {**local.settings(), "block_size": str(block_size)}
+        Ledger(index).restore(settings, sizes, blocks, snapshots)
+        log.info("rebuilt the shared index of region %s in %s from its bucket: %d snapshots, "
+                 "%d blocks in %d packs", name, url.split("@")[-1], len(snapshots),
+                 len(blocks), len(sizes))  # fmt: skip
+    except BaseException:
+        index.drop_region()
+        raise
+    finally:
+        index.close()
+        local.close()
+        packed.close()
+    return report
+
+
 def shared_block_size(url: str, name: str) -> int:
     """The block size of shared region `name` in the database at `url`."""
     from snapfs.meta.pg import PgRegionIndex

@@ -558,15 +558,46 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
         from snapfs.service import regionadmin
 
         self._check_new_region(name)
-        await workers.run_sync(
-            regionadmin.check_shared, location, name, self.block_size, url,
-            limiter=self.io_limiter,
-        )  # fmt: skip
+        try:
+            await workers.run_sync(
+                regionadmin.check_shared, location, name, self.block_size, url,
+                limiter=self.io_limiter,
+            )  # fmt: skip
+        except RegionNotFound:
+            # The database lacks it: a lost ledger made again from the bucket, if the bucket
+            # holds this shared region.
+            if not await workers.run_sync(
+                regionadmin.is_shared, location, name, limiter=self.io_limiter
+            ):
+                raise
+            await self._rebuild_ledger(name, location, url)
         region = await self._join_shared(name, location, url, "attached")
         if wait and isinstance(region.link, SharedLink):
             with trio.move_on_after(JOIN_WAIT):
                 await region.link.joined.wait()
         return region
+
+    async def _rebuild_ledger(self, name: str, location: S3Location, url: str) -> None:
+        from snapfs.meta.pg import redacted
+        from snapfs.service import regionadmin
+
+        work = self.path / "regions" / f".{name}.rebuild"
+        shutil.rmtree(work, ignore_errors=True)
+        durable.make_dirs(work)
+        if self.keys is not None:
+            self.keys.prime()  # encrypted manifests are opened in a worker thread
+        try:
+            report = await workers.run_sync(
+                regionadmin.rebuild_ledger, location, name, self.block_size, url, work,
+                self.keys, limiter=self.io_limiter,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.warning("region %s: rebuilt the shared index %s from the bucket: %d snapshots "
+                    "restored, %d skipped", name, redacted(url), len(report.restored),
+                    len(report.skipped))  # fmt: skip
+        for reason in report.skipped:
+            log.warning("region %s: not restored: %s", name, reason)
 
     async def _join_shared(self, name: str, location: S3Location, url: str, how: str) -> Region:
         from snapfs.meta.pg import without_password

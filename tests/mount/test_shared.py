@@ -223,3 +223,66 @@ def test_bad_shared_region_requests_are_refused_clearly(
         assert sorted(os.listdir(host.path)) == [REGION]
     finally:
         host.teardown()
+
+
+def test_the_bucket_alone_serves_a_dr_host_and_rebuilds_a_lost_ledger(
+    hosts: tuple[list[Host], S3Server, str], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """Each host publishes the manifests of what it writes: a disaster-recovery host reads
+    the region from the bucket alone (--read-only, no database), and when the database is
+    lost, attaching the bucket to an empty one rebuilds the ledger from it."""
+    made, s3, dsn = hosts
+    a, b, _ = made
+    join_all(made, s3, dsn)
+    digests = {}
+    for n, host in enumerate((a, b)):
+        src = image(tmp_path / f"host-{n}.img", 3 * MiB, seed=20 + n)
+        run("cp", src, host.region / src.name)
+        digests[src.name] = sha256(src)
+    assert seen_everywhere(made, list(digests))
+    os.setxattr(a.region / "host-1.img", "user.snapfs.description", b"written on b")
+    manifests = s3.data / BUCKET / "r" / "meta" / "snapshots"
+    assert wait_for(lambda: manifests.exists() and len(os.listdir(manifests)) == 2, 15)
+
+    dr = Host(tmp_path / "dr-store", tmp_path / "dr-mnt")
+    dr.mount()
+    try:
+        run(*SNAPFS, "region", "attach", REGION, "--backend", f"s3://{BUCKET}/r", "--endpoint",
+            s3.endpoint, "--read-only", "--store", dr.store)  # fmt: skip
+        assert dr.names() == sorted(digests)
+        for name, digest in digests.items():
+            assert sha256(dr.region / name) == digest
+    finally:
+        dr.teardown()
+
+    # The database is lost: the hosts stop, a new (empty) one is attached to the bucket.
+    for host in made:
+        host.umount()
+    lost_to = pg_server.url(f"rebuilt_{os.getpid()}")
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE rebuilt_{os.getpid()}")
+    try:
+        fresh = [Host(tmp_path / f"new-{n}", tmp_path / f"new-mnt-{n}") for n in range(2)]
+        for host in fresh:
+            host.mount()
+        try:
+            out = region_cmd(fresh[0], "attach", s3, lost_to).stdout
+            assert "2 snapshots" in out, out
+            assert "rebuilt the shared index" in fresh[0].log(), fresh[0].log()
+            region_cmd(fresh[1], "attach", s3, lost_to)
+            for host in fresh:
+                assert wait_for(lambda h=host: h.names() == sorted(digests), 15), host.log()
+                for name, digest in digests.items():
+                    assert sha256(host.region / name) == digest
+            assert ledger_rows(lost_to, "SELECT description FROM snapfs.snapshots "
+                               "WHERE name = 'host-1.img'") == [("written on b",)]  # fmt: skip
+            # and it is an ordinary shared region again: a write on one shows on the other
+            src = image(tmp_path / "after.img", 2 * MiB, seed=30)
+            run("cp", src, fresh[1].region / "after.img")
+            assert seen_everywhere(fresh, ["after.img"])
+        finally:
+            for host in fresh:
+                host.teardown()
+    finally:
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS rebuilt_{os.getpid()} WITH (FORCE)")
