@@ -738,7 +738,18 @@ class Ledger:
 
     def last_change(self) -> int:
         """The newest change number of the region's snapshots (0: none yet)."""
-        return int(_one(self.db.execute("SELECT coalesce(max(seq), 0) FROM snapshots"))[0])
+        return self.last_changes()[0]
+
+    def last_changes(self) -> tuple[int, str]:
+        """The newest change number of the region's snapshots, and a digest of its settings
+        (what a host's pull looks at, in one query)."""
+        row = _one(
+            self.db.execute(
+                "SELECT coalesce(max(seq), 0), (SELECT coalesce(md5(string_agg(key || '=' || "
+                "value, ';' ORDER BY key)), '') FROM meta) FROM snapshots"
+            )
+        )
+        return int(row[0]), str(row[1])
 
     def changes(self, after: int, limit: int = 1000) -> list[dict[str, Any]]:
         """Snapshot rows changed after change number `after`, oldest change first, with the

@@ -181,6 +181,7 @@ class SharedLink:
         self._quiet: set[str | None] = set()  # being applied from the ledger: not pushed
         self._deleted_at_mount: set[str] = set()
         self._seen = 0  # the newest change number applied here
+        self._settings_digest = ""  # of the settings applied here
         self._pending_lookups: dict[bytes, trio.Event] = {}
         self._looked_up: dict[bytes, tuple[str, SharedBlock | None]] = {}
         self._lookup_wanted = trio.Event()
@@ -653,8 +654,12 @@ class SharedLink:
     # --- pulled from the ledger -------------------------------------------------------------
 
     async def pull(self) -> None:
-        """Apply the other hosts' changes made since the last one seen here."""
-        newest = await self.call("read", Ledger.last_change, retry=False)
+        """Apply the other hosts' changes made since the last one seen here, and the
+        region's settings when they changed."""
+        newest, settings = await self.call("read", Ledger.last_changes, retry=False)
+        if settings != self._settings_digest:
+            await self._apply_settings(await self.call("read", Ledger.settings, retry=False))
+            self._settings_digest = settings
         while newest > self._seen:
             rows = await self.call("read", Ledger.changes, self._seen, retry=False)
             if not rows:
@@ -675,7 +680,7 @@ class SharedLink:
         for snapshot_id in sorted(self._deleted_at_mount):
             await self.call("push", Ledger.delete, self.session, snapshot_id)
         self._deleted_at_mount.clear()
-        self._seen = await self.call("read", Ledger.last_change)
+        self._seen, self._settings_digest = await self.call("read", Ledger.last_changes)
         rows = await self.call("read", Ledger.live_snapshots)
         live = {r["id"] for r in rows}
         for snap in list(self.region.snapshots.values()):

@@ -5,6 +5,7 @@ the region's collector and reaper run while they do."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -286,3 +287,50 @@ def test_the_bucket_alone_serves_a_dr_host_and_rebuilds_a_lost_ledger(
     finally:
         with psycopg.connect(pg_server.url(), autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS rebuilt_{os.getpid()} WITH (FORCE)")
+
+
+def test_an_encrypting_shared_region_needs_the_key_on_every_host(
+    hosts: tuple[list[Host], S3Server, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region that encrypts by default: the setting reaches every host; a host without
+    the key refuses to create (ENOKEY) and cannot read; once the key is imported there, it
+    reads the others' encrypted snapshots and writes its own, and identical content under
+    one key is still stored once."""
+    from ..conftest import make_key
+
+    made, s3, dsn = hosts
+    a, b, _ = made
+    join_all(made, s3, dsn)
+    key_id = make_key(a, REGION)
+    os.setxattr(a.region, "user.snapfs.default_kms_key_id", key_id.encode())
+    os.setxattr(a.region, "user.snapfs.encrypt_by_default", b"true")
+    src = image(tmp_path / "secret.img", 4 * MiB, seed=40)
+    run("cp", src, a.region / "secret.img")
+    assert attr(a.region / "secret.img", "encrypted") == "true"
+    assert seen_everywhere([a, b], ["secret.img"])
+
+    def setting() -> str | None:
+        try:
+            return os.getxattr(b.region, "user.snapfs.encrypt_by_default").decode()
+        except OSError:
+            return None
+
+    assert wait_for(lambda: setting() == "true", 10)
+    with pytest.raises(OSError) as refused:
+        (b.region / "mine.img").write_bytes(b"x")
+    assert refused.value.errno == errno.ENOKEY
+    with pytest.raises(OSError) as unreadable:
+        sha256(b.region / "secret.img")
+    assert unreadable.value.errno == errno.ENOKEY
+
+    monkeypatch.setenv("SNAPFS_EXPORT_PASSPHRASE", "move-the-key")
+    exported = tmp_path / "key.json"
+    run(*SNAPFS, "key", "export", key_id, "--out", exported, "--store", a.store)
+    run(*SNAPFS, "key", "import", exported, "--store", b.store)
+    assert sha256(b.region / "secret.img") == sha256(src)
+    before = bucket_bytes(s3)
+    run("cp", src, b.region / "again.img")  # the same content under the same key
+    assert attr(b.region / "again.img", "encrypted") == "true"
+    assert bucket_bytes(s3) - before < MiB  # its blocks were found, not uploaded again
+    assert seen_everywhere([a, b], ["again.img"])
+    assert sha256(a.region / "again.img") == sha256(src)
