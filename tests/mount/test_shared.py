@@ -41,9 +41,15 @@ class Host(SnapfsMount):
 
 
 @pytest.fixture
-def hosts(s3: S3Server, pg_dsn: str, tmp_path: Path) -> Iterator[tuple[list[Host], S3Server, str]]:
+def hosts(
+    request: pytest.FixtureRequest, s3: S3Server, pg_dsn: str, tmp_path: Path
+) -> Iterator[tuple[list[Host], S3Server, str]]:
+    """Three hosts (`@pytest.mark.hosts(N)` for another number) on one bucket and one
+    database, mounted; the region is the test's to create (join_all)."""
+    marker = request.node.get_closest_marker("hosts")
+    count = marker.args[0] if marker else 3
     env = {"SNAPFS_SESSION_TTL": TTL, "SNAPFS_PACK_GRACE": GRACE, "SNAPFS_STRAY_AGE": "4"}
-    made = [Host(tmp_path / f"store-{n}", tmp_path / f"mnt-{n}", env=env) for n in "abc"]
+    made = [Host(tmp_path / f"store-{n}", tmp_path / f"mnt-{n}", env=env) for n in "abcd"[:count]]
     try:
         for host in made:
             host.mount()
@@ -226,6 +232,7 @@ def test_bad_shared_region_requests_are_refused_clearly(
         host.teardown()
 
 
+@pytest.mark.hosts(2)
 def test_the_bucket_alone_serves_a_dr_host_and_rebuilds_a_lost_ledger(
     hosts: tuple[list[Host], S3Server, str], pg_server: PgServer, tmp_path: Path
 ) -> None:
@@ -233,7 +240,7 @@ def test_the_bucket_alone_serves_a_dr_host_and_rebuilds_a_lost_ledger(
     the region from the bucket alone (--read-only, no database), and when the database is
     lost, attaching the bucket to an empty one rebuilds the ledger from it."""
     made, s3, dsn = hosts
-    a, b, _ = made
+    a, b = made
     join_all(made, s3, dsn)
     digests = {}
     for n, host in enumerate((a, b)):
@@ -289,6 +296,7 @@ def test_the_bucket_alone_serves_a_dr_host_and_rebuilds_a_lost_ledger(
             conn.execute(f"DROP DATABASE IF EXISTS rebuilt_{os.getpid()} WITH (FORCE)")
 
 
+@pytest.mark.hosts(2)
 def test_an_encrypting_shared_region_needs_the_key_on_every_host(
     hosts: tuple[list[Host], S3Server, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -299,7 +307,7 @@ def test_an_encrypting_shared_region_needs_the_key_on_every_host(
     from ..conftest import make_key
 
     made, s3, dsn = hosts
-    a, b, _ = made
+    a, b = made
     join_all(made, s3, dsn)
     key_id = make_key(a, REGION)
     os.setxattr(a.region, "user.snapfs.default_kms_key_id", key_id.encode())

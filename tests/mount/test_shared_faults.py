@@ -57,7 +57,7 @@ def test_a_killed_host_is_reaped_and_what_it_closed_is_sealed(hosts, tmp_path: P
     c.mount("--settle", "60")  # what c closes stays unsealed (settling) until it dies
     closed = image(tmp_path / "closed.img", 4 * MiB, seed=1)
     run("cp", closed, c.region / "closed.img")  # closed, settling: not asked (that seals)
-    big = image(tmp_path / "big.img", 96 * MiB, seed=2)
+    big = image(tmp_path / "big.img", 48 * MiB, seed=2)
     writer = subprocess.Popen(
         ["dd", f"if={big}", f"of={c.region / 'big.img'}", "bs=1M", "status=none"],
         stderr=subprocess.DEVNULL,
@@ -144,9 +144,10 @@ def test_a_host_stopped_past_its_ttl_is_fenced(hosts, tmp_path: Path) -> None:  
     assert wait_for(lambda: no_strays(s3, dsn), 30)
 
 
+@pytest.mark.hosts(2)
 def test_connections_the_server_ends_are_opened_again(hosts, tmp_path: Path) -> None:  # noqa: F811
     made, s3, dsn = hosts
-    a, b, _ = made
+    a, b = made
     join_all(made, s3, dsn)
     src = image(tmp_path / "busy.img", 48 * MiB, seed=6)
     writer = subprocess.Popen(["cp", str(src), str(a.region / "busy.img")])
@@ -277,12 +278,12 @@ def test_hosts_writing_reading_and_deleting_at_once_through_a_crash(
     for t in workers:
         t.start()
     try:
-        time.sleep(5)
+        time.sleep(4)
         made[2].kill9()  # dies in whatever it was doing; its worker's requests fail
-        time.sleep(3)
+        time.sleep(2)
         made[2].teardown()
         made[2].mount()
-        time.sleep(5)
+        time.sleep(3)
     finally:
         stop.set()
         for t in workers:
