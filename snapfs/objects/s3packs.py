@@ -647,6 +647,13 @@ class PackedS3Backend:
 
     def delete_many(self, keys: Sequence[str], each: Callable[[], None] | None = None) -> None:
         """Forget packed objects (their packs lose live bytes) and delete old-layout ones."""
+        legacy = self._forget(keys, each)
+        if legacy:
+            self.legacy.delete_many(legacy, each)
+
+    def _forget(self, keys: Sequence[str], each: Callable[[], None] | None) -> list[str]:
+        """Drop the spooled and packed objects among `keys` (one packs.db transaction);
+        the keys that are neither (objects of the old layout, or none)."""
         legacy: list[str] = []
         packed = 0
         now = time.time()
@@ -669,8 +676,7 @@ class PackedS3Backend:
         if each is not None:
             for _ in range(packed):
                 each()
-        if legacy:
-            self.legacy.delete_many(legacy, each)
+        return legacy
 
     # --- upkeep ------------------------------------------------------------------------------
 

@@ -35,22 +35,7 @@ class SharedPackedS3Backend(PackedS3Backend):
 
     def delete_many(self, keys: Sequence[str], each: Callable[[], None] | None = None) -> None:
         """Forget where the objects are (their bytes are the region's to delete)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for key in keys:
-                    spooled = self._pending.pop(key, None)
-                    if spooled is not None and not spooled[0].closed:
-                        spooled[0].entries.pop(key, None)
-                    self._drop_row(key, now)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        if each is not None:
-            for _ in keys:
-                each()
+        self._forget(keys, each)
 
     def maintain(self, *, now: float | None = None) -> int:
         return 0  # the region's collector (service/shared.py) keeps the packs
