@@ -504,6 +504,21 @@ class RegionIndex:
                 )
         self._changed(snapshot_id)
 
+    def replace_tags(self, snapshot_id: str, tags: dict[str, str]) -> bool:
+        """Make a snapshot's tags exactly `tags` (what another store says they are), in one
+        transaction; whether any changed."""
+        current = self.tags(snapshot_id)
+        if current == tags:
+            return False
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM snapshot_tags WHERE snapshot_id = ?", [snapshot_id])
+            conn.executemany(
+                "INSERT INTO snapshot_tags (snapshot_id, key, value) VALUES (?, ?, ?)",
+                [(snapshot_id, k, v) for k, v in tags.items()],
+            )
+        self._changed(snapshot_id)
+        return True
+
     def copy_jobs(self) -> list[dict[str, Any]]:
         if "copy_jobs" not in self.db.table_names():  # read-only look at a v1 index
             return []

@@ -41,7 +41,6 @@ from snapfs.objects.s3mirror import ReadOnlyS3Backend
 from snapfs.objects.s3packs import PACKS_PREFIX, PackedS3Backend, PackLocation, TrailerSealer
 from snapfs.objects.stores import BLOCKS_PREFIX
 from snapfs.service import manifests, regionadmin
-from snapfs.service.region import RENAME_NOREPLACE
 from snapfs.service.snapshots import Snapshot
 from snapfs.stalls import BatchSizer
 
@@ -254,15 +253,9 @@ class RegionRefresher:
         retention, tags. Whether any changed; None if the new name is taken here for now
         (retried)."""
         region = self.region
-        changed = False
-        if doc["name"] != snap.name:
-            if doc["name"] in region.snapshots:
-                return None
-            changed = True
-            old = snap.name
-            region.rename(old, doc["name"], RENAME_NOREPLACE)
-            self.store.names.forget_entry(region.ino, old)
-            self.store.names.forget_entry(region.ino, doc["name"])
+        changed = doc["name"] != snap.name
+        if not self.store.renamed_elsewhere(snap, doc["name"]):
+            return None
         fields = {
             name: doc[name]
             for name in ("description", "retention_days")
@@ -273,9 +266,4 @@ class RegionRefresher:
             region.index.update_snapshot(snap.id, **fields)
             for name, value in fields.items():
                 setattr(snap, name, value)
-        current = region.index.tags(snap.id)
-        for key in set(current) | set(doc["tags"]):
-            if current.get(key) != doc["tags"].get(key):
-                changed = True
-                region.index.set_tag(snap.id, key, doc["tags"].get(key))
-        return changed
+        return region.index.replace_tags(snap.id, doc["tags"]) or changed

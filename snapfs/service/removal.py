@@ -152,6 +152,21 @@ class SnapshotRemoval(StoreParts):
         if displaced is not None:
             await self._displaced(displaced)
 
+    def renamed_elsewhere(self, snap: Snapshot, name: str) -> bool:
+        """A rename made by another store (a shared region's other host, a read-only
+        region's owner), applied here: False while `name` is still another snapshot's here
+        (a swap of names is half way; the caller tries again later)."""
+        region = snap.region
+        if name == snap.name:
+            return True
+        if name in region.snapshots:
+            return False
+        old = snap.name
+        region.rename(old, name, RENAME_NOREPLACE)
+        self.names.forget_entry(region.ino, old)
+        self.names.forget_entry(region.ino, name)
+        return True
+
     async def _rename_in_ledger(self, region: Region, old: str, new: str, flags: int) -> None:
         """A shared region's ledger renames first (another host may have the new name);
         the local rename after it then refuses nothing the ledger accepted, since names

@@ -96,6 +96,9 @@ class StoreParts:
     async def vanished(self, snap: Snapshot) -> None:
         raise NotImplementedError
 
+    def renamed_elsewhere(self, snap: Snapshot, name: str) -> bool:
+        raise NotImplementedError
+
     # --- defined by store.py (Store), for a shared region's link (shared.py) ----------------
 
     def appeared(self, snap: Snapshot) -> None:
