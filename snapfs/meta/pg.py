@@ -462,7 +462,11 @@ def connect(url: str) -> psycopg.Connection:
     except psycopg.ProgrammingError as exc:  # an option libpq does not know
         raise InvalidIndexUrl(f"the region index {shown}: {_one_line(exc)}") from None
     conn.adapters.register_dumper(bool, _BoolAsInteger)
-    conn.execute("SET synchronous_commit = on")
+    try:
+        conn.execute("SET synchronous_commit = on")
+    except psycopg.OperationalError as exc:  # ended by the server as soon as it was made
+        conn.close()
+        raise IndexUnavailable(f"the region index {shown}: {_one_line(exc)}") from exc
     return conn
 
 

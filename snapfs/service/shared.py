@@ -76,7 +76,6 @@ from snapfs.meta.pg import redacted
 from snapfs.model.states import SnapshotStatus
 from snapfs.objects.s3packs import PackedS3Backend, PackLocation
 from snapfs.objects.s3shared import SharedPackedS3Backend
-from snapfs.service.region import RENAME_NOREPLACE
 from snapfs.service.snapshots import Snapshot
 from snapfs.stalls import BatchSizer
 
@@ -233,21 +232,8 @@ class SharedLink:
 
     def register_pack(self, pack_id: str) -> None:
         """Worker thread (an upload): the pack's row before its PUT (see Ledger)."""
-        delay = RETRY_FIRST
-        with self._pack_lock:
-            while True:
-                try:
-                    self._pack_conn.get().register_pack(self.session, pack_id)
-                    self._my_packs.add(pack_id)
-                    return
-                except IndexUnavailable as exc:
-                    self._pack_conn.drop()
-                    if self.stopping:
-                        raise
-                    log.warning("region %s: registering pack %s failed (%s); retrying",
-                                self.region.name, pack_id, exc)  # fmt: skip
-                    time.sleep(delay)
-                    delay = min(RETRY_MAX, delay * 2)
+        self._on_pack_connection(f"registering pack {pack_id}", Ledger.register_pack, pack_id)
+        self._my_packs.add(pack_id)
 
     def encoded(self, block: NewBlock) -> None:
         """The repository is about to upload `block` (BlockRepository.shared_encoded)."""
@@ -265,18 +251,25 @@ class SharedLink:
                     row.block_id, row.plain_size, row.stored_size, row.codec, row.key_id,
                     row.base_id, pack_id, offset, length, size,
                 ))  # fmt: skip
+        self._on_pack_connection(f"publishing pack {pack_id}", Ledger.publish, pack_id, size,
+                                 blocks)  # fmt: skip
+
+    def _on_pack_connection(self, what: str, fn: Callable[..., object], *args: Any) -> None:
+        """Worker thread (an upload): `fn(ledger, session, *args)` on the upload threads'
+        connection, one at a time, retried while the server does not answer (an upload
+        waits for the ledger as a write does)."""
         delay = RETRY_FIRST
         with self._pack_lock:
             while True:
                 try:
-                    self._pack_conn.get().publish(self.session, pack_id, size, blocks)
+                    fn(self._pack_conn.get(), self.session, *args)
                     return
                 except IndexUnavailable as exc:
                     self._pack_conn.drop()
                     if self.stopping:
                         raise
-                    log.warning("region %s: publishing pack %s failed (%s); retrying",
-                                self.region.name, pack_id, exc)  # fmt: skip
+                    log.warning("region %s: %s failed (%s); retrying", self.region.name, what,
+                                exc)  # fmt: skip
                     time.sleep(delay)
                     delay = min(RETRY_MAX, delay * 2)
 
@@ -791,14 +784,9 @@ class SharedLink:
     async def _update(self, snap: Snapshot, row: dict[str, Any]) -> None:
         """What another host changed of a snapshot here: name, metadata, tags, status."""
         region = self.region
-        if row["name"] != snap.name:
-            if row["name"] in region.snapshots:
-                self._retry.add(row["id"])
-                return
-            old = snap.name
-            region.rename(old, row["name"], RENAME_NOREPLACE)
-            self.store.names.forget_entry(region.ino, old)
-            self.store.names.forget_entry(region.ino, row["name"])
+        if not self.store.renamed_elsewhere(snap, row["name"]):
+            self._retry.add(row["id"])
+            return
         fields = {
             name: row[name]
             for name in ("description", "retention_days", "mode", "uid", "gid", "mtime_ns",
@@ -810,10 +798,7 @@ class SharedLink:
             for name, value in fields.items():
                 setattr(snap, name, value)
         tags = await self.call("read", Ledger.tags, snap.id)
-        current = region.index.tags(snap.id)
-        for key in set(current) | set(tags):
-            if current.get(key) != tags.get(key):
-                region.index.set_tag(snap.id, key, tags.get(key))
+        region.index.replace_tags(snap.id, tags)
         told = self._told.setdefault(snap.id, {})
         told.update({k: row.get(k) for k in PUSHED_FIELDS})
         told["closed"] = row["closed"]
