@@ -22,7 +22,7 @@ pytestmark = pytest.mark.pg
 REGION = "shared-1"
 BUCKET = "shared"
 MiB = 1 << 20
-TTL = "2"  # seconds: a stopped host is reaped quickly here
+TTL = "3"  # seconds: a stopped host is reaped quickly here (twice this, at the least)
 GRACE = "20"  # seconds a dead pack is kept (a reader or a slow committer may name it)
 
 
@@ -342,3 +342,35 @@ def test_an_encrypting_shared_region_needs_the_key_on_every_host(
     assert bucket_bytes(s3) - before < MiB  # its blocks were found, not uploaded again
     assert seen_everywhere([a, b], ["again.img"])
     assert sha256(a.region / "again.img") == sha256(src)
+
+
+@pytest.mark.hosts(2)
+def test_clones_and_shrinks_reach_every_host(
+    hosts: tuple[list[Host], S3Server, str], tmp_path: Path
+) -> None:
+    """A clone's map is copied in the ledger and its writes go on top; a shrink cuts the
+    ledger's map too: another host reads both exactly."""
+    made, s3, dsn = hosts
+    a, b = made
+    join_all(made, s3, dsn)
+    base = image(tmp_path / "base.img", 6 * MiB, seed=50)
+    run("cp", base, a.region / "base.img")
+    run(*SNAPFS, "clone", a.region / "base.img", a.region / "clone.img")
+    expected = bytearray(base.read_bytes())
+    with open(a.region / "clone.img", "r+b") as f:  # a few pages changed, as disks change
+        for offset in (4096, 3 * MiB + 8192, 5 * MiB):
+            f.seek(offset)
+            f.write(b"\xab" * 4096)
+            expected[offset : offset + 4096] = b"\xab" * 4096
+    with open(a.region / "cut.img", "wb") as f:
+        f.write(base.read_bytes())
+        f.flush()
+        f.truncate(2 * MiB + 100)  # written whole, then cut: the ledger's rows past go
+        f.seek(3 * MiB)
+        f.write(b"tail")  # and grown again: what lay between reads as zeros
+    cut = bytearray(base.read_bytes()[: 2 * MiB + 100]) + bytes(3 * MiB - 2 * MiB - 100) + b"tail"
+    run(*SNAPFS, "seal", a.region / "clone.img")
+    run(*SNAPFS, "seal", a.region / "cut.img")
+    assert seen_everywhere(made, ["base.img", "clone.img", "cut.img"])
+    assert (b.region / "clone.img").read_bytes() == bytes(expected)
+    assert (b.region / "cut.img").read_bytes() == bytes(cut)
