@@ -51,6 +51,19 @@ sees what the previous ones committed, and acts on it before the next one starts
    deleted once older than `STRAY_AGE`, after a `deleting` row was committed for it,
    which a late commit naming it would then find.
 
+5. **Claims and pins.** A block a host is about to upload is claimed (`lookup_or_claim`);
+   other hosts asking for it wait for its publication (`publish`, after its pack's PUT:
+   the pack becomes `uploaded`, the block rows are inserted pinned by the session), so
+   hosts writing one template at once store it once. A pinned row is never dropped by the
+   collector; the pin goes with the session's commit naming the block, its clean end, or
+   the reaper (its pack then `sealed`, its blocks live if anything references them).
+6. **Reaping takes two looks.** A session whose heartbeat is older than its ttl is suspected
+   and expired only if it stayed silent for another ttl (`suspect_since`): after an outage
+   of the server, when every session looks silent, they all beat again first.
+7. **One collector at a time**, by a lease on the region's row that lapses (a stopped holder
+   blocks nothing), and `idle_in_transaction_session_timeout` on every connection, so a
+   host stopped inside a transaction cannot hold the region's lock.
+
 Times come from the server's clock (`clock_timestamp()`), so hosts with skewed clocks agree
 on heartbeats and graces.
 """

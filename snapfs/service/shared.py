@@ -37,7 +37,8 @@ host's local index in step with it:
   over its previous session (`Ledger.take_over`): what its recovery kept (copies to resume,
   closed snapshots it sealed) stays its own, the rest is deleted.
 - **Collection**: every host runs the reaper and collector rounds, one host at a time per
-  region (an advisory lock): expired sessions reaped, deleted snapshots' maps purged,
+  region (a lease that lapses if its holder stops): expired sessions reaped, deleted
+  snapshots' maps purged,
   unreferenced block rows dropped, dead packs deleted after the grace. This host's own
   garbage collector only forgets what no local row names (objects/s3shared.py never
   deletes in the bucket).
