@@ -969,6 +969,60 @@ class Ledger:
             )
             return cur.rowcount
 
+    def repack_candidates(self, dead_share: float, limit: int = 16) -> list[tuple[str, int, int]]:
+        """Sealed packs more dead than `dead_share` (id, size, live bytes), the most dead
+        first: their live blocks are worth copying into a new pack."""
+        rows = self.db.execute(
+            "SELECT id, size, live_bytes FROM snapfs.packs WHERE region_id = ? "
+            "AND state = 'sealed' AND live_bytes > 0 AND live_bytes < size * (1 - ?) "
+            "ORDER BY live_bytes::float / size LIMIT ?",
+            [self.region_id, dead_share, limit],
+        )
+        return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def blocks_in_pack(self, pack_id: str) -> list[tuple[bytes, int, int]]:
+        """(block id, offset, length) of the blocks located in a pack, by offset."""
+        rows = self.db.execute(
+            "SELECT id, pack_offset, pack_length FROM blocks WHERE pack_id = ? "
+            "ORDER BY pack_offset",
+            [pack_id],
+        )
+        return [(bytes(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def relocate(
+        self,
+        session: str,
+        pack_id: str,
+        size: int,
+        moves: Sequence[tuple[bytes, str, int, int]],
+    ) -> int:
+        """A repack's new pack (registered by the session, uploaded) sealed, and its blocks
+        (block id, old pack, offset, length) located in it, each only if it is still in its
+        old pack (a block deleted meanwhile stays deleted): one transaction. The old packs'
+        live bytes follow by trigger; one left with none is dead from now. How many moved."""
+        with self.db.transaction() as conn:
+            self._fence(conn, session)
+            cur = conn.execute(
+                "UPDATE snapfs.packs SET state = 'sealed', size = ? WHERE region_id = ? "
+                "AND id = ? AND state IN ('open', 'uploaded') AND session_id = ?",
+                [size, self.region_id, pack_id, session],
+            )
+            if cur.rowcount != 1:
+                raise BlockLost(f"region {self.name}: pack {pack_id} cannot be sealed now")
+            moved = 0
+            for block_id, old, offset, length in moves:
+                moved += conn.execute(
+                    "UPDATE blocks SET pack_id = ?, pack_offset = ?, pack_length = ? "
+                    "WHERE id = ? AND pack_id = ?",
+                    [pack_id, offset, length, block_id, old],
+                ).rowcount
+            conn.execute(
+                f"UPDATE snapfs.packs SET dead_since = {NOW} WHERE region_id = ? "
+                "AND state = 'sealed' AND live_bytes <= 0 AND dead_since IS NULL",
+                [self.region_id],
+            )
+            return moved
+
     def doomed_packs(self, grace: float) -> list[str]:
         """Mark `deleting` the packs dead for longer than `grace`: their objects are the
         caller's to delete now, then `forget_packs`."""

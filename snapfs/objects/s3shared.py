@@ -9,8 +9,10 @@ cache of where the blocks it has seen are.
 So `SharedPackedS3Backend` writes and reads as `PackedS3Backend` does, but never deletes an
 object in the bucket on its own: deleting objects (the local collector, once no local row
 names a block) only forgets their locations here; upkeep (repacks, dead packs) is the
-ledger's collector's; and reclaiming after a crash clears this host's spool, never a pack
-in the bucket (another host's packs are unknown here by nature).
+ledger's collector's, which uses `copy_pack` to write a repack's new pack; and reclaiming
+after a crash clears this host's spool, never a pack in the bucket (another host's packs
+are unknown here by nature). A read whose pack is gone asks the ledger where its object
+moved (`relocated`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from snapfs.objects.s3packs import PackedS3Backend
+from snapfs.objects.s3packs import PackedS3Backend, PackLocation, encode_trailer, live_ranges
 
 if TYPE_CHECKING:
     from snapfs.objects.protocol import ObjectStore
@@ -33,9 +35,47 @@ log = logging.getLogger(__name__)
 class SharedPackedS3Backend(PackedS3Backend):
     """A shared region's packs: written and read here, deleted only by the region."""
 
+    # Where the region's ledger says an object is now (its location and its pack's size),
+    # for a read whose pack was repacked away; set by the region's link.
+    relocated: Callable[[str], tuple[PackLocation, int] | None] | None = None
+
     def delete_many(self, keys: Sequence[str], each: Callable[[], None] | None = None) -> None:
         """Forget where the objects are (their bytes are the region's to delete)."""
         self._forget(keys, each)
+
+    def copy_pack(
+        self, old: str, new: str, objects: Sequence[tuple[str, int, int]]
+    ) -> tuple[dict[str, PackLocation], int]:
+        """A repack of a shared region (worker thread): the objects (key, offset, length)
+        of pack `old`, its live ranges only, copied byte for byte into pack `new` with its
+        trailer and uploaded; their places there and the new pack's size. The region's
+        ledger switches the locations (service/shared.py); nothing is recorded here."""
+        entries: list[tuple[str, int, int, bytes]] = []
+        parts: list[bytes] = []
+        size = 0
+        for start, end, members in live_ranges(sorted(objects, key=lambda o: o[1])):
+            data = self.packs.get_range(old, start, end - start) if end > start else b""
+            for key, offset, length in members:
+                piece = data[offset - start : offset - start + length]
+                entries.append((key, size, length, self._group_of([piece])))
+                parts.append(piece)
+                size += length
+        parts.append(encode_trailer(new, entries, self.sealer))
+        body = b"".join(parts)
+        self.packs.put(new, body)
+        return {key: PackLocation(new, off, length) for key, off, length, _ in entries}, len(body)
+
+    def get(self, key: str) -> bytes:
+        """As a packed store reads, and for an object whose pack is gone (another host's
+        repack moved it, and the old pack's grace passed), where the region says it is now."""
+        try:
+            return super().get(key)
+        except FileNotFoundError:
+            found = self.relocated(key) if self.relocated is not None else None
+            if found is None:
+                raise
+            self.adopt({key: found[0]}, {found[0].pack: found[1]})
+            return super().get(key)
 
     def maintain(self, *, now: float | None = None) -> int:
         return 0  # the region's collector (service/shared.py) keeps the packs

@@ -39,7 +39,9 @@ host's local index in step with it:
 - **Collection**: every host runs the reaper and collector rounds, one host at a time per
   region (a lease that lapses if its holder stops): expired sessions reaped, deleted
   snapshots' maps purged,
-  unreferenced block rows dropped, dead packs deleted after the grace. This host's own
+  unreferenced block rows dropped, packs more than half dead repacked (their blocks'
+  locations switched in the ledger; a host whose read finds the old pack gone asks the
+  ledger where the block went), dead packs deleted after the grace. This host's own
   garbage collector only forgets what no local row names (objects/s3shared.py never
   deletes in the bucket).
 
@@ -75,7 +77,7 @@ from snapfs.meta.index import NewBlock
 from snapfs.meta.ledger import SHARED_COLUMNS, STRAY_AGE, Ledger, SessionExpired, SharedBlock
 from snapfs.meta.pg import redacted
 from snapfs.model.states import SnapshotStatus
-from snapfs.objects.s3packs import PackedS3Backend, PackLocation
+from snapfs.objects.s3packs import PackedS3Backend, PackLocation, new_pack_id
 from snapfs.objects.s3shared import SharedPackedS3Backend
 from snapfs.service.snapshots import Snapshot
 from snapfs.stalls import BatchSizer
@@ -94,6 +96,8 @@ COLLECT_EVERY = 5.0  # seconds between collector rounds (each host tries; one ru
 CLAIM_WAIT = 10.0  # seconds a writer waits for a block another host claimed, at most
 CLAIM_POLL = 0.1  # seconds between its looks
 CLAIM_AGE = 60.0  # a claim older than this is forgotten (its claimer stored it, or not)
+REPACK_DEAD_SHARE = 0.5  # a pack more dead than this is repacked (as a single-host region's)
+REPACK_BYTES = 256 << 20  # live bytes a collector round copies at most
 RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # backoff of a call to a server that does not answer
 STOP_GRACE = 5.0  # seconds unmount waits for pushes and the session's end
 
@@ -191,6 +195,24 @@ class SharedLink:
         self._retry: set[str] = set()  # changes that wait (a name still taken here)
         self._next_sweep = 0.0  # trio clock: when the collector next lists strays
         self.stray_age = stray_age_from_env()
+
+    @classmethod
+    def attach_to(cls, store: StoreParts, region: Region, url: str) -> SharedLink:
+        """The link of a shared region, wired in: the index's change hook (it tells the
+        manifest publisher too), the packed store's upload and relocation hooks, and the
+        repository's lookups before uploads."""
+        link = cls(store, region, url)
+        backend = region.backend
+        assert isinstance(backend, SharedPackedS3Backend)
+        backend.on_upload = link.register_pack
+        backend.on_uploaded = link.uploaded
+        backend.relocated = link.relocated
+        region.index.on_change = link.changed
+        region.shared_lookup = link.lookup
+        region.shared_encoded = link.encoded
+        if region.publisher is not None:
+            region.publisher.shared = True
+        return link
 
     def use_url(self, url: str) -> None:
         """Connect with `url` (the one given to create or attach, perhaps with its
@@ -844,9 +866,68 @@ class SharedLink:
         if freed or doomed:
             log.info("region %s: shared collection dropped %d blocks and deleted %d packs",
                      self.region.name, freed, len(doomed))  # fmt: skip
+        moved = await self.repack()
         if trio.current_time() >= self._next_sweep:
             self._next_sweep = trio.current_time() + self.stray_age / 2
             await self.sweep_strays()
+        if moved and self.region.on_relocated is not None:
+            self.region.on_relocated()  # manifests name the old packs: publish them again
+
+    async def repack(self) -> int:
+        """Packs more than half dead: their live blocks copied into new packs (the live
+        ranges only, byte for byte: an encrypted block's AEAD names its id and region, not
+        its place), then switched in the ledger in one transaction each; the old packs die
+        and go after the grace, while hosts that still hold their locations read on. At
+        most REPACK_BYTES of live data a round. How many blocks moved."""
+        backend = self.region.backend
+        assert isinstance(backend, SharedPackedS3Backend)
+        candidates = await self.call(
+            "collect", Ledger.repack_candidates, REPACK_DEAD_SHARE, retry=False
+        )
+        moved = budget = 0
+        for pack, _size, live in candidates:
+            if budget >= REPACK_BYTES or self.stopping:
+                break
+            rows = await self.call("collect", Ledger.blocks_in_pack, pack, retry=False)
+            if not rows:
+                continue
+            new = new_pack_id()
+            await self.call("collect", Ledger.register_pack, self.session, new, retry=False)
+            located, size = await workers.run_sync(
+                backend.copy_pack, pack, new, [(bid.hex(), off, n) for bid, off, n in rows],
+                limiter=self.region.io_limiter,
+            )  # fmt: skip
+            moves = [(bytes.fromhex(k), pack, w.offset, w.length) for k, w in located.items()]
+            moved += await self.call(
+                "collect", Ledger.relocate, self.session, new, size, moves, retry=False
+            )
+            budget += live
+            # Where this host's cache knew those blocks, it learns their new places.
+            known, _ = await workers.run_sync(
+                backend.locations, list(located), limiter=self.region.io_limiter
+            )
+            if known:
+                await workers.run_sync(
+                    backend.adopt, {k: located[k] for k in known}, {new: size},
+                    limiter=self.region.io_limiter,
+                )  # fmt: skip
+        if moved:
+            log.info("region %s: repacked %d blocks out of %d packs", self.region.name, moved,
+                     len(candidates))  # fmt: skip
+        return moved
+
+    def relocated(self, key: str) -> tuple[PackLocation, int] | None:
+        """Worker thread (a read whose pack is gone): where the ledger has the block now."""
+        found: dict[bytes, SharedBlock] = {}
+
+        def ask(ledger: Ledger, session: str) -> None:
+            found.update(ledger.blocks([bytes.fromhex(key)]))
+
+        self._on_pack_connection(f"looking up block {key}", ask)
+        block = found.get(bytes.fromhex(key))
+        if block is None:
+            return None
+        return PackLocation(block.pack, block.offset, block.length), block.pack_size
 
     async def _delete_packs(self, packs: list[str]) -> None:
         backend = self.region.backend

@@ -279,16 +279,7 @@ class Store(StoreRecovery, SnapshotLifecycle, SnapshotRemoval, SnapshotCopies):
             region.index.on_change = region.publisher.changed
             region.on_relocated = region.publisher.republish_all
             if index_url is not None:  # shared with other stores (service/shared.py)
-                from snapfs.service.shared import SharedLink
-
-                link = SharedLink(self, region, index_url)
-                region.link = link
-                region.publisher.shared = True
-                region.index.on_change = link.changed  # it tells the publisher too
-                backend.on_upload = link.register_pack
-                backend.on_uploaded = link.uploaded
-                region.shared_lookup = link.lookup
-                region.shared_encoded = link.encoded
+                region.link = SharedLink.attach_to(self, region, index_url)
         try:
             rows = region.index.snapshots(include_deleted=True)
         except BaseException:

@@ -44,11 +44,13 @@ class Host(SnapfsMount):
 def hosts(
     request: pytest.FixtureRequest, s3: S3Server, pg_dsn: str, tmp_path: Path
 ) -> Iterator[tuple[list[Host], S3Server, str]]:
-    """Three hosts (`@pytest.mark.hosts(N)` for another number) on one bucket and one
-    database, mounted; the region is the test's to create (join_all)."""
+    """Three hosts (`@pytest.mark.hosts(N, grace=SECONDS)` for another number, or another
+    grace for dead packs) on one bucket and one database, mounted; the region is the
+    test's to create (join_all)."""
     marker = request.node.get_closest_marker("hosts")
     count = marker.args[0] if marker else 3
-    env = {"SNAPFS_SESSION_TTL": TTL, "SNAPFS_PACK_GRACE": GRACE, "SNAPFS_STRAY_AGE": "4"}
+    grace = marker.kwargs.get("grace", GRACE) if marker else GRACE
+    env = {"SNAPFS_SESSION_TTL": TTL, "SNAPFS_PACK_GRACE": grace, "SNAPFS_STRAY_AGE": "4"}
     made = [Host(tmp_path / f"store-{n}", tmp_path / f"mnt-{n}", env=env) for n in "abcd"[:count]]
     try:
         for host in made:
@@ -374,3 +376,41 @@ def test_clones_and_shrinks_reach_every_host(
     assert seen_everywhere(made, ["base.img", "clone.img", "cut.img"])
     assert (b.region / "clone.img").read_bytes() == bytes(expected)
     assert (b.region / "cut.img").read_bytes() == bytes(cut)
+
+
+@pytest.mark.hosts(2, grace="1")
+def test_a_repack_moves_blocks_and_every_host_reads_them_from_their_new_pack(
+    hosts: tuple[list[Host], S3Server, str], tmp_path: Path
+) -> None:
+    """A pack left mostly dead is repacked by the region's collector (its live blocks
+    copied into a new pack, their locations switched in the ledger); once the old pack is
+    gone, a host whose cache still names it asks the ledger and reads on."""
+    made, s3, dsn = hosts
+    a, b = made
+    join_all(made, s3, dsn)
+    big = tmp_path / "big.img"
+    big.write_bytes(os.urandom(20 * MiB))  # two packs: 16 MiB and 4 MiB
+    part = tmp_path / "part.img"
+    part.write_bytes(big.read_bytes()[: 5 * MiB] + os.urandom(3 * MiB))  # shares 10 blocks
+    run("cp", big, a.region / "big.img")
+    run("cp", part, b.region / "part.img")
+    assert seen_everywhere(made, ["big.img", "part.img"])
+    assert sha256(a.region / "part.img") == sha256(part)  # a's cache knows its blocks now
+    first = {p.name for p in s3.packs(BUCKET, "r")}
+    os.unlink(a.region / "big.img")
+    assert wait_for(lambda: "repacked" in a.log() + b.log(), 30), a.log() + b.log()
+
+    # The old packs go after their grace (a collector round or two); only packs the ledger
+    # names stay in the bucket.
+    def bucket() -> set[str]:
+        return {p.name for p in s3.packs(BUCKET, "r")}
+
+    assert wait_for(lambda: len(first - bucket()) == 2, 30), (first, bucket())
+    assert bucket() <= {r[0] for r in ledger_rows(dsn, "SELECT id FROM snapfs.packs")}
+    for host in made:
+        host.remount()  # no block in any cache: every read goes to the bucket
+        assert sha256(host.region / "part.img") == sha256(part), host.log()
+    live = [
+        int(v) for v in ledger_rows(dsn, "SELECT sum(live_bytes), sum(size) FROM snapfs.packs")[0]
+    ]
+    assert live[0] > 0.5 * live[1], live  # what is left is mostly live
