@@ -26,7 +26,7 @@ from snapfs.objects.local import is_object_name, object_path
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
-# Under pytest-xdist (scripts/test runs three workers), each worker keeps its mount records
+# Under pytest-xdist (scripts/test runs four workers), each worker keeps its mount records
 # in a runtime directory of its own: commands that look for "the one store mounted"
 # (snapfs key create, snapfs status with no path) must not see the other worker's mounts.
 if os.environ.get("PYTEST_XDIST_WORKER"):
