@@ -239,6 +239,42 @@ def test_one_collector_holds_the_lease_until_it_lapses(hosts) -> None:
     assert b.collect_lease(sb, 0.3) and not a.collect_lease(sa, 0.3)
 
 
+def test_a_repack_switches_only_the_blocks_still_in_the_old_pack(hosts) -> None:
+    a = hosts()
+    sa = a.open_session("a", 1, 30)
+    blocks = [block(n, "p-old", n * 100) for n in range(4)]
+    written(a, sa, "s-1", "keep.img", blocks[:2])
+    written(a, sa, "s-2", "gone.img", blocks[2:])
+    a.update(sa, "s-1", {"status": "available"})
+    a.update(sa, "s-2", {"status": "available"})
+    a.packs()  # p-old: 400 of 1000 bytes live
+    assert a.repack_candidates(0.5) == [("p-old", 1000, 400)]
+    a.delete(sa, "s-2")
+    while a.purge_step():
+        pass
+    a.drop_unreferenced()
+    rows = a.blocks_in_pack("p-old")
+    assert [r[0] for r in rows] == [bid(0), bid(1)]
+    a.register_pack(sa, "p-new")
+    # Block 1 is deleted between the copy and the switch: it stays deleted.
+    a.delete(sa, "s-1")
+    a.reserve(sa, row("s-3", "one.img"))
+    a.commit(sa, "s-3", {}, [blocks[0]], [(0, bid(0))], {})
+    while a.purge_step():
+        pass
+    a.drop_unreferenced()
+    moved = a.relocate(sa, "p-new", 300, [(bid(0), "p-old", 0, 100), (bid(1), "p-old", 100, 100)])
+    assert moved == 1 and a.blocks([bid(0)])[bid(0)].pack == "p-new"
+    assert bid(1) not in a.blocks([bid(1)])
+    packs = a.packs()
+    assert packs["p-new"]["state"] == "sealed" and packs["p-new"]["live_bytes"] == 100
+    assert packs["p-old"]["live_bytes"] == 0 and packs["p-old"]["dead_since"] is not None
+    b = hosts()
+    sb = b.open_session("b", 2, 30)
+    with pytest.raises(BlockLost):  # another session's pack is not its to seal
+        b.relocate(sb, "p-new", 300, [])
+
+
 def test_unknown_packs_are_strays_only_when_old(hosts) -> None:
     a = hosts()
     sa = a.open_session("a", 1, 30)
