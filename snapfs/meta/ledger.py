@@ -711,18 +711,31 @@ class Ledger:
         mine |= {b for b in rest if b not in theirs}  # claimed by this session before
         return found, mine, theirs
 
+    def _move_own_pack(
+        self,
+        conn: PgConnection,
+        session: str,
+        pack_id: str,
+        size: int,
+        states: tuple[str, ...],
+        to: str,
+    ) -> None:
+        """Inside a transaction: a pack this session registered, in one of `states`, to
+        state `to` with its size; BlockLost if it is not (reaped, or another's)."""
+        cur = conn.execute(
+            f"UPDATE snapfs.packs SET state = ?, size = ? WHERE region_id = ? AND id = ? "
+            f"AND state IN ({', '.join('?' for _ in states)}) AND session_id = ?",
+            [to, size, self.region_id, pack_id, *states, session],
+        )
+        if cur.rowcount != 1:
+            raise BlockLost(f"region {self.name}: pack {pack_id} cannot become {to} now")
+
     def publish(self, session: str, pack_id: str, size: int, blocks: Sequence[SharedBlock]) -> None:
         """After a pack's upload: its blocks' rows, pinned by the session until it commits
         references to them (or ends), so other hosts reuse them at once."""
         with self.db.transaction() as conn:
             self._fence(conn, session)
-            cur = conn.execute(
-                "UPDATE snapfs.packs SET state = 'uploaded', size = ? WHERE region_id = ? "
-                "AND id = ? AND state = 'open' AND session_id = ?",
-                [size, self.region_id, pack_id, session],
-            )
-            if cur.rowcount != 1:
-                raise BlockLost(f"region {self.name}: pack {pack_id} cannot be published")
+            self._move_own_pack(conn, session, pack_id, size, ("open",), "uploaded")
             ordered = sorted(blocks, key=lambda b: b.base_id is not None)
             conn.executemany(
                 "INSERT INTO blocks (id, plain_size, stored_size, codec, key_id, base_id, "
@@ -1002,13 +1015,7 @@ class Ledger:
         live bytes follow by trigger; one left with none is dead from now. How many moved."""
         with self.db.transaction() as conn:
             self._fence(conn, session)
-            cur = conn.execute(
-                "UPDATE snapfs.packs SET state = 'sealed', size = ? WHERE region_id = ? "
-                "AND id = ? AND state IN ('open', 'uploaded') AND session_id = ?",
-                [size, self.region_id, pack_id, session],
-            )
-            if cur.rowcount != 1:
-                raise BlockLost(f"region {self.name}: pack {pack_id} cannot be sealed now")
+            self._move_own_pack(conn, session, pack_id, size, ("open", "uploaded"), "sealed")
             moved = 0
             for block_id, old, offset, length in moves:
                 moved += conn.execute(
