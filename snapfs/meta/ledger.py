@@ -209,10 +209,6 @@ class Ledger:
     def close(self) -> None:
         self.index.close()
 
-    def now(self) -> float:
-        """The server's clock (seconds since the epoch)."""
-        return float(_one(self.db.execute(f"SELECT {NOW}"))[0])
-
     # --- sessions ----------------------------------------------------------------------------
 
     def open_session(self, host: str, pid: int, ttl: float) -> str:

@@ -327,17 +327,6 @@ def rebuild_ledger(
     return report
 
 
-def shared_block_size(url: str, name: str) -> int:
-    """The block size of shared region `name` in the database at `url`."""
-    from snapfs.meta.pg import PgRegionIndex
-
-    index = PgRegionIndex.attach(url, name)
-    try:
-        return int(index.get_setting("block_size") or 0)
-    finally:
-        index.close()
-
-
 # --- without a mount ---------------------------------------------------------------------------
 
 
